@@ -1,0 +1,3 @@
+"""intercloud: TCP services between cloud and on-premise networks over outbound TLS WebSocket tunnels."""
+
+__version__ = "0.1.0"

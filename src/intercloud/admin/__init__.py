@@ -1,0 +1,1 @@
+"""Admin HTTP endpoint: health, readiness, status JSON, Prometheus metrics."""

@@ -1,0 +1,46 @@
+"""Prometheus metrics, computed from the gateway's state at scrape time (nothing on the hot path)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+
+class _Collector:
+    def __init__(self, gw):
+        self.gw = gw
+
+    def collect(self):
+        gw = self.gw
+        c = gw.counters
+        live_up = sum(s.bytes_up for t in gw.tunnels for s in t.streams.values())
+        live_down = sum(s.bytes_down for t in gw.tunnels for s in t.streams.values())
+        g = GaugeMetricFamily("intercloud_tunnels", "Live tunnels", labels=["peer_node"])
+        per_peer: dict[str, int] = {}
+        for t in gw.tunnels:
+            per_peer[t.peer_node] = per_peer.get(t.peer_node, 0) + 1
+        for peer, n in sorted(per_peer.items()):
+            g.add_metric([peer], n)
+        yield g
+        s = GaugeMetricFamily("intercloud_streams", "Open streams", labels=["service"])
+        per_svc: dict[str, int] = {}
+        for t in gw.tunnels:
+            for st in t.streams.values():
+                per_svc[st.service] = per_svc.get(st.service, 0) + 1
+        for svc, n in sorted(per_svc.items()):
+            s.add_metric([svc], n)
+        yield s
+        yield CounterMetricFamily("intercloud_bytes_out", "Bytes read from local sockets into tunnels",
+                                  value=c["bytes_up"] + live_up)
+        yield CounterMetricFamily("intercloud_bytes_in", "Bytes written from tunnels to local sockets",
+                                  value=c["bytes_down"] + live_down)
+        for key in ("streams_opened", "streams_closed", "open_failures", "route_timeouts", "tunnels_opened",
+                    "tunnels_closed", "liveness_misses"):
+            yield CounterMetricFamily(f"intercloud_{key}", key.replace("_", " "), value=c[key])
+        yield GaugeMetricFamily("intercloud_ready", "1 when /readyz is 200", value=1 if gw.is_ready() else 0)
+
+
+def render(gw) -> bytes:
+    reg = CollectorRegistry()
+    reg.register(_Collector(gw))
+    return generate_latest(reg)

@@ -1,0 +1,108 @@
+"""Command line: ``intercloud run|check|certs|version``. ``main(argv)`` returns the exit code."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from . import __version__, logs
+
+log = logging.getLogger("intercloud")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="intercloud", description=(
+        "Reach TCP services between a cloud and private data centers over outbound TLS WebSocket tunnels."))
+    p.add_argument("--version", action="version", version=f"intercloud {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run a gateway from its TOML config")
+    run.add_argument("config")
+    run.add_argument("--log-format", choices=("text", "json"), default="text")
+    run.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+
+    from . import cli_certs, cli_check
+
+    cli_check.add_parser(sub)
+    cli_certs.add_parser(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "run":
+        return _run(args)
+    if args.command == "check":
+        from . import cli_check
+
+        return cli_check.run(args)
+    if args.command == "certs":
+        from . import cli_certs
+
+        return cli_certs.run(args)
+    return 2
+
+
+def _run(args) -> int:
+    from .config import ConfigError, load_config
+
+    logs.setup(args.log_format, args.log_level)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    if config.gateway.role == "cloud":
+        from .cloud.server import CloudGateway as cls
+    else:
+        from .onprem.dialer import OnpremGateway as cls
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        runner = asyncio.run
+    else:
+        runner = uvloop.run
+    log.info("intercloud %s starting: role %s, node %s, config %s", __version__, config.gateway.role,
+             config.gateway.node_id, config.source, extra={"event": "gateway.starting"})
+
+    async def go() -> int:
+        asyncio.get_running_loop().set_exception_handler(_loop_exception)
+        return await cls(config).run()
+
+    try:
+        return runner(go())
+    except SystemExit as exc:
+        if isinstance(exc.code, str):
+            log.error("%s", exc.code, extra={"event": "gateway.failed"})
+            return 1
+        raise
+    except KeyboardInterrupt:
+        return 130
+
+
+def _loop_exception(loop, context) -> None:
+    """One log line per failed TLS handshake or connection error, never a traceback."""
+    exc = context.get("exception")
+    msg = context.get("message", "")
+    transport = context.get("transport") or context.get("protocol")
+    peer = None
+    try:
+        peer = transport.get_extra_info("peername") if transport is not None else None
+    except Exception:  # noqa: BLE001
+        pass
+    where = f" from {peer[0]}:{peer[1]}" if peer else ""
+    import ssl
+
+    if isinstance(exc, ssl.SSLError) or "SSL" in msg or "handshake" in msg.lower():
+        reason = getattr(exc, "verify_message", None) or getattr(exc, "reason", None) or exc or msg
+        log.warning("TLS handshake%s failed: %s; a client must present a certificate signed by tls.ca "
+                    "and speak TLS 1.2+", where, reason,
+                    extra={"event": "tunnel.tls_failed", "peer_addr": f"{peer[0]}:{peer[1]}" if peer else None,
+                           "reason": str(reason)})
+        return
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        log.info("connection%s failed: %s", where, exc, extra={"event": "connection.failed"})
+        return
+    log.error("unexpected error%s: %s", where, msg, exc_info=exc, extra={"event": "internal.error"})

@@ -1,0 +1,1 @@
+"""The cloud role: accepts tunnels from on-prem gateways."""

@@ -1,0 +1,350 @@
+"""The gateway core shared by both roles: services, routing of streams onto tunnels, liveness,
+drain. The roles add how tunnels come to exist: ``cloud.server`` accepts them, ``onprem.dialer``
+dials them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import signal
+import time
+from collections import deque
+
+from .config import Config
+from .protocol import State
+from .protocol.frames import Reason
+from .tunnel.stream import LocalStream
+from .tunnel.tunnel import Tunnel
+
+log = logging.getLogger("intercloud.gateway")
+slog = logging.getLogger("intercloud.stream")
+tlog = logging.getLogger("intercloud.tunnel")
+
+# OPEN is answered once the far side has dialed its target; allow its connect_timeout plus slack.
+_OPEN_SLACK = 5.0
+
+
+class Gateway:
+    def __init__(self, config: Config):
+        self.config = config
+        self.role = config.gateway.role
+        self.node_id = config.gateway.node_id
+        self.incarnation = secrets.token_hex(8)
+        self.tunnels: set[Tunnel] = set()  # HELLO exchanged, not closed
+        self.accept_services = {s.name: s for s in config.services if s.accept}
+        self.connect_services = {s.name: s for s in config.services if s.connect}
+        self.listeners: list[asyncio.AbstractServer] = []
+        self.tg: asyncio.TaskGroup | None = None
+        self.stopping = asyncio.Event()
+        self.draining = False
+        self.serving = asyncio.Event()  # listeners bound (readiness)
+        self._route_waiters: set[asyncio.Future] = set()
+        self.events: deque[dict] = deque(maxlen=200)
+        self.counters = {"streams_opened": 0, "streams_closed": 0, "open_failures": 0, "route_timeouts": 0,
+                         "bytes_up": 0, "bytes_down": 0, "tunnels_opened": 0, "tunnels_closed": 0,
+                         "liveness_misses": 0, "protocol_errors": 0}
+        self.started = time.time()
+
+    # --- overridable per role ----------------------------------------------------------
+    def connect_service_names(self, tunnel: Tunnel) -> list[str]:
+        return sorted(self.connect_services)
+
+    def hello_extra(self, tunnel: Tunnel) -> dict:
+        return {}
+
+    def members_received(self, tunnel: Tunnel, members: list) -> None:
+        pass
+
+    def is_ready(self) -> bool:
+        return self.serving.is_set() and not self.draining
+
+    async def run_role(self) -> None:
+        raise NotImplementedError
+
+    # --- lifecycle ---------------------------------------------------------------------
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+        from .admin.server import AdminServer
+
+        admin = AdminServer(self) if self.config.gateway.admin else None
+        try:
+            async with asyncio.TaskGroup() as tg:
+                self.tg = tg
+                if admin:
+                    await admin.start()
+                await self._start_listeners()
+                tg.create_task(self._liveness())
+                role_task = tg.create_task(self.run_role())
+                await self.stopping.wait()
+                await self._drain()
+                role_task.cancel()
+                raise _Stop
+        except* _Stop:
+            pass
+        finally:
+            if admin:
+                await admin.stop()
+        return 0
+
+    async def _start_listeners(self) -> None:
+        loop = asyncio.get_running_loop()
+        for svc in self.accept_services.values():
+            ep = svc.accept
+            try:
+                server = await loop.create_server(
+                    lambda s=svc: LocalStream(s.name, "accept", on_accept=self.client_connected), ep.host, ep.port,
+                    reuse_address=True, backlog=1024)
+            except OSError as exc:
+                raise SystemExit(
+                    f"{self.config.source}: service {svc.name!r}: cannot listen on {ep}: {exc.strerror}; "
+                    "free the port or change service.accept") from None
+            self.listeners.append(server)
+            log.info("service %s listening on %s", svc.name, ep,
+                     extra={"event": "service.listening", "service": svc.name, "address": str(ep)})
+
+    async def _drain(self) -> None:
+        """DESIGN §3.7: stop listening, GOAWAY, let streams finish up to drain_timeout."""
+        self.draining = True
+        timeout = self.config.gateway.drain_timeout
+        n = sum(len(t.streams) for t in self.tunnels)
+        log.info("draining: %d tunnels, %d streams, up to %gs", len(self.tunnels), n, timeout,
+                 extra={"event": "gateway.draining", "streams": n})
+        for server in self.listeners:
+            server.close()
+        for t in list(self.tunnels):
+            t.goaway(f"{self.node_id} is shutting down")
+        deadline = time.monotonic() + timeout
+        while any(t.streams or t.open_tasks for t in self.tunnels) and time.monotonic() < deadline:
+            await self._wait_route_change(min(0.5, deadline - time.monotonic()))
+        left = sum(len(t.streams) for t in self.tunnels)
+        for t in list(self.tunnels):
+            t.close(f"{self.node_id} shut down")
+        log.info("stopped (%d streams cut at drain timeout)", left,
+                 extra={"event": "gateway.stopped", "streams_cut": left})
+
+    async def _liveness(self) -> None:
+        """protocol §8: PING every ping_interval; close tunnels silent for ping_timeout."""
+        t_cfg = self.config.tunnel
+        while True:
+            await asyncio.sleep(t_cfg.ping_interval)
+            now = time.monotonic()
+            for t in list(self.tunnels) + list(self._handshaking()):
+                if now - t.last_rx > t_cfg.ping_timeout:
+                    self.counters["liveness_misses"] += 1
+                    t.fail(f"no frame from {t.peer_node} for {now - t.last_rx:.1f}s "
+                           f"(tunnel.ping_timeout = {t_cfg.ping_timeout:g}s); peer dead or path broken",
+                           code=1011)
+                elif t.conn.peer is not None:
+                    t.ping()
+
+    def _handshaking(self) -> list[Tunnel]:
+        return []
+
+    # --- tunnels -----------------------------------------------------------------------
+    def tunnel_ready(self, tunnel: Tunnel) -> None:
+        peer = tunnel.conn.peer
+        if peer.role == self.role:
+            tunnel.fail(f"peer {peer.node_id} is a {peer.role} gateway like this one; "
+                        "a tunnel joins a cloud and an on-prem gateway", code=1008)
+            return
+        self.tunnels.add(tunnel)
+        self.counters["tunnels_opened"] += 1
+        tlog.info("[%s] OPENED: %s %s %s <-> %s %s, %s %s, peer services %s", tunnel.label,
+                  "wss" if tunnel.tls.get("tls") != "none" else "ws", self.role, self.node_id,
+                  peer.role, peer.node_id, tunnel.tls.get("tls"), tunnel.tls.get("cipher", ""),
+                  ",".join(peer.services) or "-",
+                  extra={"event": "tunnel.opened", "tunnel": tunnel.id, "peer_addr": tunnel.peer_addr,
+                         "peer_node": peer.node_id, "node": self.node_id, **tunnel.tls,
+                         "peer_cert": tunnel.peer_cert.get("subject"), "services": peer.services})
+        self._event("tunnel.opened", peer=peer.node_id, tunnel=tunnel.id)
+        self.routes_changed()
+
+    def tunnel_closed(self, tunnel: Tunnel, reason: str) -> None:
+        if tunnel in self.tunnels:
+            self.tunnels.discard(tunnel)
+            self.counters["tunnels_closed"] += 1
+            tlog.info("[%s] CLOSED: %s %s <-> %s after %.1fs, %d streams: %s", tunnel.label, self.role,
+                      self.node_id, tunnel.peer_node, time.time() - tunnel.opened_at, tunnel.streams_total,
+                      reason, extra={"event": "tunnel.closed", "tunnel": tunnel.id, "peer_node": tunnel.peer_node,
+                                     "peer_addr": tunnel.peer_addr, "reason": reason})
+            self._event("tunnel.closed", peer=tunnel.peer_node, tunnel=tunnel.id, reason=reason)
+            self.routes_changed()
+
+    def routes_changed(self) -> None:
+        for fut in self._route_waiters:
+            if not fut.done():
+                fut.set_result(None)
+        self._route_waiters.clear()
+
+    async def _wait_route_change(self, timeout: float) -> None:
+        if timeout <= 0:
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self._route_waiters.add(fut)
+        try:
+            await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            pass
+        finally:
+            self._route_waiters.discard(fut)
+
+    def pick_tunnel(self, service: str, exclude_nodes: set[str]) -> Tunnel | None:
+        """DESIGN §3.5: the least loaded live tunnel whose peer connects ``service``."""
+        best, best_load = None, None
+        for t in self.tunnels:
+            peer = t.conn.peer
+            if t.conn.goaway_received or peer.node_id in exclude_nodes or service not in peer.services:
+                continue
+            load = t.conn.stream_count
+            if best is None or load < best_load:
+                best, best_load = t, load
+        return best
+
+    # --- accept side: a local client wants the peer's service ----------------------------
+    def client_connected(self, stream: LocalStream) -> None:
+        """A client connected to an accept listener (called from LocalStream.connection_made)."""
+        if self.draining:
+            stream.transport.abort()
+            return
+        self.tg.create_task(self._route(stream))
+
+    async def _route(self, stream: LocalStream) -> None:
+        """Find a tunnel, OPEN, retry elsewhere on refusal; never leave the client hanging (§3.4)."""
+        svc = stream.service
+        wait = self.config.gateway.route_wait
+        deadline = time.monotonic() + wait
+        tried: set[str] = set()
+        last = None
+        while not stream.finished:
+            tunnel = self.pick_tunnel(svc, tried)
+            if tunnel is None:
+                if tried:  # every gateway offering the service refused: give up at once
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0 or self.draining:
+                    break
+                await self._wait_route_change(left)
+                continue
+            fut = tunnel.open(stream)
+            try:
+                result = await asyncio.wait_for(
+                    asyncio.shield(fut), self.config.tunnel.connect_timeout + _OPEN_SLACK)
+            except TimeoutError:
+                result = (Reason.TIMEOUT, f"no answer to OPEN from {tunnel.peer_node}")
+                frame = tunnel.conn.reset(stream.sid, Reason.TIMEOUT, "OPEN timed out")
+                if frame:
+                    tunnel.send_frame(frame)
+                tunnel.pending_opens.pop(stream.sid, None)
+            if stream.finished:  # the client left while we opened
+                return
+            if result is None:
+                self._stream_opened(tunnel, stream)
+                stream.start()
+                return
+            tunnel.streams.pop(stream.sid, None)
+            last = (tunnel.peer_node, *result)
+            tried.add(tunnel.peer_node)
+            self.counters["open_failures"] += 1
+            slog.info("OPEN %s via %s refused: %s %s; trying another gateway", svc, tunnel.peer_node,
+                      Reason.name_of(result[0]), result[1],
+                      extra={"event": "stream.open_failed", "service": svc, "peer_node": tunnel.peer_node,
+                             "reason": Reason.name_of(result[0]), "detail": result[1]})
+            stream.tunnel, stream.sid = None, 0
+        if stream.finished:
+            return
+        if last is None:
+            self.counters["route_timeouts"] += 1
+            why = (f"no route: no tunnel offers service {svc!r} (waited {wait:g}s, gateway.route_wait); "
+                   "check that a gateway on the other side connects this service and its tunnels are up")
+        else:
+            why = (f"every gateway offering {svc!r} refused; last {last[0]}: "
+                   f"{Reason.name_of(last[1])} {last[2]}")
+        slog.warning("[%s] REFUSED client %s: %s", svc, stream.client, why,
+                     extra={"event": "stream.refused", "service": svc, "client": stream.client, "reason": why})
+        self._event("stream.refused", service=svc, client=stream.client, reason=why)
+        tr = stream.transport
+        if tr is not None:
+            tr.abort()
+        stream.finished = True
+
+    # --- connect side: the peer asks us to dial one of our services ---------------------
+    def stream_requested(self, tunnel: Tunnel, sid: int, service: str, client: str) -> None:
+        svc = self.connect_services.get(service)
+        if svc is None:
+            text = (f"{self.node_id} connects no service named {service!r} "
+                    f"(it connects: {', '.join(sorted(self.connect_services)) or 'none'})")
+            tunnel.send_frame(tunnel.conn.open_fail(sid, Reason.UNKNOWN_SERVICE, text))
+            slog.warning("OPEN from %s refused: %s", tunnel.peer_node, text,
+                         extra={"event": "stream.open_refused", "service": service, "peer_node": tunnel.peer_node})
+            return
+        task = self.tg.create_task(self._dial_target(tunnel, sid, svc, client))
+        tunnel.open_tasks[sid] = task
+        task.add_done_callback(lambda _t: tunnel.open_tasks.pop(sid, None))
+
+    async def _dial_target(self, tunnel: Tunnel, sid: int, svc, client: str) -> None:
+        ep = svc.connect
+        stream = LocalStream(svc.name, "connect", client=client, target=f"{ep.host}:{ep.port}")
+        loop = asyncio.get_running_loop()
+        code = None
+        try:
+            async with asyncio.timeout(self.config.tunnel.connect_timeout):
+                await loop.create_connection(lambda: stream, ep.host, ep.port)
+        except ConnectionRefusedError:
+            code, text = Reason.REFUSED, f"{ep.host}:{ep.port} refused the connection (service {svc.name} on {self.node_id})"
+        except TimeoutError:
+            code, text = Reason.UNREACHABLE, (f"{ep.host}:{ep.port} did not answer within "
+                                              f"{self.config.tunnel.connect_timeout:g}s (tunnel.connect_timeout)")
+        except OSError as exc:
+            code, text = Reason.UNREACHABLE, f"{ep.host}:{ep.port} unreachable: {exc.strerror or exc}"
+        if code is not None:
+            if tunnel.conn.state(sid) is State.OPENING_IN:
+                tunnel.send_frame(tunnel.conn.open_fail(sid, code, text))
+            self.counters["open_failures"] += 1
+            slog.warning("[%s] target failed for client %s via %s: %s", svc.name, client, tunnel.peer_node, text,
+                         extra={"event": "stream.target_failed", "service": svc.name, "client": client,
+                                "target": stream.target, "reason": Reason.name_of(code), "detail": text})
+            return
+        if tunnel.conn.state(sid) is not State.OPENING_IN or tunnel.ws is None or tunnel.ws.is_disconnected:
+            if stream.transport is not None:
+                stream.transport.abort()
+            return
+        stream.attach(tunnel, sid)
+        tunnel.streams[sid] = stream
+        tunnel.send_frame(tunnel.conn.open_ok(sid))
+        self._stream_opened(tunnel, stream)
+        stream.start()
+
+    # --- accounting and logs -----------------------------------------------------------
+    def _stream_opened(self, tunnel: Tunnel, stream: LocalStream) -> None:
+        self.counters["streams_opened"] += 1
+        slog.info("[%s] OPENED: stream %d %s -> %s via %s (%s)", stream.service, stream.sid, stream.client,
+                  stream.target or tunnel.peer_node, tunnel.peer_node, stream.side,
+                  extra={"event": "stream.opened", "service": stream.service, "stream": stream.sid,
+                         "tunnel": tunnel.id, "client": stream.client, "target": stream.target,
+                         "peer_node": tunnel.peer_node, "side": stream.side})
+
+    def stream_closed(self, tunnel: Tunnel, stream: LocalStream, reason: str) -> None:
+        self.counters["streams_closed"] += 1
+        self.counters["bytes_up"] += stream.bytes_up
+        self.counters["bytes_down"] += stream.bytes_down
+        dur = time.monotonic() - stream.started
+        slog.info("[%s] CLOSED: stream %d %s -> %s via %s, %d bytes out, %d bytes in, %.3fs: %s",
+                  stream.service, stream.sid, stream.client, stream.target or tunnel.peer_node, tunnel.peer_node,
+                  stream.bytes_up, stream.bytes_down, dur, reason,
+                  extra={"event": "stream.closed", "service": stream.service, "stream": stream.sid,
+                         "tunnel": tunnel.id, "client": stream.client, "target": stream.target,
+                         "peer_node": tunnel.peer_node, "bytes_out": stream.bytes_up,
+                         "bytes_in": stream.bytes_down, "duration": round(dur, 6), "reason": reason})
+        if self.draining:
+            self.routes_changed()  # wakes the drain loop
+
+    def _event(self, kind: str, **fields) -> None:
+        self.events.append({"ts": time.time(), "event": kind, **fields})
+
+
+class _Stop(Exception):
+    pass

@@ -1,0 +1,1 @@
+"""The on-prem role: dials tunnels out to the cloud gateways."""

@@ -1,0 +1,484 @@
+"""Sans-I/O protocol connection: one tunnel's frames in, events and frames out.
+
+No sockets, no clock (docs/protocol.md). The tunnel driver feeds every received WebSocket
+message to :meth:`Connection.receive` and puts every ``bytes`` this class returns on the wire.
+
+All stream state transitions are in ``_TRANSITIONS`` (protocol §4.2); a pair missing from it is a
+protocol error when it comes from the peer and a ``LocalProtocolError`` (a bug) when it comes
+from this side.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from . import frames
+from .frames import HEADER, HEADER_SIZE, FrameError, FrameType, Reason
+
+PROTOCOL_VERSION = 1
+
+
+class State(enum.IntEnum):
+    IDLE = 0
+    OPENING_OUT = 1
+    OPENING_IN = 2
+    OPEN = 3
+    HALF_CLOSED_LOCAL = 4
+    HALF_CLOSED_REMOTE = 5
+    CLOSED = 6
+
+
+S = State
+F = FrameType
+SEND, RECV = "send", "recv"
+
+# protocol §4.2: (state, direction, frame type) -> next state
+_TRANSITIONS: dict[tuple[State, str, FrameType], State] = {
+    (S.IDLE, SEND, F.OPEN): S.OPENING_OUT,
+    (S.IDLE, RECV, F.OPEN): S.OPENING_IN,
+    (S.OPENING_OUT, RECV, F.OPEN_OK): S.OPEN,
+    (S.OPENING_OUT, RECV, F.OPEN_FAIL): S.CLOSED,
+    (S.OPENING_OUT, SEND, F.RST): S.CLOSED,
+    (S.OPENING_OUT, RECV, F.RST): S.CLOSED,
+    (S.OPENING_IN, SEND, F.OPEN_OK): S.OPEN,
+    (S.OPENING_IN, SEND, F.OPEN_FAIL): S.CLOSED,
+    (S.OPENING_IN, SEND, F.RST): S.CLOSED,
+    (S.OPENING_IN, RECV, F.RST): S.CLOSED,
+    (S.OPEN, SEND, F.DATA): S.OPEN,
+    (S.OPEN, RECV, F.DATA): S.OPEN,
+    (S.OPEN, SEND, F.WINDOW): S.OPEN,
+    (S.OPEN, RECV, F.WINDOW): S.OPEN,
+    (S.OPEN, SEND, F.FIN): S.HALF_CLOSED_LOCAL,
+    (S.OPEN, RECV, F.FIN): S.HALF_CLOSED_REMOTE,
+    (S.OPEN, SEND, F.RST): S.CLOSED,
+    (S.OPEN, RECV, F.RST): S.CLOSED,
+    (S.HALF_CLOSED_LOCAL, RECV, F.DATA): S.HALF_CLOSED_LOCAL,
+    (S.HALF_CLOSED_LOCAL, SEND, F.WINDOW): S.HALF_CLOSED_LOCAL,
+    (S.HALF_CLOSED_LOCAL, RECV, F.WINDOW): S.HALF_CLOSED_LOCAL,
+    (S.HALF_CLOSED_LOCAL, RECV, F.FIN): S.CLOSED,
+    (S.HALF_CLOSED_LOCAL, SEND, F.RST): S.CLOSED,
+    (S.HALF_CLOSED_LOCAL, RECV, F.RST): S.CLOSED,
+    (S.HALF_CLOSED_REMOTE, SEND, F.DATA): S.HALF_CLOSED_REMOTE,
+    (S.HALF_CLOSED_REMOTE, SEND, F.WINDOW): S.HALF_CLOSED_REMOTE,
+    (S.HALF_CLOSED_REMOTE, RECV, F.WINDOW): S.HALF_CLOSED_REMOTE,
+    (S.HALF_CLOSED_REMOTE, SEND, F.FIN): S.CLOSED,
+    (S.HALF_CLOSED_REMOTE, SEND, F.RST): S.CLOSED,
+    (S.HALF_CLOSED_REMOTE, RECV, F.RST): S.CLOSED,
+}
+
+
+def transition(state: State, direction: str, ftype: FrameType) -> State | None:
+    """The next state, or None when the table has no such transition (protocol §4.2)."""
+    return _TRANSITIONS.get((state, direction, ftype))
+
+
+class ProtocolError(Exception):
+    """The peer broke the protocol. The tunnel must be closed (protocol §9.2)."""
+
+    def __init__(self, message: str, stream_id: int = 0):
+        super().__init__(message)
+        self.stream_id = stream_id
+
+
+class LocalProtocolError(RuntimeError):
+    """This side tried something the protocol forbids: a bug in the caller."""
+
+
+# --- events ------------------------------------------------------------------------------
+
+@dataclass(slots=True)
+class Hello:
+    node_id: str
+    role: str
+    services: list[str]
+    window: int
+    max_frame: int
+    max_streams: int
+    incarnation: str
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class StreamOpened:
+    stream_id: int
+    service: str
+    client: str
+
+
+@dataclass(slots=True)
+class OpenAccepted:
+    stream_id: int
+
+
+@dataclass(slots=True)
+class OpenRefused:
+    stream_id: int
+    code: int
+    text: str
+
+
+@dataclass(slots=True)
+class Data:
+    stream_id: int
+    data: memoryview
+
+
+@dataclass(slots=True)
+class CreditAvailable:
+    stream_id: int
+    credit: int
+
+
+@dataclass(slots=True)
+class RemoteFin:
+    stream_id: int
+    closed: bool  # both directions are now finished
+
+
+@dataclass(slots=True)
+class RemoteReset:
+    stream_id: int
+    code: int
+    text: str
+
+
+@dataclass(slots=True)
+class Ping:
+    payload: bytes
+
+
+@dataclass(slots=True)
+class Pong:
+    payload: bytes
+
+
+@dataclass(slots=True)
+class GoAway:
+    code: int
+    text: str
+
+
+@dataclass(slots=True)
+class Members:
+    members: list
+
+
+Event = (
+    Hello | StreamOpened | OpenAccepted | OpenRefused | Data | CreditAvailable | RemoteFin
+    | RemoteReset | Ping | Pong | GoAway | Members
+)
+
+
+class _Stream:
+    __slots__ = ("state", "send_credit", "recv_allowed", "owed")
+
+    def __init__(self, state: State, send_credit: int, recv_allowed: int):
+        self.state = state
+        self.send_credit = send_credit  # bytes we may still send (protocol §6.1)
+        self.recv_allowed = recv_allowed  # bytes the peer may still send us
+        self.owed = 0  # delivered bytes whose credit we have not returned yet (§6.2)
+
+
+class Connection:
+    """Protocol state of one tunnel.
+
+    ``client`` is True on the dialing side (odd stream ids, protocol §4.1). ``window``,
+    ``max_frame`` and ``max_streams`` are what *this* side grants the peer (sent in HELLO).
+    """
+
+    def __init__(self, *, client: bool, window: int, max_frame: int, max_streams: int):
+        self.client = client
+        self.window = window
+        self.max_frame = max_frame
+        self.max_streams = max_streams
+        self.peer: Hello | None = None
+        self.hello_sent = False
+        self.goaway_sent = False
+        self.goaway_received = False
+        self._streams: dict[int, _Stream] = {}
+        self._next_id = 1 if client else 2
+        self._peer_last_id = 0  # highest id the peer has opened
+        self._window_threshold = max(1, window // 4)
+
+    # --- introspection ---------------------------------------------------------------
+    def state(self, stream_id: int) -> State:
+        st = self._streams.get(stream_id)
+        return st.state if st else (S.CLOSED if self._was_opened(stream_id) else S.IDLE)
+
+    def credit(self, stream_id: int) -> int:
+        st = self._streams.get(stream_id)
+        return st.send_credit if st else 0
+
+    def send_limit(self, stream_id: int) -> int:
+        """Largest DATA payload this side may send now: credit capped by the peer's max_frame."""
+        st = self._streams.get(stream_id)
+        if st is None or self.peer is None:
+            return 0
+        return min(st.send_credit, self.peer.max_frame)
+
+    @property
+    def stream_count(self) -> int:
+        return len(self._streams)
+
+    def _was_opened(self, sid: int) -> bool:
+        if sid == 0:
+            return False
+        if (sid % 2 == 1) == self.client:
+            return sid < self._next_id
+        return sid <= self._peer_last_id
+
+    # --- sending ---------------------------------------------------------------------
+    def hello(self, node_id: str, role: str, services: list[str], incarnation: str, **extra) -> bytes:
+        if self.hello_sent:
+            raise LocalProtocolError("HELLO sent twice")
+        self.hello_sent = True
+        body = {
+            "version": PROTOCOL_VERSION,
+            "node_id": node_id,
+            "role": role,
+            "services": sorted(services),
+            "window": self.window,
+            "max_frame": self.max_frame,
+            "max_streams": self.max_streams,
+            "incarnation": incarnation,
+            **extra,
+        }
+        return frames.encode(F.HELLO, 0, frames.encode_json(body))
+
+    def _send(self, sid: int, ftype: FrameType) -> _Stream:
+        st = self._streams.get(sid)
+        if st is None:
+            raise LocalProtocolError(f"{ftype.name} on stream {sid}, which is not open")
+        nxt = _TRANSITIONS.get((st.state, SEND, ftype))
+        if nxt is None:
+            raise LocalProtocolError(f"cannot send {ftype.name} on stream {sid} in state {st.state.name}")
+        if nxt is S.CLOSED:
+            del self._streams[sid]
+        st.state = nxt
+        return st
+
+    def open_stream(self, service: str, client_addr: str) -> tuple[int, bytes]:
+        if self.peer is None:
+            raise LocalProtocolError("OPEN before the peer's HELLO")
+        if self.goaway_received:
+            raise LocalProtocolError("OPEN after the peer's GOAWAY")
+        sid = self._next_id
+        if sid > frames.MAX_STREAM_ID:
+            raise LocalProtocolError("stream ids exhausted on this tunnel; open a new tunnel")
+        self._next_id += 2
+        self._streams[sid] = _Stream(S.OPENING_OUT, self.peer.window, self.window)
+        return sid, frames.encode(F.OPEN, sid, frames.encode_open(service, client_addr))
+
+    def open_ok(self, sid: int) -> bytes:
+        self._send(sid, F.OPEN_OK)
+        return frames.encode(F.OPEN_OK, sid)
+
+    def open_fail(self, sid: int, code: int, text: str) -> bytes:
+        self._send(sid, F.OPEN_FAIL)
+        return frames.encode(F.OPEN_FAIL, sid, frames.encode_reason(code, text))
+
+    def send_data(self, sid: int, n: int) -> None:
+        """Account for ``n`` payload bytes about to be sent as DATA (caller packs the frame)."""
+        st = self._send(sid, F.DATA)
+        if n <= 0 or n > st.send_credit or (self.peer and n > self.peer.max_frame):
+            raise LocalProtocolError(
+                f"DATA of {n} bytes on stream {sid} exceeds credit {st.send_credit}"
+            )
+        st.send_credit -= n
+
+    def data(self, sid: int, payload: bytes | bytearray | memoryview) -> bytes:
+        """Convenience (tests, control paths): account and encode a DATA frame."""
+        self.send_data(sid, len(payload))
+        return frames.encode(F.DATA, sid, payload)
+
+    def delivered(self, sid: int, n: int) -> bytes | None:
+        """``n`` received bytes reached the local socket; maybe return credit (protocol §6.2)."""
+        st = self._streams.get(sid)
+        if st is None or st.state not in (S.OPEN, S.HALF_CLOSED_LOCAL):
+            return None  # peer finished sending: it needs no more credit
+        st.owed += n
+        if st.owed < self._window_threshold:
+            return None
+        inc, st.owed = st.owed, 0
+        st.recv_allowed += inc
+        return frames.encode(F.WINDOW, sid, frames.encode_window(inc))
+
+    def fin(self, sid: int) -> bytes:
+        self._send(sid, F.FIN)
+        return frames.encode(F.FIN, sid)
+
+    def reset(self, sid: int, code: int, text: str) -> bytes | None:
+        """Abort a stream. Returns None if it is already gone (nothing to send)."""
+        if sid not in self._streams:
+            return None
+        self._send(sid, F.RST)
+        return frames.encode(F.RST, sid, frames.encode_reason(code, text))
+
+    def ping(self, payload: bytes) -> bytes:
+        return frames.encode(F.PING, 0, payload)
+
+    def goaway(self, code: int, text: str) -> bytes:
+        self.goaway_sent = True
+        return frames.encode(F.GOAWAY, 0, frames.encode_reason(code, text))
+
+    def members(self, members: list) -> bytes:
+        return frames.encode(F.MEMBERS, 0, frames.encode_json(members))
+
+    def abort_all(self) -> list[int]:
+        """The tunnel is gone: forget every stream and return their ids."""
+        sids = list(self._streams)
+        self._streams.clear()
+        return sids
+
+    # --- receiving -------------------------------------------------------------------
+    def receive(self, message: bytes | bytearray | memoryview) -> tuple[Event | None, bytes | None]:
+        """Process one WebSocket message. Returns (event or None, reply frame or None).
+
+        Raises ProtocolError when the peer broke the protocol; the tunnel must close.
+        """
+        if len(message) < HEADER_SIZE:
+            raise ProtocolError(f"frame of {len(message)} bytes is shorter than the 6-byte header")
+        ftype, _flags, sid = HEADER.unpack_from(message, 0)
+        if ftype == F.DATA:  # hot path first
+            return self._recv_data(sid, message), None
+        try:
+            ft = FrameType(ftype)
+        except ValueError:
+            raise ProtocolError(f"unknown frame type 0x{ftype:02x}", sid) from None
+        payload = bytes(message[HEADER_SIZE:])
+        try:
+            if self.peer is None and ft is not F.HELLO:
+                raise ProtocolError(f"{ft.name} before HELLO: the first frame must be HELLO")
+            if ft in frames.CONNECTION_TYPES:
+                if sid != 0:
+                    raise ProtocolError(f"{ft.name} with stream id {sid}; it must use stream 0", sid)
+                return self._recv_connection(ft, payload)
+            if sid == 0:
+                raise ProtocolError(f"{ft.name} on stream 0; stream frames need a stream id")
+            return self._recv_stream(ft, sid, payload)
+        except FrameError as exc:
+            raise ProtocolError(f"malformed {ft.name}: {exc}", sid) from None
+
+    def _recv_connection(self, ft: FrameType, payload: bytes) -> tuple[Event | None, bytes | None]:
+        if ft is F.HELLO:
+            if self.peer is not None:
+                raise ProtocolError("second HELLO on the tunnel")
+            self.peer = _parse_hello(payload)
+            return self.peer, None
+        if ft is F.PING:
+            if len(payload) > 64:
+                raise ProtocolError(f"PING payload of {len(payload)} bytes (max 64)")
+            return Ping(payload), frames.encode(F.PONG, 0, payload)
+        if ft is F.PONG:
+            return Pong(payload), None
+        if ft is F.GOAWAY:
+            self.goaway_received = True
+            return GoAway(*frames.decode_reason(payload)), None
+        members = frames.decode_json(payload, "MEMBERS")
+        if not isinstance(members, list):
+            raise ProtocolError("MEMBERS payload is not a JSON array")
+        return Members(members), None
+
+    def _recv_stream(self, ft: FrameType, sid: int, payload: bytes) -> tuple[Event | None, bytes | None]:
+        if ft is F.OPEN:
+            return self._recv_open(sid, payload)
+        st = self._streams.get(sid)
+        if st is None:
+            if self._was_opened(sid):
+                return None, None  # raced with our RST or a finished stream (protocol §4.3)
+            raise ProtocolError(f"{ft.name} for stream {sid}, which was never opened", sid)
+        nxt = _TRANSITIONS.get((st.state, RECV, ft))
+        if nxt is None:
+            raise ProtocolError(f"{ft.name} on stream {sid} in state {st.state.name}", sid)
+        if ft is F.WINDOW:
+            inc = frames.decode_window(payload)
+            st.send_credit += inc
+            if st.send_credit > 2**31:
+                raise ProtocolError(f"WINDOW on stream {sid} grows credit beyond 2^31", sid)
+            event: Event = CreditAvailable(sid, st.send_credit)
+        elif ft is F.FIN:
+            if payload:
+                raise ProtocolError(f"FIN on stream {sid} with a payload", sid)
+            event = RemoteFin(sid, nxt is S.CLOSED)
+        elif ft is F.RST:
+            event = RemoteReset(sid, *frames.decode_reason(payload))
+        elif ft is F.OPEN_OK:
+            event = OpenAccepted(sid)
+        else:  # OPEN_FAIL
+            event = OpenRefused(sid, *frames.decode_reason(payload))
+        if nxt is S.CLOSED:
+            del self._streams[sid]
+        st.state = nxt
+        return event, None
+
+    def _recv_open(self, sid: int, payload: bytes) -> tuple[Event | None, bytes | None]:
+        if (sid % 2 == 1) != (not self.client):
+            raise ProtocolError(f"OPEN with stream id {sid} of the wrong parity for this peer", sid)
+        if sid <= self._peer_last_id:
+            raise ProtocolError(f"OPEN reuses stream id {sid} (last opened {self._peer_last_id})", sid)
+        service, client = frames.decode_open(payload)
+        self._peer_last_id = sid
+        assert self.peer is not None
+        if self.goaway_sent:
+            return None, frames.encode(
+                F.OPEN_FAIL, sid, frames.encode_reason(Reason.DRAINING, "gateway is draining")
+            )
+        if len(self._streams) >= self.max_streams:  # protocol §4.4
+            return None, frames.encode(
+                F.OPEN_FAIL, sid,
+                frames.encode_reason(Reason.LIMIT, f"tunnel stream limit {self.max_streams} reached"),
+            )
+        self._streams[sid] = _Stream(S.OPENING_IN, self.peer.window, self.window)
+        return StreamOpened(sid, service, client), None
+
+    def _recv_data(self, sid: int, message) -> Data | None:
+        st = self._streams.get(sid)
+        if st is None:
+            if sid != 0 and self._was_opened(sid):
+                return None  # protocol §4.3
+            raise ProtocolError(f"DATA for stream {sid}, which was never opened", sid)
+        if st.state is not S.OPEN and st.state is not S.HALF_CLOSED_LOCAL:
+            raise ProtocolError(f"DATA on stream {sid} in state {st.state.name}", sid)
+        n = len(message) - HEADER_SIZE
+        if n <= 0:
+            raise ProtocolError(f"empty DATA on stream {sid}", sid)
+        if n > self.max_frame:
+            raise ProtocolError(f"DATA of {n} bytes on stream {sid} exceeds max_frame {self.max_frame}", sid)
+        if n > st.recv_allowed:
+            raise ProtocolError(
+                f"peer exceeded flow-control window on stream {sid}: sent {n} bytes with "
+                f"{st.recv_allowed} credit left", sid)
+        st.recv_allowed -= n
+        mv = message if isinstance(message, memoryview) else memoryview(message)
+        return Data(sid, mv[HEADER_SIZE:])
+
+
+def _parse_hello(payload: bytes) -> Hello:
+    body = frames.decode_json(payload, "HELLO")
+    if not isinstance(body, dict):
+        raise ProtocolError("HELLO payload is not a JSON object")
+    version = body.get("version")
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(f"peer speaks protocol version {version!r}; this gateway speaks {PROTOCOL_VERSION}")
+    try:
+        hello = Hello(
+            node_id=str(body["node_id"]),
+            role=str(body["role"]),
+            services=[str(s) for s in body.get("services", [])],
+            window=int(body["window"]),
+            max_frame=int(body["max_frame"]),
+            max_streams=int(body["max_streams"]),
+            incarnation=str(body.get("incarnation", "")),
+        )
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:  # int(Infinity): OverflowError
+        raise ProtocolError(f"HELLO lacks or mangles a field: {exc!r}") from None
+    if hello.role not in ("cloud", "onprem"):
+        raise ProtocolError(f"HELLO role {hello.role!r} is neither 'cloud' nor 'onprem'")
+    if not (1 <= hello.window <= 2**31 and 1024 <= hello.max_frame <= 16 * 2**20 and hello.max_streams >= 1):
+        raise ProtocolError(
+            f"HELLO limits out of range: window={hello.window} max_frame={hello.max_frame} "
+            f"max_streams={hello.max_streams}")
+    known = {"version", "node_id", "role", "services", "window", "max_frame", "max_streams", "incarnation"}
+    hello.extra = {k: v for k, v in body.items() if k not in known}
+    return hello

@@ -1,0 +1,1 @@
+"""Byte transports under the tunnel: TLS contexts, HTTP CONNECT through forward proxies."""

@@ -1,0 +1,1 @@
+"""Runs protocol connections over WebSocket transports; local stream pumps with back-pressure."""

@@ -1,0 +1,274 @@
+"""Drives one protocol Connection over one picows WebSocket (docs/protocol.md).
+
+The Tunnel is the picows listener: every received message goes through the sans-I/O
+``Connection``; events are dispatched to the local streams and to the gateway (routing, opens).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import struct
+import time
+from typing import TYPE_CHECKING
+
+from picows import WSCloseCode, WSListener, WSMsgType
+
+from ..protocol import (
+    Connection, CreditAvailable, Data, GoAway, Hello, Members, OpenAccepted, OpenRefused, Ping, Pong,
+    ProtocolError, RemoteFin, RemoteReset, StreamOpened,
+)
+from ..protocol.frames import HEADER, FrameType, Reason
+from ..transport.tls import describe_peer_cert, session_info
+from .stream import LocalStream
+
+if TYPE_CHECKING:
+    from ..gateway import Gateway
+
+log = logging.getLogger("intercloud.tunnel")
+_ids = itertools.count(1)
+_PING = struct.Struct(">d")
+# Room in front of the payload for the largest WebSocket header (14 bytes with a client mask)
+# and our 6-byte frame header, so picows can frame in place (see Tunnel.send_data).
+_WS_ROOM = 14
+_PAYLOAD_AT = _WS_ROOM + HEADER.size
+_BINARY = WSMsgType.BINARY
+_MAX_SEND_FRAME = 1 << 20  # we never send DATA larger than this, whatever the peer allows
+
+
+class Tunnel(WSListener):
+    def __init__(self, gateway: Gateway, *, client: bool, url: str = ""):
+        t = gateway.config.tunnel
+        self.gateway = gateway
+        self.id = next(_ids)
+        self.url = url
+        self.client = client
+        self.conn = Connection(client=client, window=t.stream_window, max_frame=t.max_frame,
+                               max_streams=t.max_streams)
+        self.ws = None
+        self.streams: dict[int, LocalStream] = {}
+        self.pending_opens: dict[int, asyncio.Future] = {}
+        self.open_tasks: dict[int, asyncio.Task] = {}
+        loop = asyncio.get_running_loop()
+        self.ready: asyncio.Future = loop.create_future()  # peer HELLO received
+        self.done: asyncio.Future = loop.create_future()  # WebSocket gone
+        self.last_rx = time.monotonic()
+        self.opened_at = time.time()
+        self.rtt: float | None = None
+        self.paused = False
+        self.close_reason = ""
+        self.peer_addr = "?"
+        self.tls: dict = {}
+        self.peer_cert: dict = {}
+        self.streams_total = 0
+        self._buf = bytearray()
+        self._buf_mv = memoryview(self._buf)
+
+    # --- identity for logs -------------------------------------------------------------
+    @property
+    def peer_node(self) -> str:
+        return self.conn.peer.node_id if self.conn.peer else "?"
+
+    @property
+    def label(self) -> str:
+        return f"tunnel#{self.id} {self.peer_addr}"
+
+    # --- picows callbacks --------------------------------------------------------------
+    def on_ws_connected(self, transport) -> None:
+        self.ws = transport
+        under = transport.underlying_transport
+        peer = under.get_extra_info("peername")
+        self.peer_addr = f"{peer[0]}:{peer[1]}" if peer else "?"
+        ssl_obj = under.get_extra_info("ssl_object")
+        self.tls = session_info(ssl_obj)
+        if ssl_obj is not None:
+            self.peer_cert = describe_peer_cert(ssl_obj.getpeercert(binary_form=True))
+        big = self.gateway.config.tunnel.max_tunnel_buffer
+        under.set_write_buffer_limits(high=big, low=big // 2)  # protocol §6.3
+        g = self.gateway
+        hello = self.conn.hello(g.node_id, g.role, g.connect_service_names(self), g.incarnation,
+                                **g.hello_extra(self))
+        transport.send(_BINARY, hello)
+
+    def on_ws_frame(self, transport, frame) -> None:
+        self.last_rx = time.monotonic()
+        mt = frame.msg_type
+        if mt is _BINARY and frame.fin:
+            try:
+                event, reply = self.conn.receive(frame.get_payload_as_memoryview())
+            except ProtocolError as exc:
+                self.fail(f"protocol error by peer {self.peer_node} ({self.peer_addr}): {exc}")
+                return
+            if reply is not None:
+                transport.send(_BINARY, reply)
+            if event is not None:
+                self._dispatch(event)
+        elif mt is WSMsgType.CLOSE:
+            self.close_reason = self.close_reason or (
+                f"peer closed the WebSocket ({frame.get_close_code()}: {frame.get_close_reason() or 'no reason'})")
+            transport.send_close(WSCloseCode.OK)
+            transport.disconnect()
+        elif mt is WSMsgType.PING:
+            transport.send_pong(frame.get_payload_as_bytes())
+        elif mt is WSMsgType.PONG:
+            pass
+        else:
+            self.fail(f"protocol error by peer {self.peer_node} ({self.peer_addr}): "
+                      f"WebSocket {mt.name} frame (fin={frame.fin}); intercloud sends only whole binary messages")
+
+    def on_ws_disconnected(self, transport) -> None:
+        reason = self.close_reason or "connection lost"
+        for fut in self.pending_opens.values():
+            if not fut.done():
+                fut.set_result((Reason.ABORTED, f"tunnel to {self.peer_node} closed: {reason}"))
+        self.pending_opens.clear()
+        for task in self.open_tasks.values():
+            task.cancel()
+        self.open_tasks.clear()
+        self.conn.abort_all()
+        for stream in list(self.streams.values()):
+            stream.abort(Reason.ABORTED, f"tunnel closed: {reason}", tell_peer=False)
+        self.streams.clear()
+        if not self.ready.done():
+            self.ready.set_exception(ConnectionError(reason))
+            self.ready.exception()  # mark retrieved
+        if not self.done.done():
+            self.done.set_result(reason)
+        self.gateway.tunnel_closed(self, reason)
+
+    def pause_writing(self) -> None:
+        self.paused = True
+        for s in self.streams.values():
+            s.set_tunnel_paused(True)
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        for s in self.streams.values():
+            s.set_tunnel_paused(False)
+
+    # --- events ------------------------------------------------------------------------
+    def _dispatch(self, ev) -> None:
+        if type(ev) is Data:
+            s = self.streams.get(ev.stream_id)
+            if s is not None:
+                s.deliver(ev.data)
+            return
+        if type(ev) is CreditAvailable:
+            s = self.streams.get(ev.stream_id)
+            if s is not None:
+                s.on_credit()
+        elif type(ev) is RemoteFin:
+            s = self.streams.get(ev.stream_id)
+            if s is not None:
+                s.on_remote_fin(ev.closed)
+        elif type(ev) is RemoteReset:
+            sid = ev.stream_id
+            fut = self.pending_opens.pop(sid, None)
+            if fut is not None and not fut.done():
+                fut.set_result((ev.code, ev.text))
+            task = self.open_tasks.pop(sid, None)
+            if task is not None:
+                task.cancel()
+            s = self.streams.get(sid)
+            if s is not None:
+                s.abort(ev.code, f"peer reset: {ev.text}", tell_peer=False)
+        elif type(ev) is OpenAccepted:
+            fut = self.pending_opens.pop(ev.stream_id, None)
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+        elif type(ev) is OpenRefused:
+            fut = self.pending_opens.pop(ev.stream_id, None)
+            if fut is not None and not fut.done():
+                fut.set_result((ev.code, ev.text))
+        elif type(ev) is StreamOpened:
+            self.gateway.stream_requested(self, ev.stream_id, ev.service, ev.client)
+        elif type(ev) is Ping:
+            pass  # PONG already sent by the caller
+        elif type(ev) is Pong:
+            if len(ev.payload) == 8:
+                self.rtt = time.monotonic() - _PING.unpack(ev.payload)[0]
+        elif type(ev) is Hello:
+            self._buf = bytearray(_PAYLOAD_AT + min(ev.max_frame, _MAX_SEND_FRAME))
+            self._buf_mv = memoryview(self._buf)
+            self.gateway.tunnel_ready(self)
+            if not self.ready.done():
+                self.ready.set_result(ev)
+        elif type(ev) is GoAway:
+            log.info("GOAWAY from %s: %s %s", self.peer_node, Reason.name_of(ev.code), ev.text,
+                     extra={"event": "tunnel.goaway", "tunnel": self.id, "peer_node": self.peer_node})
+            self.gateway.routes_changed()
+        elif type(ev) is Members:
+            self.gateway.members_received(self, ev.members)
+
+    # --- sending -----------------------------------------------------------------------
+    def send_frame(self, frame: bytes) -> None:
+        ws = self.ws
+        if ws is not None and not ws.is_disconnected:
+            ws.send(_BINARY, frame)
+
+    def read_buffer(self, sid: int) -> memoryview:
+        """Where the next local read for stream ``sid`` lands: behind room for both headers,
+        no longer than the stream may send (credit, peer max_frame)."""
+        limit = self.conn.send_limit(sid)
+        return self._buf_mv[_PAYLOAD_AT:_PAYLOAD_AT + limit]
+
+    def send_data(self, stream: LocalStream, n: int) -> None:
+        sid = stream.sid
+        self.conn.send_data(sid, n)
+        HEADER.pack_into(self._buf, _WS_ROOM, FrameType.DATA, 0, sid)
+        ws = self.ws
+        if _PAYLOAD_AT + n == len(self._buf):
+            # Full frame: picows writes its header into our buffer's front room; no copy.
+            ws.send_reuse_external_bytearray(_BINARY, self._buf, _WS_ROOM)
+        else:
+            ws.send(_BINARY, self._buf_mv[_WS_ROOM:_PAYLOAD_AT + n])
+        if self.conn.send_limit(sid) <= 0:
+            stream.credit_exhausted()
+
+    # --- streams -----------------------------------------------------------------------
+    def open(self, stream: LocalStream) -> asyncio.Future:
+        """Send OPEN for ``stream``; the future resolves to None (OPEN_OK) or (code, text)."""
+        sid, frame = self.conn.open_stream(stream.service, stream.client)
+        stream.attach(self, sid)
+        self.streams[sid] = stream
+        fut = asyncio.get_running_loop().create_future()
+        self.pending_opens[sid] = fut
+        self.send_frame(frame)
+        return fut
+
+    def stream_finished(self, stream: LocalStream, reason: str) -> None:
+        fut = self.pending_opens.pop(stream.sid, None)
+        if fut is not None and not fut.done():
+            fut.set_result((Reason.ABORTED, "client left before the stream opened"))
+        if self.streams.get(stream.sid) is stream:
+            del self.streams[stream.sid]
+            self.streams_total += 1
+        self.gateway.stream_closed(self, stream, reason)
+
+    # --- lifecycle ---------------------------------------------------------------------
+    def ping(self) -> None:
+        self.send_frame(self.conn.ping(_PING.pack(time.monotonic())))
+
+    def goaway(self, text: str) -> None:
+        if not self.conn.goaway_sent:
+            self.send_frame(self.conn.goaway(Reason.DRAINING, text))
+
+    def fail(self, reason: str, code: WSCloseCode = WSCloseCode.PROTOCOL_ERROR) -> None:
+        """Close the tunnel at once (protocol §9.2)."""
+        if not self.close_reason:
+            self.close_reason = reason
+            log.warning("%s: closing: %s", self.label, reason,
+                        extra={"event": "tunnel.error", "tunnel": self.id, "peer_node": self.peer_node})
+        ws = self.ws
+        if ws is not None and not ws.is_disconnected:
+            ws.send_close(code, reason.encode()[:120])
+            ws.disconnect()
+
+    def close(self, reason: str) -> None:
+        if not self.close_reason:
+            self.close_reason = reason
+        ws = self.ws
+        if ws is not None and not ws.is_disconnected:
+            ws.send_close(WSCloseCode.GOING_AWAY, reason.encode()[:120])
+            ws.disconnect()
