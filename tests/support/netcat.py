@@ -9,17 +9,17 @@ side when stdin ends, which is how half-close is exercised end to end.
 from __future__ import annotations
 
 import math
-import shutil
 import subprocess
 import threading
 import time
 
 from . import procs
+from .markers import find_binary
 from .timeouts import FACTOR, scaled
 
 __all__ = ["NC", "NetcatError", "nc_exchange", "nc_interactive", "NcSession"]
 
-NC = shutil.which("nc") or "/usr/bin/nc"
+NC = find_binary("nc") or "/usr/bin/nc"
 
 
 class NetcatError(AssertionError):

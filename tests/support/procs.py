@@ -12,6 +12,7 @@ squid started, say), still exists and is not a zombie.
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import os
 import signal
@@ -20,14 +21,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from .timeouts import scaled
+from .timeouts import scaled, wait_until
 
 __all__ = ["Tracked", "spawn", "stop", "kill", "mark", "leftovers", "started_since", "tail"]
 
 _seq = itertools.count(1)
 
 
-@dataclass
+@dataclass(eq=False)
 class Tracked:
     """One started process: what it is, where its logs are."""
 
@@ -36,15 +37,21 @@ class Tracked:
     popen: subprocess.Popen
     argv: list[str]
     log_paths: list[Path] = field(default_factory=list)
+    gone: bool = False  # main process reaped and its group seen empty: final
 
     @property
     def pid(self) -> int:
         return self.popen.pid
 
-    def group_pids(self) -> list[int]:
+    def group_pids(self, groups: dict[int, list[int]] | None = None) -> list[int]:
         """Live (non-zombie) processes whose process group is this process's group."""
-        self.popen.poll()  # reap our direct child if it has exited
-        return _pids_in_group(self.popen.pid)
+        if self.gone:
+            return []
+        exited = self.popen.poll() is not None  # also reaps our direct child
+        pids = (_live_groups() if groups is None else groups).get(self.popen.pid, [])
+        if exited and not pids:
+            self.gone = True  # an empty group cannot gain members again
+        return pids
 
     def alive(self) -> bool:
         return bool(self.group_pids())
@@ -53,8 +60,9 @@ class Tracked:
 _registry: list[Tracked] = []
 
 
-def _pids_in_group(pgid: int) -> list[int]:
-    found = []
+def _live_groups() -> dict[int, list[int]]:
+    """One scan of /proc: process group id -> live (non-zombie) member pids."""
+    groups: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -68,9 +76,9 @@ def _pids_in_group(pgid: int) -> list[int]:
         if len(rest) < 3:
             continue
         state, pgrp = rest[0], int(rest[2])
-        if pgrp == pgid and state not in (b"Z", b"X"):
-            found.append(int(entry))
-    return found
+        if state not in (b"Z", b"X"):
+            groups.setdefault(pgrp, []).append(int(entry))
+    return groups
 
 
 def spawn(
@@ -111,11 +119,7 @@ def stop(tracked: Tracked, grace: float = 5.0) -> int | None:
         except subprocess.TimeoutExpired:
             pass
     if p.poll() is None or tracked.group_pids():
-        _killpg(p.pid, signal.SIGKILL)
-        try:
-            p.wait(scaled(5.0))
-        except subprocess.TimeoutExpired:
-            pass
+        kill(tracked)
     return p.poll()
 
 
@@ -126,6 +130,10 @@ def kill(tracked: Tracked) -> None:
         tracked.popen.wait(scaled(5.0))
     except subprocess.TimeoutExpired:
         pass
+    # Grandchildren are not ours to wait for; SIGKILL is delivered asynchronously, so poll
+    # until the kernel has them gone (or zombies, awaiting whoever reaps orphans).
+    wait_until(lambda: not tracked.group_pids(), 5.0, interval=0.005,
+               what=f"process group {tracked.popen.pid} ({tracked.title}) to die after SIGKILL")
 
 
 def mark() -> int:
@@ -139,7 +147,9 @@ def started_since(position: int = 0) -> list[Tracked]:
 
 def leftovers(position: int = 0) -> list[Tracked]:
     """Processes started after ``position`` that (or whose group) are still alive."""
-    return [t for t in started_since(position) if t.alive()]
+    candidates = [t for t in started_since(position) if not t.gone]
+    groups = _live_groups() if candidates else {}
+    return [t for t in candidates if t.group_pids(groups)]
 
 
 def tail(path: Path, lines: int = 200) -> str:
@@ -152,3 +162,12 @@ def tail(path: Path, lines: int = 200) -> str:
     skipped = len(text) - lines
     head = [f"... ({skipped} earlier lines in {path})"] if skipped > 0 else []
     return "\n".join(head + text[-lines:])
+
+
+def _kill_everything_at_exit() -> None:
+    """Safety net for interrupted runs (Ctrl-C, internal errors): leave nothing behind."""
+    for tracked in leftovers(0):
+        _killpg(tracked.popen.pid, signal.SIGKILL)
+
+
+atexit.register(_kill_everything_at_exit)

@@ -21,6 +21,7 @@ copied into ``tmpdir`` on :meth:`stop`.
 from __future__ import annotations
 
 import base64
+import functools
 import os
 import pwd
 import shutil
@@ -30,14 +31,26 @@ import tempfile
 from pathlib import Path
 
 from . import pki, procs
+from .markers import find_binary
 from .ports import free_port
 from .timeouts import scaled, wait_until
 
-__all__ = ["Squid", "SQUID", "MODES", "connect_via_proxy", "ProxyResponse"]
+__all__ = ["Squid", "SQUID", "MODES", "connect_via_proxy", "ProxyResponse", "has_ssl_bump"]
 
-SQUID = shutil.which("squid") or "/usr/sbin/squid"
+SQUID = find_binary("squid") or "/usr/sbin/squid"
 HELPERS = Path("/usr/lib/squid")
 MODES = ("connect", "auth", "deny", "bump", "splice")
+
+
+@functools.cache
+def has_ssl_bump() -> bool:
+    """True if the installed squid is built with OpenSSL (Debian: squid-openssl), which
+    bump and splice modes need; the plain Debian ``squid`` package is GnuTLS-only."""
+    try:
+        out = subprocess.run([SQUID, "-v"], capture_output=True, text=True, timeout=scaled(10)).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return "--with-openssl" in out
 
 
 class ProxyResponse:
@@ -114,6 +127,9 @@ class Squid:
     def __init__(self, tmpdir: str | os.PathLike, mode: str = "connect", name: str | None = None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+        if mode in ("bump", "splice") and not has_ssl_bump():
+            raise RuntimeError(f"squid mode {mode!r} needs squid built with OpenSSL "
+                               "(apt-get install squid-openssl)")
         self.mode = mode
         self.name = name or f"squid-{mode}"
         self.tmpdir = Path(tmpdir)
@@ -201,7 +217,11 @@ class Squid:
                 "http_upgrade_request_protocols WebSocket allow all",
             ]
             if self.mode == "bump":
-                lines += ["ssl_bump bump all"]
+                # peek at SNI, stare at the server's certificate, then bump: the client gets
+                # a mimic of the server's certificate signed by squid's CA (modern bumping),
+                # and squid already holds a TLS connection to the target to relay into.
+                lines += ["acl step2 at_step SslBump2", "ssl_bump peek step1",
+                          "ssl_bump stare step2", "ssl_bump bump all"]
             else:
                 lines += ["ssl_bump peek step1", "ssl_bump splice all"]
         else:
@@ -232,7 +252,7 @@ class Squid:
                 self._tracked = procs.spawn(
                     [SQUID, "-N", "-d", "1", "-f", str(self.conf_path)],
                     title=self.name,
-                    log_paths=[self.out_path, self.cache_log, self.access_log],
+                    log_paths=[self.out_path, self.access_log],  # -d 1 copies cache.log to out
                     cwd=self.workdir,
                     stdout=out,
                     stderr=subprocess.STDOUT,
@@ -241,7 +261,7 @@ class Squid:
                 return self.wait_ready(timeout)
             except AssertionError:
                 text = self._log_text()
-                procs.stop(self._tracked, grace=2.0)
+                procs.kill(self._tracked)
                 if attempt < 2 and ("Address already in use" in text or "Cannot open" in text):
                     continue
                 raise
@@ -286,18 +306,20 @@ class Squid:
         return self._tracked is not None and self._tracked.popen.poll() is None
 
     def stop(self) -> None:
-        """Stop squid (SIGTERM, then SIGKILL of its group), keep its logs in ``tmpdir``."""
+        """Kill squid and its helpers, keep its logs in ``tmpdir``.
+
+        SIGKILL, not SIGTERM: squid's graceful shutdown takes ~2 s even with
+        ``shutdown_lifetime 0``, and a cache-less test proxy has nothing to save
+        (its stdio access log is written unbuffered).
+        """
         if self._tracked:
-            procs.stop(self._tracked, grace=5.0)
-            kept = []
-            for src in (self.cache_log, self.access_log, self.conf_path):
-                dst = self.tmpdir / f"{self.name}-{src.name}"
+            procs.kill(self._tracked)
+            for src in (self.access_log, self.cache_log, self.conf_path):
                 try:
-                    shutil.copyfile(src, dst)
-                    kept.append(dst)
+                    shutil.copyfile(src, self.tmpdir / f"{self.name}-{src.name}")
                 except OSError:
                     pass
-            self._tracked.log_paths = [self.out_path, *kept]
+            self._tracked.log_paths = [self.out_path, self.tmpdir / f"{self.name}-access.log"]
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     def access_log_text(self) -> str:

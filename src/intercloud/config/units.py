@@ -165,17 +165,25 @@ def _kind(value: object) -> str:
     return type(value).__name__
 
 
+def _plain_number(x: float, decimals: int) -> str:
+    """Fixed-point without trailing zeros (never exponent notation, which the parser rejects)."""
+    text = f"{x:.{decimals}f}"
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
 def format_duration(seconds: float) -> str:
-    """Format seconds compactly for messages: 0.5 -> '500ms', 90 -> '90s', 7200 -> '2h'."""
+    """Format seconds compactly for messages: 0.5 -> '500ms', 90 -> '90s', 7200 -> '2h'.
+
+    The result parses back with :func:`parse_duration` (to the microsecond).
+    """
     if seconds == 0:
         return "0s"
     if seconds < 1:
-        ms = seconds * 1000
-        return f"{ms:g}ms"
+        return f"{_plain_number(seconds * 1000, 3)}ms"
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size and (seconds / size).is_integer():
             return f"{int(seconds // size)}{unit}"
-    return f"{seconds:g}s"
+    return f"{_plain_number(seconds, 6)}s"
 
 
 def format_size(size: int) -> str:

@@ -50,6 +50,11 @@ class LocalStream(asyncio.BufferedProtocol):
         self.local_eof = False
         self.finished = False
         self.connected = asyncio.get_running_loop().create_future()
+        # uvloop reads once after connection_made even though we paused there; such bytes, and any
+        # read while we have no credit, are parked here and sent when the stream starts.
+        self._park: bytearray | None = None
+        self._park_len = 0
+        self._parked = False
 
     # --- asyncio protocol --------------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -67,20 +72,39 @@ class LocalStream(asyncio.BufferedProtocol):
             self.on_accept(self)
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return self.tunnel.read_buffer(self.sid)
+        t = self.tunnel
+        if self.reading and t is not None:
+            mv = t.read_buffer(self.sid)
+            if mv:
+                self._parked = False
+                return mv
+        self._parked = True
+        if self._park is None:
+            self._park = bytearray(16384)
+        elif self._park_len == len(self._park):
+            self._park.extend(bytes(16384))
+        return memoryview(self._park)[self._park_len:]
 
     def buffer_updated(self, nbytes: int) -> None:
         self.bytes_up += nbytes
+        if self._parked:
+            self._park_len += nbytes
+            self.transport.pause_reading()
+            return
         self.tunnel.send_data(self, nbytes)
 
     def eof_received(self) -> bool:
         self.local_eof = True
+        if not self._park_len:
+            self._send_fin()
+        return True  # keep our write side open: TCP half-close (protocol §4.2 FIN)
+
+    def _send_fin(self) -> None:
         t = self.tunnel
         if t is not None and self.sid and t.conn.state(self.sid) in (State.OPEN, State.HALF_CLOSED_REMOTE):
             t.send_frame(t.conn.fin(self.sid))
             if t.conn.state(self.sid) is State.CLOSED:
                 self.finish("closed")
-        return True  # keep our write side open: TCP half-close (protocol §4.2 FIN)
 
     def resume_writing(self) -> None:
         self._credit_undelivered()
@@ -108,9 +132,34 @@ class LocalStream(asyncio.BufferedProtocol):
         self.sid = sid
 
     def start(self) -> None:
-        """OPEN succeeded: start reading the local socket (credit permitting)."""
+        """OPEN succeeded: send what was parked, then read the local socket (credit permitting)."""
         self.credit_paused = False
+        if self._park_len:
+            self._flush_parked()
+        elif self.local_eof:
+            self._send_fin()
         self._update_reading()
+
+    def _flush_parked(self) -> None:
+        t = self.tunnel
+        view = memoryview(self._park)
+        sent = 0
+        while sent < self._park_len:
+            n = min(self._park_len - sent, t.conn.send_limit(self.sid))
+            if n <= 0:
+                break
+            t.send_payload(self.sid, view[sent:sent + n])
+            sent += n
+        view.release()
+        if sent:
+            del self._park[:sent]
+            self._park_len -= sent
+        if self._park_len:
+            self.credit_paused = True  # the rest goes out when credit returns (on_credit)
+            return
+        self._park = None
+        if self.local_eof:
+            self._send_fin()
 
     def _update_reading(self) -> None:
         tr = self.transport
@@ -131,6 +180,8 @@ class LocalStream(asyncio.BufferedProtocol):
     def on_credit(self) -> None:
         if self.credit_paused and self.tunnel.conn.send_limit(self.sid) > 0:
             self.credit_paused = False
+            if self._park_len:
+                self._flush_parked()
             self._update_reading()
 
     def set_tunnel_paused(self, paused: bool) -> None:

@@ -226,6 +226,11 @@ class Tunnel(WSListener):
         if self.conn.send_limit(sid) <= 0:
             stream.credit_exhausted()
 
+    def send_payload(self, sid: int, payload: memoryview) -> None:
+        """DATA from a buffer of the caller's (off the hot path: parked bytes)."""
+        self.conn.send_data(sid, len(payload))
+        self.send_frame(HEADER.pack(FrameType.DATA, 0, sid) + payload)
+
     # --- streams -----------------------------------------------------------------------
     def open(self, stream: LocalStream) -> asyncio.Future:
         """Send OPEN for ``stream``; the future resolves to None (OPEN_OK) or (code, text)."""
