@@ -19,6 +19,7 @@ can make expired certificates or certificates from a foreign CA.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import ipaddress
 import os
@@ -98,7 +99,7 @@ def generate_key() -> ec.EllipticCurvePrivateKey:
 
 
 def _utcnow() -> _dt.datetime:
-    return _dt.datetime.now(_dt.timezone.utc)
+    return _dt.datetime.now(_dt.UTC)
 
 
 def _validity(
@@ -111,7 +112,9 @@ def _validity(
     if start.tzinfo is None or end.tzinfo is None:
         raise CertError("certificate validity bounds must be timezone-aware datetimes (use UTC)")
     if end <= start:
-        raise CertError(f"certificate would expire ({end:%Y-%m-%d %H:%M} UTC) before it starts ({start:%Y-%m-%d %H:%M} UTC)")
+        raise CertError(
+            f"certificate would expire ({end:%Y-%m-%d %H:%M} UTC) before it starts ({start:%Y-%m-%d %H:%M} UTC)"
+        )
     return start, end
 
 
@@ -131,11 +134,10 @@ def split_san(names: Iterable[str]) -> list[x509.GeneralName]:
             entry = x509.IPAddress(ipaddress.ip_address(name.strip("[]")))
         except ValueError:
             try:
-                # Validates IDNA/DNS syntax; raises on e.g. spaces.
-                entry = x509.DNSName(name.lower())
                 _check_dns_name(name)
             except ValueError as exc:
                 raise CertError(f"invalid subjectAltName entry {name!r}: {exc}") from None
+            entry = x509.DNSName(name.lower())
         if entry not in seen:
             seen.add(entry)
             result.append(entry)
@@ -178,9 +180,7 @@ def create_ca(
     """
     key = key or generate_key()
     start, end = _validity(days, not_before, not_after)
-    name = x509.Name(
-        [x509.NameAttribute(NameOID.COMMON_NAME, common_name or f"intercloud CA {secrets.token_hex(4)}")]
-    )
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name or f"intercloud CA {secrets.token_hex(4)}")])
     public = key.public_key()
     cert = (
         x509.CertificateBuilder()
@@ -270,9 +270,7 @@ def issue(
         )
         .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()), critical=False
-        )
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()), critical=False)
     )
     sans = split_san(dns_names)
     if sans:
@@ -301,10 +299,8 @@ def _atomic_write(path: Path, data: bytes, mode: int) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        except FileNotFoundError:
-            pass
         raise
 
 
@@ -437,7 +433,9 @@ def _check_names(cloud: Sequence[str], onprem: Sequence[str]) -> None:
                     "(the name becomes a file name and the certificate's DNS name)"
                 )
             if name.lower() in _RESERVED_NAMES:
-                raise CertError(f"invalid {role} name {name!r}: it would overwrite the CA files {CA_CERT_FILE}/{CA_KEY_FILE}")
+                raise CertError(
+                    f"invalid {role} name {name!r}: it would overwrite the CA files {CA_CERT_FILE}/{CA_KEY_FILE}"
+                )
             if name in seen:
                 raise CertError(f"name {name!r} given twice (as {seen[name]} and as {role}); names must be unique")
             seen[name] = role
@@ -499,8 +497,19 @@ def init_certs(
         jobs.append((name, issue(ca, name, dns_names=names, server=True, client=True, not_before=start, not_after=end)))
     for name in onprem:
         jobs.append(
-            (name, issue(ca, name, dns_names=[name], server=False, client=True, not_before=start,
-                         not_after=end, organization=tenant))
+            (
+                name,
+                issue(
+                    ca,
+                    name,
+                    dns_names=[name],
+                    server=False,
+                    client=True,
+                    not_before=start,
+                    not_after=end,
+                    organization=tenant,
+                ),
+            )
         )
     for name, leaf in jobs:
         written.append(write_private_key(directory / f"{name}.key", leaf.key))

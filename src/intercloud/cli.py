@@ -73,13 +73,26 @@ def _run(args) -> int:
 
     try:
         return runner(go())
-    except SystemExit as exc:
-        if isinstance(exc.code, str):
-            log.error("%s", exc.code, extra={"event": "gateway.failed"})
+    except (SystemExit, BaseExceptionGroup) as exc:
+        fatal = _first_system_exit(exc)
+        if fatal is not None and isinstance(fatal.code, str):
+            log.error("%s", fatal.code, extra={"event": "gateway.failed"})
             return 1
         raise
     except KeyboardInterrupt:
         return 130
+
+
+def _first_system_exit(exc: BaseException) -> SystemExit | None:
+    """Startup failures are raised as SystemExit(message), possibly wrapped by a TaskGroup."""
+    if isinstance(exc, SystemExit):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for sub in exc.exceptions:
+            found = _first_system_exit(sub)
+            if found is not None:
+                return found
+    return None
 
 
 def _loop_exception(loop, context) -> None:

@@ -40,19 +40,31 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     init.add_argument("directory", metavar="DIR", type=Path, help="directory for the files (created if missing)")
     init.add_argument(
-        "--cloud", action="append", default=[], metavar="NAME[,NAME]",
+        "--cloud",
+        action="append",
+        default=[],
+        metavar="NAME[,NAME]",
         help="cloud gateway (member) names; repeat or separate with commas",
     )
     init.add_argument(
-        "--onprem", action="append", default=[], metavar="NAME[,NAME]",
+        "--onprem",
+        action="append",
+        default=[],
+        metavar="NAME[,NAME]",
         help="on-prem gateway names; repeat or separate with commas",
     )
     init.add_argument(
-        "--san", action="append", default=[], metavar="NAME",
+        "--san",
+        action="append",
+        default=[],
+        metavar="NAME",
         help="extra DNS name or IP address for every cloud certificate (e.g. the load balancer's name); repeatable",
     )
     init.add_argument(
-        "--days", type=int, default=DEFAULT_LEAF_DAYS, metavar="N",
+        "--days",
+        type=int,
+        default=DEFAULT_LEAF_DAYS,
+        metavar="N",
         help=f"validity of the gateway certificates in days (default {DEFAULT_LEAF_DAYS})",
     )
     init.add_argument("--tenant", metavar="NAME", help="tenant written into the on-prem certificates (O=NAME)")

@@ -45,10 +45,7 @@ def run(args: argparse.Namespace) -> int:
         _print_warnings(path, exc.warnings)
         return EXIT_INVALID
     n = len(cfg.services)
-    print(
-        f"{path}: valid (role {cfg.gateway.role}, node {cfg.gateway.node_id}, "
-        f"{n} service{'' if n == 1 else 's'})"
-    )
+    print(f"{path}: valid (role {cfg.gateway.role}, node {cfg.gateway.node_id}, {n} service{'' if n == 1 else 's'})")
     _print_warnings(path, cfg.warnings)
     return EXIT_OK
 

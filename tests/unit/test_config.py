@@ -43,8 +43,10 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     certs.init_certs(d, cloud=["cloud1"], onprem=["onprem1"])
     ca = certs.load_ca(d)
     assert ca is not None
-    now = dt.datetime.now(dt.timezone.utc)
-    old = certs.issue(ca, "old", dns_names=["old"], not_before=now - dt.timedelta(days=9), not_after=now - dt.timedelta(days=1))
+    now = dt.datetime.now(dt.UTC)
+    old = certs.issue(
+        ca, "old", dns_names=["old"], not_before=now - dt.timedelta(days=9), not_after=now - dt.timedelta(days=1)
+    )
     certs.write_certificate(d / "old.pem", old.cert)
     certs.write_private_key(d / "old.key", old.key)
     return d
@@ -217,7 +219,7 @@ def test_onprem_with_unusable_host_name_must_set_node_id(tmp_path: Path, pki: Pa
 def test_relative_paths_are_resolved_against_the_config_directory(tmp_path: Path, pki: Path, monkeypatch) -> None:
     conf_dir = tmp_path / "etc"
     shutil.copytree(pki, conf_dir / "certs")
-    path = write(
+    write(
         conf_dir,
         """
 [gateway]
@@ -350,8 +352,13 @@ def test_report_format_singular(tmp_path: Path) -> None:
 def test_unknown_keys_everywhere(tmp_path: Path, pki: Path) -> None:
     path = write(
         tmp_path,
-        cloud_toml(pki, gateway="nodeid = 'x'", tls="verify_clients = false", tunnel="ping_intervall = '1s'",
-                   services='[[service]]\nname = "a"\naccept = "tcp://127.0.0.1:1"\nlisten = "x"')
+        cloud_toml(
+            pki,
+            gateway="nodeid = 'x'",
+            tls="verify_clients = false",
+            tunnel="ping_intervall = '1s'",
+            services='[[service]]\nname = "a"\naccept = "tcp://127.0.0.1:1"\nlisten = "x"',
+        )
         + "\n[tunel]\n",
     )
     found = dict(problems(path))
@@ -439,8 +446,12 @@ def test_bad_tunnel_urls(tmp_path: Path, pki: Path, listen: str, message: str) -
 
 
 def test_bad_connect_url_is_reported_with_its_index(tmp_path: Path, pki: Path) -> None:
-    path = write(tmp_path, onprem_toml(pki, gateway='node_id = "x"').replace(
-        'connect = ["wss://cloud1:8443/intercloud"]', 'connect = ["wss://ok/", "tcp://nope:1"]'))
+    path = write(
+        tmp_path,
+        onprem_toml(pki, gateway='node_id = "x"').replace(
+            'connect = ["wss://cloud1:8443/intercloud"]', 'connect = ["wss://ok/", "tcp://nope:1"]'
+        ),
+    )
     assert "expected a wss://" in problem_for(path, "tunnel.connect[1]")
 
 
@@ -560,9 +571,7 @@ def test_ws_without_insecure_is_an_error(tmp_path: Path, pki: Path) -> None:
 
 
 def test_ws_connect_without_insecure_names_the_url(tmp_path: Path, pki: Path) -> None:
-    text = onprem_toml(pki).replace(
-        'connect = ["wss://cloud1:8443/intercloud"]', 'connect = ["ws://a/", "ws://b/"]'
-    )
+    text = onprem_toml(pki).replace('connect = ["wss://cloud1:8443/intercloud"]', 'connect = ["ws://a/", "ws://b/"]')
     path = write(tmp_path, text)
     assert WS_MESSAGE in problem_for(path, "tunnel.connect[0]")
     assert WS_MESSAGE in problem_for(path, "tunnel.connect[1]")
@@ -709,7 +718,9 @@ def svc(name: str, **kw: str) -> str:
 
 
 def test_duplicate_service_names(tmp_path: Path, pki: Path) -> None:
-    path = write(tmp_path, cloud_toml(pki, services=svc("db", accept="tcp://127.0.0.1:1") + svc("db", connect="tcp://h:2")))
+    path = write(
+        tmp_path, cloud_toml(pki, services=svc("db", accept="tcp://127.0.0.1:1") + svc("db", connect="tcp://h:2"))
+    )
     assert problem_for(path, "service[1].name") == "duplicate service name 'db', already used by service[0]"
 
 
@@ -721,7 +732,9 @@ def test_duplicate_accept_endpoints(tmp_path: Path, pki: Path) -> None:
 
 def test_wildcard_and_specific_address_on_the_same_port_conflict(tmp_path: Path, pki: Path) -> None:
     services = svc("a", accept="tcp://0.0.0.0:5000") + svc("b", accept="tcp://127.0.0.1:5000")
-    assert "already used by service 'a'" in problem_for(write(tmp_path, cloud_toml(pki, services=services)), "service[1].accept")
+    assert "already used by service 'a'" in problem_for(
+        write(tmp_path, cloud_toml(pki, services=services)), "service[1].accept"
+    )
 
 
 def test_accept_endpoints_that_do_not_conflict(tmp_path: Path, pki: Path) -> None:
@@ -786,7 +799,9 @@ def test_network_admin_with_token(tmp_path: Path, pki: Path) -> None:
     assert isinstance(token, Secret) and token.reveal() == TOKEN
 
 
-@pytest.mark.parametrize("admin", ["127.0.0.1:9101", "127.8.9.10:1", "[::1]:9101", "localhost:9101", "[::ffff:127.0.0.1]:1"])
+@pytest.mark.parametrize(
+    "admin", ["127.0.0.1:9101", "127.8.9.10:1", "[::1]:9101", "localhost:9101", "[::ffff:127.0.0.1]:1"]
+)
 def test_loopback_admin_needs_no_token(tmp_path: Path, pki: Path, admin: str) -> None:
     load_config(write(tmp_path, cloud_toml(pki, gateway=f'admin = "{admin}"')))
 
@@ -955,7 +970,9 @@ def test_secret_in_a_wrong_place_is_not_echoed(tmp_path: Path, pki: Path) -> Non
 
 
 def test_empty_admin_token(tmp_path: Path, pki: Path) -> None:
-    assert "must not be empty" in problem_for(write(tmp_path, cloud_toml(pki, gateway='admin_token = ""')), "gateway.admin_token")
+    assert "must not be empty" in problem_for(
+        write(tmp_path, cloud_toml(pki, gateway='admin_token = ""')), "gateway.admin_token"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -979,7 +996,10 @@ def test_check_valid(tmp_path: Path, pki: Path, capsys) -> None:
 
 
 def test_check_valid_one_service_with_warning(tmp_path: Path, pki: Path, capsys) -> None:
-    path = write(tmp_path, onprem_toml(pki, gateway='node_id = "dc1"', services=svc("a", connect="tcp://h:2")).replace("onprem1.", "old."))
+    path = write(
+        tmp_path,
+        onprem_toml(pki, gateway='node_id = "dc1"', services=svc("a", connect="tcp://h:2")).replace("onprem1.", "old."),
+    )
     assert run_check(path) == 0
     captured = capsys.readouterr()
     assert captured.out == f"{path}: valid (role onprem, node dc1, 1 service)\n"
@@ -989,7 +1009,7 @@ def test_check_valid_one_service_with_warning(tmp_path: Path, pki: Path, capsys)
 def test_check_invalid_lists_every_problem(tmp_path: Path, pki: Path, capsys) -> None:
     path = write(
         tmp_path,
-        cloud_toml(pki, gateway=f'admin = "0.0.0.0:1"', tunnel=f'per_member = 0\nproxy = "http://u:{PASSWORD}@p"'),
+        cloud_toml(pki, gateway='admin = "0.0.0.0:1"', tunnel=f'per_member = 0\nproxy = "http://u:{PASSWORD}@p"'),
     )
     assert run_check(path) == 2
     captured = capsys.readouterr()
@@ -1003,3 +1023,15 @@ def test_check_invalid_lists_every_problem(tmp_path: Path, pki: Path, capsys) ->
 def test_check_missing_file(tmp_path: Path, capsys) -> None:
     assert run_check(tmp_path / "nope.toml") == 2
     assert "file not found" in capsys.readouterr().err
+
+
+def test_unreadable_file_even_as_root(tmp_path: Path, pki: Path, monkeypatch) -> None:
+    # Root reads every file, so simulate the permission check failing.
+    import intercloud.config.load as load_module
+
+    real_access = os.access
+    monkeypatch.setattr(
+        load_module.os, "access", lambda p, mode: False if str(p).endswith("ca.pem") else real_access(p, mode)
+    )
+    msg = problem_for(write(tmp_path, cloud_toml(pki)), "tls.ca")
+    assert msg == f"cannot read {pki / 'ca.pem'}: permission denied; make it readable by the user running intercloud"

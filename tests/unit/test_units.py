@@ -47,7 +47,9 @@ def test_parse_duration_accepts(text: object, seconds: float) -> None:
     assert isinstance(parse_duration(text), float)
 
 
-@pytest.mark.parametrize("text", ["fast", "", "   ", "s", "5x", "5 sec", "5s extra", "1m1m", "-5s", "5s-", "1e3s", "五s"])
+@pytest.mark.parametrize(
+    "text", ["fast", "", "   ", "s", "5x", "5 sec", "5s extra", "1m1m", "-5s", "5s-", "1e3s", "五s"]
+)
 def test_parse_duration_rejects_garbage_with_example(text: str) -> None:
     with pytest.raises(ValueError) as info:
         parse_duration(text)
@@ -144,8 +146,17 @@ def test_parse_size_rejects_bad_types_and_values(value: object) -> None:
 @pytest.mark.parametrize(
     ("seconds", "text"),
     [
-        (0, "0s"), (0.5, "500ms"), (0.2, "200ms"), (0.0015, "1.5ms"), (5, "5s"), (1.5, "1.5s"),
-        (60, "1m"), (90, "90s"), (3600, "1h"), (86400, "1d"), (1e6 + 0.5, "1000000.5s"),
+        (0, "0s"),
+        (0.5, "500ms"),
+        (0.2, "200ms"),
+        (0.0015, "1.5ms"),
+        (5, "5s"),
+        (1.5, "1.5s"),
+        (60, "1m"),
+        (90, "90s"),
+        (3600, "1h"),
+        (86400, "1d"),
+        (1e6 + 0.5, "1000000.5s"),
     ],
 )
 def test_format_duration(seconds: float, text: str) -> None:

@@ -48,8 +48,8 @@ class CloudGateway(Gateway):
                 factory, url.host, url.port, ssl=ssl_ctx,
                 websocket_handshake_timeout=cfg.tunnel.handshake_timeout,
                 max_frame_size=cfg.tunnel.max_frame + HEADER_SIZE + 64,
-                ssl_handshake_timeout=cfg.tunnel.handshake_timeout,
                 reuse_address=True, backlog=1024, use_aiofastnet=False,
+                **({"ssl_handshake_timeout": cfg.tunnel.handshake_timeout} if ssl_ctx else {}),
             )
         except OSError as exc:
             raise SystemExit(f"{cfg.source}: tunnel.listen {url}: cannot listen: {exc.strerror}; "

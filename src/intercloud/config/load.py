@@ -201,7 +201,7 @@ def _translate(err: Mapping[str, Any], model: type[BaseModel], where: str) -> st
     if kind in ("string_type", "str_type"):
         return "expected a string"
     if kind == "list_type":
-        return "expected an array, e.g. [\"...\", \"...\"]"
+        return 'expected an array, e.g. ["...", "..."]'
     if kind in ("model_type", "dict_type", "model_attributes_type"):
         return "expected a table"
     return str(err["msg"])
@@ -332,7 +332,10 @@ class _Checker:
         if raw is None:
             return []
         if isinstance(raw, dict):
-            self.problem("service", "write each service as a [[service]] table (double brackets); [service] defines a single plain table")
+            self.problem(
+                "service",
+                "write each service as a [[service]] table (double brackets); [service] defines a single plain table",
+            )
             return None
         if not isinstance(raw, list):
             self.problem("service", f"expected [[service]] tables, got a {type(raw).__name__}")
@@ -401,7 +404,9 @@ class _Checker:
             if url.port == 0:
                 self.problem(f"tunnel.connect[{i}]", f"port 0 cannot be dialed in {url}; give the cloud gateway's port")
             if str(url) in seen:
-                self.problem(f"tunnel.connect[{i}]", f"{url} is listed twice (also tunnel.connect[{seen[str(url)]}]); remove one")
+                self.problem(
+                    f"tunnel.connect[{i}]", f"{url} is listed twice (also tunnel.connect[{seen[str(url)]}]); remove one"
+                )
             seen.setdefault(str(url), i)
 
     def _check_tunnel(self, t: TunnelConfig) -> None:
@@ -427,7 +432,8 @@ class _Checker:
         if t.max_tunnel_buffer < t.max_frame and self.ok("tunnel.max_tunnel_buffer", "tunnel.max_frame"):
             self.problem(
                 "tunnel.max_tunnel_buffer",
-                f"must be at least tunnel.max_frame ({format_size(t.max_frame)}), got {format_size(t.max_tunnel_buffer)}",
+                f"must be at least tunnel.max_frame ({format_size(t.max_frame)}), "
+                f"got {format_size(t.max_tunnel_buffer)}",
             )
 
     def _check_transport_security(self, role: str, tunnel: TunnelConfig, tls: TlsConfig) -> None:
@@ -482,7 +488,9 @@ class _Checker:
         if (tls.cert is None) != (tls.key is None) and self.ok("tls.cert", "tls.key"):
             missing, present = ("tls.key", "tls.cert") if tls.key is None else ("tls.cert", "tls.key")
             if missing not in self._reported:
-                self.problem(missing, f"{present} is set but {missing} is not; give both the certificate and its private key")
+                self.problem(
+                    missing, f"{present} is set but {missing} is not; give both the certificate and its private key"
+                )
 
         cert_chain: list[x509.Certificate] | None = None
         key = None
@@ -526,9 +534,9 @@ class _Checker:
 
     def _check_tls_role_keys(self, role: str, tls: TlsConfig) -> None:
         if role == "onprem" and "verify_client" in tls.model_fields_set:
-            self.warn("tls.verify_client", "only used by cloud gateways; ignored on role = \"onprem\"")
+            self.warn("tls.verify_client", 'only used by cloud gateways; ignored on role = "onprem"')
         if role == "cloud" and tls.server_name is not None:
-            self.warn("tls.server_name", "only used by on-prem gateways; ignored on role = \"cloud\"")
+            self.warn("tls.server_name", 'only used by on-prem gateways; ignored on role = "cloud"')
 
     def _readable(self, key: str, path: Path) -> bool:
         if not path.exists():
@@ -543,14 +551,24 @@ class _Checker:
         return True
 
     def _check_validity(self, key: str, path: Path, cert: x509.Certificate) -> None:
-        now = _dt.datetime.now(_dt.timezone.utc)
+        now = _dt.datetime.now(_dt.UTC)
         subject = cert.subject.rfc4514_string() or "(empty subject)"
         if cert.not_valid_after_utc <= now:
-            self.warn(key, f"certificate {subject} in {path} expired on {cert.not_valid_after_utc:%Y-%m-%d}; peers will reject it, renew it")
+            self.warn(
+                key,
+                f"certificate {subject} in {path} expired on {cert.not_valid_after_utc:%Y-%m-%d}; "
+                "peers will reject it, renew it",
+            )
         elif cert.not_valid_before_utc > now:
-            self.warn(key, f"certificate {subject} in {path} is not valid before {cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC; check the clock")
+            self.warn(
+                key,
+                f"certificate {subject} in {path} is not valid before "
+                f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC; check the clock",
+            )
         elif cert.not_valid_after_utc - now < EXPIRY_WARNING:
-            self.warn(key, f"certificate {subject} in {path} expires on {cert.not_valid_after_utc:%Y-%m-%d}; renew it soon")
+            self.warn(
+                key, f"certificate {subject} in {path} expires on {cert.not_valid_after_utc:%Y-%m-%d}; renew it soon"
+            )
 
     def _check_usage(self, role: str, path: Path, cert: x509.Certificate) -> None:
         try:
@@ -562,8 +580,7 @@ class _Checker:
             what = "TLS server (serverAuth)" if role == "cloud" else "TLS client (clientAuth)"
             self.warn(
                 "tls.cert",
-                f"certificate {path} is not allowed for use as a {what}; a {role} gateway's "
-                "peers will reject it",
+                f"certificate {path} is not allowed for use as a {what}; a {role} gateway's peers will reject it",
             )
 
     def _check_services(self, services: list[Service | None]) -> None:
@@ -576,8 +593,8 @@ class _Checker:
             elif svc.accept is None and svc.connect is None:
                 self.problem(
                     f"service[{i}]",
-                    f"service {svc.name!r} needs exactly one of accept = \"tcp://HOST:PORT\" (listen here) "
-                    "or connect = \"tcp://HOST:PORT\" (dial the target from here)",
+                    f'service {svc.name!r} needs exactly one of accept = "tcp://HOST:PORT" (listen here) '
+                    'or connect = "tcp://HOST:PORT" (dial the target from here)',
                 )
             elif svc.accept is not None and svc.connect is not None:
                 self.problem(
@@ -587,7 +604,9 @@ class _Checker:
                     "put the other in that gateway's config",
                 )
             if svc.connect is not None and svc.connect.port == 0:
-                self.problem(f"service[{i}].connect", f"port 0 cannot be dialed in {svc.connect}; give the target's port")
+                self.problem(
+                    f"service[{i}].connect", f"port 0 cannot be dialed in {svc.connect}; give the target's port"
+                )
             if svc.name in names:
                 self.problem(
                     f"service[{i}].name",
@@ -616,7 +635,9 @@ class _Checker:
             for _, other_desc, other in listeners[:j]:
                 if _addresses_overlap(addr, other):
                     shown = f"tcp://{addr}" if key.startswith("service") else str(addr)
-                    self.problem(key, f"{shown} is already used by {other_desc} on {other}; give each listener its own port")
+                    self.problem(
+                        key, f"{shown} is already used by {other_desc} on {other}; give each listener its own port"
+                    )
                     break
 
 
@@ -643,4 +664,3 @@ def _addresses_overlap(a: HostPort, b: HostPort) -> bool:
     if ia.version != ib.version:
         return False
     return ia.is_unspecified or ib.is_unspecified
-

@@ -150,7 +150,9 @@ class Secret:
         )
 
     @classmethod
-    def __get_pydantic_json_schema__(cls, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+    def __get_pydantic_json_schema__(
+        cls, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
         return {"type": "string", "writeOnly": True, "format": "password"}
 
 
@@ -189,7 +191,9 @@ class _Parsed:
         )
 
     @classmethod
-    def __get_pydantic_json_schema__(cls, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+    def __get_pydantic_json_schema__(
+        cls, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
         return {"type": "string", "examples": [cls.EXAMPLE]}
 
 
@@ -272,7 +276,8 @@ class HostPort(_Parsed):
         host, port = _split_host_port(text, text)
         if not host:
             raise ValueError(
-                f"missing host in {text!r}; use 127.0.0.1:{port} for this machine only or 0.0.0.0:{port} for all interfaces"
+                f"missing host in {text!r}; use 127.0.0.1:{port} for this machine only "
+                f"or 0.0.0.0:{port} for all interfaces"
             )
         return cls(_check_host(host, text), _parse_port(port, text, allow_zero=True))
 
@@ -470,7 +475,7 @@ def _validate_name(value: object) -> str:
     return value
 
 
-Name = Annotated[str, PlainValidator(_validate_name, json_schema_input_type=str)]
+Name = Annotated[str, PlainValidator(_validate_name)]
 
 
 def _validate_server_name(value: object) -> str:
@@ -482,7 +487,7 @@ def _validate_server_name(value: object) -> str:
         raise invalid(str(exc)) from None
 
 
-ServerName = Annotated[str, PlainValidator(_validate_server_name, json_schema_input_type=str)]
+ServerName = Annotated[str, PlainValidator(_validate_server_name)]
 
 
 def Duration(*, gt: float | None = None, ge: float | None = None, le: float | None = None) -> Any:
@@ -501,7 +506,7 @@ def Duration(*, gt: float | None = None, ge: float | None = None, le: float | No
             raise invalid(f"must be at most {format_duration(le)}, got {format_duration(seconds)}")
         return seconds
 
-    return Annotated[float, PlainValidator(validate, json_schema_input_type=str | float)]
+    return Annotated[float, PlainValidator(validate)]
 
 
 def Size(*, ge: int, le: int) -> Any:
@@ -516,7 +521,7 @@ def Size(*, ge: int, le: int) -> Any:
             raise invalid(f"must be between {format_size(ge)} and {format_size(le)}, got {format_size(size)}")
         return size
 
-    return Annotated[int, PlainValidator(validate, json_schema_input_type=str | int)]
+    return Annotated[int, PlainValidator(validate)]
 
 
 def BoundedInt(ge: int, le: int) -> Any:
@@ -527,12 +532,16 @@ def BoundedInt(ge: int, le: int) -> Any:
             if isinstance(value, float) and math.isfinite(value) and value.is_integer():
                 value = int(value)
             else:
-                raise invalid(f"expected an integer, got {value!r}" if isinstance(value, (int, float)) else f"expected an integer, got a {_kind(value)}")
+                raise invalid(
+                    f"expected an integer, got {value!r}"
+                    if isinstance(value, (int, float))
+                    else f"expected an integer, got a {_kind(value)}"
+                )
         if not ge <= value <= le:
             raise invalid(f"must be between {ge} and {le}, got {value}")
         return value
 
-    return Annotated[int, PlainValidator(validate, json_schema_input_type=int)]
+    return Annotated[int, PlainValidator(validate)]
 
 
 def _resolve_path(value: object, info: ValidationInfo) -> Path:
@@ -552,7 +561,7 @@ def _resolve_path(value: object, info: ValidationInfo) -> Path:
     return Path(os.path.normpath(path))
 
 
-ConfigPath = Annotated[Path, PlainValidator(_resolve_path, json_schema_input_type=str)]
+ConfigPath = Annotated[Path, PlainValidator(_resolve_path)]
 
 
 def default_node_id() -> str | None:
@@ -690,7 +699,7 @@ class TunnelConfig(_Section):
             return ProxyUrl.parse(raw)
         except ValueError as exc:
             raise ValueError(
-                f"environment variable HTTPS_PROXY: {exc}; fix it, or set tunnel.proxy = \"none\" to ignore it"
+                f'environment variable HTTPS_PROXY: {exc}; fix it, or set tunnel.proxy = "none" to ignore it'
             ) from None
 
 

@@ -139,8 +139,7 @@ def _parse_size_text(text: str) -> int:
     number, unit = m.group(1), m.group(2).lower() or "b"
     if unit not in SIZE_UNITS:
         raise ValueError(
-            f"{_SIZE_HINT}, got {text!r} (unknown unit {m.group(2)!r}; "
-            "use B, KiB, MiB, GiB, TiB or KB, MB, GB, TB)"
+            f"{_SIZE_HINT}, got {text!r} (unknown unit {m.group(2)!r}; use B, KiB, MiB, GiB, TiB or KB, MB, GB, TB)"
         )
     multiplier = SIZE_UNITS[unit]
     # Exact arithmetic: split "1.5" into integer and fraction instead of trusting floats.
