@@ -118,7 +118,12 @@ class Tunnel(WSListener):
                       f"WebSocket {mt.name} frame (fin={frame.fin}); intercloud sends only whole binary messages")
 
     def on_ws_disconnected(self, transport) -> None:
-        reason = self.close_reason or "connection lost"
+        self._teardown(self.close_reason or "connection lost")
+
+    def _teardown(self, reason: str) -> None:
+        """Reset every stream and tell the gateway; runs once, whoever notices first."""
+        if self.done.done():
+            return
         for fut in self.pending_opens.values():
             if not fut.done():
                 fut.set_result((Reason.ABORTED, f"tunnel to {self.peer_node} closed: {reason}"))
@@ -260,15 +265,19 @@ class Tunnel(WSListener):
             self.send_frame(self.conn.goaway(Reason.DRAINING, text))
 
     def fail(self, reason: str, code: WSCloseCode = WSCloseCode.PROTOCOL_ERROR) -> None:
-        """Close the tunnel at once (protocol §9.2)."""
+        """Close the tunnel at once (protocol §9.2): its streams are reset now, not when the
+        peer (maybe dead) acknowledges; the close frame is sent and the socket aborted soon after."""
         if not self.close_reason:
             self.close_reason = reason
             log.warning("%s: closing: %s", self.label, reason,
-                        extra={"event": "tunnel.error", "tunnel": self.id, "peer_node": self.peer_node})
+                        extra={"event": "tunnel.error", "tunnel": self.id, "peer_node": self.peer_node,
+                               "reason": reason})
         ws = self.ws
         if ws is not None and not ws.is_disconnected:
             ws.send_close(code, reason.encode()[:120])
-            ws.disconnect()
+            ws.disconnect(graceful=True)
+            asyncio.get_running_loop().call_later(1.0, ws.disconnect, False)
+        self._teardown(reason)
 
     def close(self, reason: str) -> None:
         if not self.close_reason:
