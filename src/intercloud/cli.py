@@ -23,6 +23,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--log-format", choices=("text", "json"), default="text")
     run.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
 
+    demo = sub.add_parser("demo", help="run the KWIC 4-ha tutorial topology on loopback (--walkthrough: test it)")
+    demo.add_argument("--walkthrough", action="store_true",
+                      help="stop and restart each gateway as the tutorial does, check every path, exit 0 on success")
+    demo.add_argument("--port-offset", type=int, default=0, help="add N to every port the demo uses")
+
     from . import cli_certs, cli_check
 
     cli_check.add_parser(sub)
@@ -34,6 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "run":
         return _run(args)
+    if args.command == "demo":
+        from . import demo
+
+        return demo.main(args)
     if args.command == "check":
         from . import cli_check
 

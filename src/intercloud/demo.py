@@ -1,0 +1,310 @@
+"""``intercloud demo``: the KWIC 4-ha tutorial topology on loopback, in one command.
+
+cloud1 and cloud2 (client ports 5551/5552), onprem1 and onprem2 (6661/6662), echo servers A and B,
+every gateway a real ``intercloud run`` process with certificates generated into a temporary
+directory. ``--walkthrough`` stops and restarts each gateway in turn as the tutorial does, checks
+every client path that should work, measures recovery, and exits non-zero on any failure. Without it
+the demo stays up for you to try ``nc 127.0.0.1 5551`` until Ctrl-C. Nothing is left running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .certs import init_certs
+
+HOST = "127.0.0.1"
+
+
+@dataclass
+class Proc:
+    name: str
+    config: Path
+    log: Path
+    admin: int
+    client_port: int
+    proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        logf = open(self.log, "ab")
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "intercloud", "run", str(self.config), "--log-format", "json",
+            stdout=logf, stderr=logf, start_new_session=True)
+        logf.close()
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+    async def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
+        if not self.alive:
+            return
+        self.proc.send_signal(sig)
+        try:
+            await asyncio.wait_for(self.proc.wait(), timeout)
+        except TimeoutError:
+            self.proc.kill()
+            await self.proc.wait()
+
+
+@dataclass
+class Topology:
+    workdir: Path
+    ports: dict[str, int]
+    procs: dict[str, Proc] = field(default_factory=dict)
+    echo_ports: dict[str, int] = field(default_factory=dict)
+
+
+async def _http_status(port: int, path: str) -> int:
+    try:
+        r, w = await asyncio.wait_for(asyncio.open_connection(HOST, port), 1)
+        w.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        line = await asyncio.wait_for(r.readline(), 2)
+        w.close()
+        return int(line.split()[1])
+    except (OSError, TimeoutError, ValueError, IndexError):
+        return 0
+
+
+async def _wait_ready(p: Proc, timeout: float = 20.0) -> float:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if not p.alive:
+            raise RuntimeError(f"{p.name} exited with {p.proc.returncode}; see {p.log}")
+        if await _http_status(p.admin, "/readyz") == 200:
+            return time.monotonic() - t0
+        await asyncio.sleep(0.05)
+    raise RuntimeError(f"{p.name} not ready after {timeout:g}s; see {p.log}")
+
+
+async def echo_once(port: int, word: bytes, timeout: float = 4.0) -> bool:
+    try:
+        r, w = await asyncio.wait_for(asyncio.open_connection(HOST, port), timeout)
+        w.write(word)
+        got = await asyncio.wait_for(r.readexactly(len(word)), timeout)
+        w.close()
+        return got == word
+    except (OSError, TimeoutError, asyncio.IncompleteReadError):
+        return False
+
+
+async def _echo_server() -> tuple[asyncio.AbstractServer, int]:
+    async def handle(r, w):
+        try:
+            while data := await r.read(65536):
+                w.write(data)
+                await w.drain()
+        except ConnectionError:
+            pass
+        w.close()
+
+    srv = await asyncio.start_server(handle, HOST, 0)
+    return srv, srv.sockets[0].getsockname()[1]
+
+
+def _write_configs(top: Topology) -> None:
+    d = top.workdir
+    certs = d / "certs"
+    init_certs(certs, cloud=["cloud1", "cloud2"], onprem=["onprem1", "onprem2"])
+    p = top.ports
+    urls = ", ".join(f'"wss://localhost:{p[f"tunnel_{c}"]}/intercloud"' for c in ("cloud1", "cloud2"))
+    common_tunnel = 'ping_interval = "1s"\nping_timeout = "3s"\nreconnect_min = "100ms"\nreconnect_max = "1s"\n'
+    for name in ("cloud1", "cloud2"):
+        text = f"""# {name}: a cloud member. Clients of service A connect to port {p[name]}.
+[gateway]
+role = "cloud"
+node_id = "{name}"
+admin = "{HOST}:{p[f'admin_{name}']}"
+route_wait = "3s"
+drain_timeout = "5s"
+
+[tls]
+cert = "{certs}/{name}.pem"
+key = "{certs}/{name}.key"
+ca = "{certs}/ca.pem"
+
+[tunnel]
+listen = "wss://{HOST}:{p[f'tunnel_{name}']}/intercloud"
+{common_tunnel}
+[[service]]
+name = "serviceA"
+accept = "tcp://{HOST}:{p[name]}"
+
+[[service]]
+name = "serviceB"
+connect = "tcp://{HOST}:{top.echo_ports['B']}"
+"""
+        (d / f"{name}.toml").write_text(text)
+        top.procs[name] = Proc(name, d / f"{name}.toml", d / f"{name}.log", p[f"admin_{name}"], p[name])
+    for name in ("onprem1", "onprem2"):
+        text = f"""# {name}: an on-prem gateway. It dials out to both cloud members; clients of
+# service B connect to port {p[name]}.
+[gateway]
+role = "onprem"
+node_id = "{name}"
+admin = "{HOST}:{p[f'admin_{name}']}"
+route_wait = "3s"
+drain_timeout = "5s"
+
+[tls]
+cert = "{certs}/{name}.pem"
+key = "{certs}/{name}.key"
+ca = "{certs}/ca.pem"
+
+[tunnel]
+connect = [{urls}]
+per_member = 2
+{common_tunnel}
+[[service]]
+name = "serviceA"
+connect = "tcp://{HOST}:{top.echo_ports['A']}"
+
+[[service]]
+name = "serviceB"
+accept = "tcp://{HOST}:{p[name]}"
+"""
+        (d / f"{name}.toml").write_text(text)
+        top.procs[name] = Proc(name, d / f"{name}.toml", d / f"{name}.log", p[f"admin_{name}"], p[name])
+
+
+CLIENTS = {  # client path -> (port key, service)
+    "A via cloud1": ("cloud1", "serviceA"), "A via cloud2": ("cloud2", "serviceA"),
+    "B via onprem1": ("onprem1", "serviceB"), "B via onprem2": ("onprem2", "serviceB"),
+}
+
+
+def _print(line: str) -> None:
+    print(line, flush=True)
+
+
+async def _check_paths(top: Topology, down: set[str]) -> list[tuple[str, bool]]:
+    out = []
+    for label, (gw, _svc) in CLIENTS.items():
+        if gw in down:
+            continue
+        ok = await echo_once(top.ports[gw], f"{label}\n".encode())
+        out.append((label, ok))
+    return out
+
+
+async def _until_serves(top: Topology, gw: str, timeout: float = 20.0) -> float | None:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if await echo_once(top.ports[gw], b"ping\n", timeout=2.0):
+            return time.monotonic() - t0
+        await asyncio.sleep(0.05)
+    return None
+
+
+async def walkthrough(top: Topology) -> bool:
+    """The tutorial's steps; returns True when every expected path worked."""
+    all_ok = True
+    _print(f"\n{'step':<44} {'client path':<16} {'result':<6} {'time':>8}")
+    _print("-" * 78)
+
+    async def report(step: str, down: set[str]) -> None:
+        nonlocal all_ok
+        for label, ok in await _check_paths(top, down):
+            all_ok &= ok
+            _print(f"{step:<44} {label:<16} {'PASS' if ok else 'FAIL':<6}")
+            step = ""
+
+    await report("all gateways up", set())
+    scenarios = [("cloud1",), ("cloud2",), ("onprem1",), ("onprem2",), ("cloud1", "onprem2")]
+    for names in scenarios:
+        for how, sig in (("SIGKILL", signal.SIGKILL), ("SIGTERM", signal.SIGTERM)):
+            if len(names) > 1 and how == "SIGTERM":
+                continue
+            for n in names:
+                await top.procs[n].stop(sig)
+            await report(f"{' + '.join(names)} stopped ({how})", set(names))
+            for n in names:
+                t0 = time.monotonic()
+                await top.procs[n].start()
+                await _wait_ready(top.procs[n])
+                took = await _until_serves(top, n)
+                ok = took is not None
+                all_ok &= ok
+                shown = f"{time.monotonic() - t0:6.2f}s" if ok else "   never"
+                _print(f"{n + ' restarted, serves its own port':<44} {n + ' port':<16} "
+                       f"{'PASS' if ok else 'FAIL':<6} {shown:>8}")
+    return all_ok
+
+
+DEFAULT_PORTS = {"cloud1": 5551, "cloud2": 5552, "onprem1": 6661, "onprem2": 6662,
+                 "tunnel_cloud1": 8441, "tunnel_cloud2": 8442,
+                 "admin_cloud1": 9101, "admin_cloud2": 9102, "admin_onprem1": 9103, "admin_onprem2": 9104}
+
+
+def _check_ports_free(ports: dict[str, int]) -> None:
+    import socket
+
+    busy = []
+    for key, port in ports.items():
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((HOST, port))
+            except OSError:
+                busy.append(f"{port} ({key})")
+    if busy:
+        raise SystemExit(f"intercloud demo: ports in use on {HOST}: {', '.join(busy)}; stop what holds "
+                         "them (an earlier demo?) or pass --port-offset N")
+
+
+async def run_demo(walk: bool, port_offset: int = 0, keep: bool = False) -> int:
+    ports = {k: v + port_offset for k, v in DEFAULT_PORTS.items()}
+    _check_ports_free(ports)
+    workdir = Path(tempfile.mkdtemp(prefix="intercloud-demo-"))
+    top = Topology(workdir, ports)
+    servers = []
+    try:
+        for svc in ("A", "B"):
+            srv, port = await _echo_server()
+            servers.append(srv)
+            top.echo_ports[svc] = port
+        _write_configs(top)
+        _print(f"intercloud demo: KWIC 4-ha topology on loopback; configs, certificates and logs in {workdir}")
+        for name in ("cloud1", "cloud2", "onprem1", "onprem2"):
+            await top.procs[name].start()
+        for name in ("cloud1", "cloud2", "onprem1", "onprem2"):
+            took = await _wait_ready(top.procs[name])
+            _print(f"  {name:<8} up      ready in {took:5.2f}s  (admin http://{HOST}:{top.procs[name].admin}/api/status)")
+        for name in ("cloud1", "cloud2"):
+            await _until_serves(top, name)
+        ok = True
+        if walk:
+            ok = await walkthrough(top)
+            _print(f"\nwalkthrough: {'PASSED' if ok else 'FAILED'}")
+            if not keep:
+                return 0 if ok else 1
+        _print(f"\nTry it:  nc {HOST} {ports['cloud1']}   (service A via cloud1; also {ports['cloud2']}),"
+               f"  nc {HOST} {ports['onprem1']}   (service B via onprem1; also {ports['onprem2']})")
+        _print("Status:  intercloud status, or curl "
+               f"http://{HOST}:{ports['admin_cloud1']}/api/status.  Ctrl-C stops everything.")
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        return 0 if ok else 1
+    finally:
+        await asyncio.gather(*(p.stop(signal.SIGTERM, 10) for p in top.procs.values()))
+        for srv in servers:
+            srv.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+        _print("intercloud demo: stopped every process")
+
+
+def main(args) -> int:
+    os.environ.pop("HTTPS_PROXY", None)
+    os.environ.pop("https_proxy", None)
+    return asyncio.run(run_demo(args.walkthrough, args.port_offset))
