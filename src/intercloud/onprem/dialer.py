@@ -49,12 +49,13 @@ class OnpremGateway(Gateway):
                     tg.create_task(self._keep_dialing(url, slot))
 
     def _proxy_for(self, url):
-        t = self.config.tunnel
-        if t.proxy is not None:
-            return proxymod.Proxy(t.proxy.host, t.proxy.port, t.proxy.username, t.proxy.password)
-        if getattr(t, "proxy_disabled", False):
-            return None
-        return proxymod.from_environment(url.host)
+        # tunnel.proxy, else HTTPS_PROXY unless proxy = "none" or NO_PROXY covers the host. A malformed
+        # HTTPS_PROXY is a dial failure (logged, password redacted), not a crash of the gateway.
+        try:
+            p = self.config.tunnel.effective_proxy(url.host)
+        except ValueError as exc:
+            raise DialError(str(exc)) from None
+        return None if p is None else proxymod.Proxy(p.host, p.port, p.username, p.password)
 
     async def _keep_dialing(self, url, slot: int) -> None:
         cfg = self.config.tunnel

@@ -1,0 +1,1 @@
+"""Cloud cluster membership, peer links and routing decisions (DESIGN §3)."""
