@@ -57,6 +57,21 @@ class Gateway:
     def members_received(self, tunnel: Tunnel, members: list) -> None:
         pass
 
+    def admit(self, tunnel: Tunnel) -> str | None:
+        """A reason to refuse a tunnel whose HELLO just arrived, or None to admit it."""
+        peer = tunnel.conn.peer
+        if peer.role == self.role:
+            return (f"peer {peer.node_id} is a {peer.role} gateway like this one; "
+                    "a tunnel joins a cloud and an on-prem gateway")
+        return None
+
+    def relay_link(self, service: str, exclude: set[str]) -> Tunnel | None:
+        """A peer link to a member that can carry ``service`` (cloud members only)."""
+        return None
+
+    def goaway_received(self, tunnel: Tunnel) -> None:
+        self.routes_changed()
+
     def is_ready(self) -> bool:
         return self.serving.is_set() and not self.draining
 
@@ -115,13 +130,14 @@ class Gateway:
                  extra={"event": "gateway.draining", "streams": n})
         for server in self.listeners:
             server.close()
-        for t in list(self.tunnels):
-            t.goaway(f"{self.node_id} is shutting down")
+        for t in self.all_tunnels():
+            if t.conn.peer is not None:
+                t.goaway(f"{self.node_id} is shutting down")
         deadline = time.monotonic() + timeout
         while any(t.streams or t.open_tasks for t in self.tunnels) and time.monotonic() < deadline:
             await self._wait_route_change(min(0.5, deadline - time.monotonic()))
         left = sum(len(t.streams) for t in self.tunnels)
-        for t in list(self.tunnels):
+        for t in self.all_tunnels():
             t.close(f"{self.node_id} shut down")
         log.info("stopped (%d streams cut at drain timeout)", left,
                  extra={"event": "gateway.stopped", "streams_cut": left})
@@ -132,7 +148,7 @@ class Gateway:
         while True:
             await asyncio.sleep(t_cfg.ping_interval)
             now = time.monotonic()
-            for t in list(self.tunnels) + list(self._handshaking()):
+            for t in self.all_tunnels():
                 if now - t.last_rx > t_cfg.ping_timeout:
                     self.counters["liveness_misses"] += 1
                     t.fail(f"no frame from {t.peer_node} for {now - t.last_rx:.1f}s "
@@ -144,12 +160,20 @@ class Gateway:
     def _handshaking(self) -> list[Tunnel]:
         return []
 
+    def all_tunnels(self) -> list[Tunnel]:
+        """Every tunnel to watch for liveness, including ones still handshaking."""
+        return list(self.tunnels) + list(self._handshaking())
+
     # --- tunnels -----------------------------------------------------------------------
     def tunnel_ready(self, tunnel: Tunnel) -> None:
         peer = tunnel.conn.peer
-        if peer.role == self.role:
-            tunnel.fail(f"peer {peer.node_id} is a {peer.role} gateway like this one; "
-                        "a tunnel joins a cloud and an on-prem gateway", code=1008)
+        refusal = self.admit(tunnel)
+        if refusal is not None:
+            tunnel.refused = True
+            # landing on an already covered member is routine behind a load balancer: the dialer logs it
+            tunnel.fail(refusal, code=1008, quiet=refusal.startswith("landed on member"))
+            return
+        if tunnel.kind == "peer":
             return
         self.tunnels.add(tunnel)
         self.counters["tunnels_opened"] += 1
@@ -220,7 +244,7 @@ class Gateway:
         tried: set[str] = set()
         last = None
         while not stream.finished:
-            tunnel = self.pick_tunnel(svc, tried)
+            tunnel = self.pick_tunnel(svc, tried) or self.relay_link(svc, tried)
             if tunnel is None:
                 if tried:  # every gateway offering the service refused: give up at once
                     break
@@ -247,7 +271,7 @@ class Gateway:
                 return
             tunnel.streams.pop(stream.sid, None)
             last = (tunnel.peer_node, *result)
-            tried.add(tunnel.peer_node)
+            tried.add(tunnel.peer_node)  # node ids are unique among members and among on-prem gateways
             self.counters["open_failures"] += 1
             slog.info("OPEN %s via %s refused: %s %s; trying another gateway", svc, tunnel.peer_node,
                       Reason.name_of(result[0]), result[1],
@@ -274,6 +298,11 @@ class Gateway:
     # --- connect side: the peer asks us to dial one of our services ---------------------
     def stream_requested(self, tunnel: Tunnel, sid: int, service: str, client: str) -> None:
         svc = self.connect_services.get(service)
+        if svc is None and tunnel.kind == "peer":
+            task = self.tg.create_task(self._relay(tunnel, sid, service, client))
+            tunnel.open_tasks[sid] = task
+            task.add_done_callback(lambda _t: tunnel.open_tasks.pop(sid, None))
+            return
         if svc is None:
             text = (f"{self.node_id} connects no service named {service!r} "
                     f"(it connects: {', '.join(sorted(self.connect_services)) or 'none'})")
@@ -318,14 +347,58 @@ class Gateway:
         self._stream_opened(tunnel, stream)
         stream.start()
 
+    async def _relay(self, link: Tunnel, sid: int, service: str, client: str) -> None:
+        """DESIGN §3.3: carry a stream another member relayed to us over one of our own tunnels.
+        Never over another peer link (protocol §3.2), so a stream is relayed at most once."""
+        from .tunnel.bridge import BridgeEnd
+
+        inner, outer = BridgeEnd.pair(service, client, target="")
+        inner.attach(link, sid)
+        tried: set[str] = set()
+        last = None
+        while True:
+            tunnel = self.pick_tunnel(service, tried)
+            if tunnel is None:
+                break
+            fut = tunnel.open(outer)
+            try:
+                result = await asyncio.wait_for(asyncio.shield(fut), self.config.tunnel.connect_timeout + 2)
+            except TimeoutError:
+                result = (Reason.TIMEOUT, f"no answer to OPEN from {tunnel.peer_node}")
+                frame = tunnel.conn.reset(outer.sid, Reason.TIMEOUT, "OPEN timed out")
+                if frame:
+                    tunnel.send_frame(frame)
+            if result is None:
+                if link.conn.state(sid) is not State.OPENING_IN:  # the relaying member gave up meanwhile
+                    outer.abort(Reason.ABORTED, "relaying member reset the stream", tell_peer=True)
+                    return
+                outer.target = tunnel.peer_node
+                inner.target = tunnel.peer_node
+                link.streams[sid] = inner
+                link.send_frame(link.conn.open_ok(sid))
+                self._stream_opened(link, inner)
+                inner.start()
+                outer.start()
+                return
+            tunnel.streams.pop(outer.sid, None)
+            tried.add(tunnel.peer_node)
+            last = (tunnel.peer_node, *result)
+        if link.conn.state(sid) is State.OPENING_IN:
+            if last is None:
+                code, text = Reason.UNKNOWN_SERVICE, f"{self.node_id} has no tunnel offering {service!r} any more"
+            else:
+                code, text = last[1], f"via {self.node_id}: {last[0]}: {last[2]}"
+            link.send_frame(link.conn.open_fail(sid, code, text))
+
     # --- accounting and logs -----------------------------------------------------------
     def _stream_opened(self, tunnel: Tunnel, stream: LocalStream) -> None:
         self.counters["streams_opened"] += 1
-        slog.info("[%s] OPENED: stream %d %s -> %s via %s (%s)", stream.service, stream.sid, stream.client,
-                  stream.target or tunnel.peer_node, tunnel.peer_node, stream.side,
+        relayed = tunnel.kind == "peer"
+        slog.info("[%s] OPENED: stream %d %s -> %s via %s%s (%s)", stream.service, stream.sid, stream.client,
+                  stream.target or tunnel.peer_node, tunnel.peer_node, " (relay)" if relayed else "", stream.side,
                   extra={"event": "stream.opened", "service": stream.service, "stream": stream.sid,
                          "tunnel": tunnel.id, "client": stream.client, "target": stream.target,
-                         "peer_node": tunnel.peer_node, "side": stream.side})
+                         "peer_node": tunnel.peer_node, "side": stream.side, "relayed": relayed})
 
     def stream_closed(self, tunnel: Tunnel, stream: LocalStream, reason: str) -> None:
         self.counters["streams_closed"] += 1

@@ -185,6 +185,8 @@ def test_wrong_server_name(started_pair, gateways):
     reason = dial_failure(bad)
     assert "failed verification" in reason, reason
     assert "wrong.example" in reason and "tls.server_name" in reason, reason
+    rec = cloud_event(cloud, "tunnel.tls_failed", mark)  # the client hung up mid-handshake
+    assert rec["peer_addr"] in rec["msg"] and "its log says why" in rec["msg"], rec
     assert_cloud_unharmed(pair, cloud, mark)
 
 
@@ -204,6 +206,7 @@ def test_expired_cloud_certificate(started_pair, gateways, tmp_path):
     reason = dial_failure(bad)
     assert "failed verification" in reason and "expired" in reason, reason
     assert cloud2.status()["tunnels"] == []
+    cloud2.wait_log(lambda r: r["event"] == "tunnel.tls_failed")
     assert "Traceback" not in cloud2.log_text()
     assert_cloud_unharmed(pair, cloud, mark)
 

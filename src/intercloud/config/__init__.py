@@ -14,6 +14,7 @@ Durations are float seconds, sizes int bytes; secrets are :class:`Secret` object
 
 from .load import ConfigError, Problem, load_config, parse_config
 from .model import (
+    ClusterConfig,
     Config,
     Endpoint,
     GatewayConfig,
@@ -29,6 +30,7 @@ from .model import (
 from .units import format_duration, format_size, parse_duration, parse_size
 
 __all__ = [
+    "ClusterConfig",
     "Config",
     "ConfigError",
     "Endpoint",

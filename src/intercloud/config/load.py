@@ -32,6 +32,7 @@ from pydantic import BaseModel, ValidationError
 
 from .. import certs
 from .model import (
+    ClusterConfig,
     Config,
     GatewayConfig,
     HostPort,
@@ -54,6 +55,7 @@ _SECTIONS: dict[str, type[BaseModel]] = {
     "gateway": GatewayConfig,
     "tls": TlsConfig,
     "tunnel": TunnelConfig,
+    "cluster": ClusterConfig,
     "service": Service,
 }
 
@@ -280,9 +282,12 @@ class _Checker:
         gateway: GatewayConfig | None = self._section(GatewayConfig, data.get("gateway"), "gateway", "[gateway]")
         tls: TlsConfig | None = self._section(TlsConfig, data.get("tls"), "tls", "[tls]")
         tunnel: TunnelConfig | None = self._section(TunnelConfig, data.get("tunnel"), "tunnel", "[tunnel]")
+        cluster: ClusterConfig | None = self._section(ClusterConfig, data.get("cluster"), "cluster", "[cluster]")
         services = self._services(data.get("service"))
 
         role = gateway.role if gateway is not None else None
+        if role is not None and cluster is not None and tls is not None and tunnel is not None:
+            self._check_cluster(role, cluster, tls, tunnel)
         if gateway is not None:
             self._check_gateway(gateway)
         if role is not None and tunnel is not None:
@@ -301,9 +306,10 @@ class _Checker:
             gateway,
             tunnel.listen if (tunnel is not None and role == "cloud") else None,
             services or [],
+            cluster.listen if (cluster is not None and role == "cloud") else None,
         )
 
-        if self.problems or gateway is None or tls is None or tunnel is None or services is None:
+        if self.problems or gateway is None or tls is None or tunnel is None or services is None or cluster is None:
             return None
         valid_services = [s for s in services if s is not None]
         return Config(
@@ -311,6 +317,7 @@ class _Checker:
             gateway=gateway,
             tls=tls,
             tunnel=tunnel,
+            cluster=cluster,
             services=valid_services,
             warnings=self.warnings,
         )
@@ -326,7 +333,7 @@ class _Checker:
             return "unknown top-level key; services are written as [[service]] tables (singular, double brackets)"
         close = difflib.get_close_matches(key, list(_SECTIONS), n=1, cutoff=0.6)
         hint = f"; did you mean [{close[0]}]?" if close else ""
-        return f"unknown section{hint} (valid: [gateway], [tls], [tunnel], [[service]])"
+        return f"unknown section{hint} (valid: [gateway], [tls], [tunnel], [cluster], [[service]])"
 
     def _services(self, raw: Any) -> list[Service | None] | None:
         if raw is None:
@@ -532,6 +539,47 @@ class _Checker:
             if role is not None:
                 self._check_usage(role, tls.cert, leaf)
 
+    def _check_cluster(self, role: str, cl: ClusterConfig, tls: TlsConfig, tunnel: TunnelConfig) -> None:
+        """[cluster] rules (DESIGN §3.2): peer links are authenticated by their own CA and names."""
+        if role != "cloud":
+            if cl.enabled or cl.advertise is not None:
+                self.problem("cluster", "only cloud gateways form a cluster; remove [cluster] from an on-prem config")
+            return
+        if "allow_members" in tunnel.model_fields_set:
+            self.problem("tunnel.allow_members", "allow_members is an on-prem setting; remove it from a cloud config")
+        if not cl.enabled:
+            return
+        if cl.peers and cl.listen is None:
+            self.problem("cluster.listen", "cluster.peers is set but cluster.listen is not; members accept "
+                         "peer links there (e.g. \"wss://0.0.0.0:9443/cluster\")")
+        for key, url in [("cluster.listen", cl.listen)] + [(f"cluster.peers[{i}]", u) for i, u in enumerate(cl.peers)]:
+            if url is not None and (url.scheme == "ws") != tls.insecure:
+                self.problem(key, f"{url} uses {url.scheme}:// but tls.insecure is {str(tls.insecure).lower()}; "
+                             "peer links use wss:// unless tls.insecure = true")
+        if tls.insecure:
+            return
+        if cl.ca is None:
+            self.problem("cluster.ca", "peer links need their own CA (cluster.ca) so that no tenant certificate "
+                         "can pose as a member; create one with `intercloud certs init`")
+        elif self._readable("cluster.ca", cl.ca):
+            try:
+                certs.load_certificates(cl.ca, "CA file")
+            except certs.CertError as exc:
+                self.problem("cluster.ca", str(exc))
+        if not cl.peer_names:
+            self.problem("cluster.peer_names", "list the member names (certificate CN or DNS SAN) allowed on "
+                         "peer links, e.g. [\"cloud1\", \"cloud2\"]")
+        for key in ("cert", "key"):
+            path = getattr(cl, key)
+            if path is not None:
+                self._readable(f"cluster.{key}", path)
+            elif getattr(tls, key) is None:
+                self.problem(f"cluster.{key}", f"peer links need a certificate: set cluster.{key} or tls.{key}")
+        if cl.member_ttl <= tunnel.ping_timeout:
+            self.problem("cluster.member_ttl", f"member_ttl ({format_duration(cl.member_ttl)}) must exceed "
+                         f"tunnel.ping_timeout ({format_duration(tunnel.ping_timeout)}) or live members are "
+                         "forgotten between pings")
+
     def _check_tls_role_keys(self, role: str, tls: TlsConfig) -> None:
         if role == "onprem" and "verify_client" in tls.model_fields_set:
             self.warn("tls.verify_client", 'only used by cloud gateways; ignored on role = "onprem"')
@@ -616,7 +664,8 @@ class _Checker:
                 names[svc.name] = i
 
     def _check_listeners(
-        self, gateway: GatewayConfig | None, listen: WsUrl | None, services: list[Service | None]
+        self, gateway: GatewayConfig | None, listen: WsUrl | None, services: list[Service | None],
+        cluster_listen: WsUrl | None = None,
     ) -> None:
         """Two listeners on the same address would fail at start-up with EADDRINUSE; say so now."""
         listeners: list[tuple[str, str, HostPort]] = []
@@ -624,6 +673,8 @@ class _Checker:
             listeners.append(("gateway.admin", "the admin endpoint (gateway.admin)", gateway.admin))
         if listen is not None:
             listeners.append(("tunnel.listen", "the tunnel listener (tunnel.listen)", listen.hostport))
+        if cluster_listen is not None:
+            listeners.append(("cluster.listen", "the peer-link listener (cluster.listen)", cluster_listen.hostport))
         for i, svc in enumerate(services):
             if svc is not None and svc.accept is not None:
                 listeners.append(

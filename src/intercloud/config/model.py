@@ -632,6 +632,8 @@ class TunnelConfig(_Section):
     connect: list[WsUrl] = Field(default_factory=list)
     #: Tunnels kept to every cloud member.
     per_member: BoundedInt(1, 16) = 2
+    #: On-prem: hosts whose advertised member URLs may be dialed (default: the hosts in ``connect``).
+    allow_members: list[str] = Field(default_factory=list)
     #: HTTP CONNECT proxy for dialing out. ``"none"`` ignores HTTPS_PROXY (see proxy_disabled).
     proxy: ProxyUrl | None = None
     ping_interval: Duration(gt=0, le=3600) = 5.0
@@ -719,6 +721,32 @@ def _no_proxy_matches(host: str, no_proxy: str) -> bool:
     return False
 
 
+class ClusterConfig(_Section):
+    """``[cluster]`` (cloud only): the members of one cloud cluster and the peer links between them."""
+
+    #: Where this member accepts peer links from the other members, e.g. ``wss://0.0.0.0:9443/cluster``.
+    listen: WsUrl | None = None
+    #: Peer-link URLs of the other members (listing this member too is fine; it is recognised).
+    peers: list[WsUrl] = Field(default_factory=list)
+    #: The tunnel URL on-prem gateways should dial to reach *this* member directly (optional).
+    advertise: WsUrl | None = None
+    #: CA that signed the members' peer-link certificates. Keep it apart from tenant CAs.
+    ca: ConfigPath | None = None
+    #: This member's peer-link certificate and key (default: tls.cert / tls.key).
+    cert: ConfigPath | None = None
+    key: ConfigPath | None = None
+    #: Names (certificate CN or DNS SAN) a peer-link certificate must carry to be accepted.
+    peer_names: list[Name] = Field(default_factory=list)
+    #: A member nobody has heard of for this long is forgotten.
+    member_ttl: Duration(gt=0, le=86400) = 15.0
+    #: Tunnel handshakes (TLS + upgrade + HELLO) in progress at once on this member; more wait.
+    max_handshakes: BoundedInt(1, 100_000) = 64
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.peers) or self.listen is not None
+
+
 class Service(_Section):
     """One ``[[service]]``: a named TCP endpoint, ``accept`` on one side, ``connect`` on the other."""
 
@@ -750,6 +778,7 @@ class Config(BaseModel):
     gateway: GatewayConfig
     tls: TlsConfig = Field(default_factory=TlsConfig)
     tunnel: TunnelConfig = Field(default_factory=TunnelConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     #: The ``[[service]]`` tables, in file order.
     services: list[Service] = Field(default_factory=list)
     #: Non-fatal findings as (key path, message), e.g. a certificate that expires soon.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import ssl
 import time
 
@@ -21,6 +22,23 @@ log = logging.getLogger("intercloud.onprem")
 SUBPROTOCOL = "intercloud.v1"
 # A tunnel that stayed up this long resets the backoff (DESIGN §3.6).
 STABLE_AFTER = 10.0
+# Waiting workers wake within this many seconds of hearing that a member joined or came back.
+WAKE_JITTER = 0.5
+
+
+class _MemberUrl(str):
+    """A member's advertised URL, parsed just enough for dialing (host, port, path like WsUrl)."""
+
+    def __new__(cls, url: str):
+        from urllib.parse import urlsplit
+
+        self = super().__new__(cls, url)
+        parts = urlsplit(url)
+        self.scheme = parts.scheme
+        self.host = parts.hostname or ""
+        self.port = parts.port or (443 if parts.scheme == "wss" else 80)
+        self.path = parts.path or "/"
+        return self
 
 
 class DialError(Exception):
@@ -34,6 +52,11 @@ class OnpremGateway(Gateway):
         if not config.tls.insecure:
             self._ssl = client_context(config.tls.cert, config.tls.key, config.tls.ca)
         self._dialing: set[Tunnel] = set()
+        self._workers: dict[int, asyncio.Task] = {}
+        self._targets: dict[int, str | None] = {}  # worker -> member it is dialing or holding
+        self._wake = asyncio.Event()
+        self._member_key: frozenset = frozenset()
+        self._warned_urls: set[str] = set()
 
     def is_ready(self) -> bool:
         return bool(self.tunnels) and not self.draining
@@ -41,12 +64,106 @@ class OnpremGateway(Gateway):
     def _handshaking(self):
         return list(self._dialing)
 
+    # --- members and coverage (DESIGN §3.1, docs/ha.md §3) ------------------------------
+    def known_members(self) -> dict[str, dict]:
+        """Members vouched for by a live member (their lists) plus the members we are connected to."""
+        known: dict[str, dict] = {}
+        for t in self.tunnels:
+            for m in t.members:
+                if isinstance(m, dict) and isinstance(m.get("node_id"), str):
+                    known.setdefault(m["node_id"], m)
+            known.setdefault(t.peer_node, {"node_id": t.peer_node, "incarnation": t.conn.peer.incarnation})
+        return known
+
+    def coverage(self, exclude: Tunnel | None = None) -> dict[str, int]:
+        cov: dict[str, int] = {}
+        for t in self.tunnels:
+            if t is not exclude and not t.conn.goaway_received:
+                cov[t.peer_node] = cov.get(t.peer_node, 0) + 1
+        return cov
+
+    def _wanted_workers(self) -> int:
+        per = self.config.tunnel.per_member
+        return per * max(len(self.known_members()), len(self.config.tunnel.connect))
+
+    def _allowed(self, url: str | None) -> bool:
+        if not url:
+            return False
+        from urllib.parse import urlsplit
+
+        host = urlsplit(url).hostname or ""
+        allow = self.config.tunnel.allow_members or [u.host for u in self.config.tunnel.connect]
+        return host in allow
+
+    def _choose_target(self, worker: int):
+        """Where this worker dials next: an under-covered member's own URL when it advertises one we
+        may dial, else the configured URLs in turn (a load balancer lands wherever it likes)."""
+        per = self.config.tunnel.per_member
+        cov = self.coverage()
+        for node, m in sorted(self.known_members().items()):
+            need = per - cov.get(node, 0) - sum(1 for w in self._targets.values() if w == node)
+            if need > 0 and self._allowed(m.get("url")):
+                return _MemberUrl(m["url"]), node
+            if need > 0 and m.get("url") and node not in self._warned_urls:
+                self._warned_urls.add(node)
+                log.warning("member %s advertises %s, whose host is not in tunnel.allow_members; not dialing it "
+                            "directly", node, m["url"], extra={"event": "tunnel.member_not_allowed",
+                                                               "member": node, "url": m["url"]})
+        urls = self.config.tunnel.connect
+        return urls[worker % len(urls)], None
+
+    def admit(self, tunnel: Tunnel) -> str | None:
+        refusal = super().admit(tunnel)
+        if refusal:
+            return refusal
+        peer = tunnel.conn.peer
+        tunnel.members = [m for m in peer.extra.get("members", []) if isinstance(m, dict)]
+        if tunnel.expected_node and peer.node_id != tunnel.expected_node:
+            return (f"dialed member {tunnel.expected_node} at {tunnel.url} but reached {peer.node_id}; "
+                    "check the member's cluster.advertise")
+        if self.coverage().get(peer.node_id, 0) >= self.config.tunnel.per_member:
+            return f"landed on member {peer.node_id}, which already has its {self.config.tunnel.per_member} tunnels"
+        return None
+
+    def tunnel_ready(self, tunnel: Tunnel) -> None:
+        super().tunnel_ready(tunnel)
+        self._members_maybe_changed()
+
+    def tunnel_closed(self, tunnel: Tunnel, reason: str) -> None:
+        super().tunnel_closed(tunnel, reason)
+        self._members_maybe_changed()
+
+    def members_received(self, tunnel: Tunnel, members: list) -> None:
+        tunnel.members = [m for m in members if isinstance(m, dict)]
+        self._members_maybe_changed()
+
+    def _members_maybe_changed(self) -> None:
+        key = frozenset((n, m.get("incarnation")) for n, m in self.known_members().items())
+        if key == self._member_key:
+            return
+        new = {n for n, _ in key} - {n for n, _ in self._member_key}
+        returned = {n for n, inc in key} & {n for n, _ in self._member_key} and key - self._member_key
+        self._member_key = key
+        if new or returned:
+            # A member joined or came back: wake every waiting worker (after a short jitter, so a
+            # fleet of on-prem gateways does not arrive as one handshake storm).
+            self._wake.set()
+            self._wake = asyncio.Event()
+        self._spawn_workers()
+
+    def _spawn_workers(self) -> None:
+        if self.tg is None or self.draining:
+            return
+        while len(self._workers) < self._wanted_workers():
+            i = 0
+            while i in self._workers:
+                i += 1
+            self._workers[i] = self.tg.create_task(self._worker(i))
+
     async def run_role(self) -> None:
         self.serving.set()
-        async with asyncio.TaskGroup() as tg:
-            for url in self.config.tunnel.connect:
-                for slot in range(self.config.tunnel.per_member):
-                    tg.create_task(self._keep_dialing(url, slot))
+        self._spawn_workers()
+        await asyncio.Event().wait()
 
     def _proxy_for(self, url):
         # tunnel.proxy, else HTTPS_PROXY unless proxy = "none" or NO_PROXY covers the host. A malformed
@@ -57,31 +174,48 @@ class OnpremGateway(Gateway):
             raise DialError(str(exc)) from None
         return None if p is None else proxymod.Proxy(p.host, p.port, p.username, p.password)
 
-    async def _keep_dialing(self, url, slot: int) -> None:
+    async def _worker(self, index: int) -> None:
+        """Keep one tunnel up; retire when there are more workers than tunnels wanted."""
         cfg = self.config.tunnel
         delays = backoff(cfg.reconnect_min, cfg.reconnect_max)
         last_error = None
-        while not self.draining:
-            started = time.monotonic()
-            try:
-                tunnel = await self._dial(url)
-            except DialError as exc:
-                msg = str(exc)
-                if msg != last_error:  # one line per distinct failure, not one per retry
-                    log.warning("dial %s failed: %s", url, msg,
+        try:
+            while not self.draining and index < self._wanted_workers():
+                started = time.monotonic()
+                url, node = self._choose_target(index)
+                self._targets[index] = node
+                try:
+                    tunnel = await self._dial(url, node)
+                except DialError as exc:
+                    msg = str(exc)
+                    if msg != last_error:  # one line per distinct failure, not one per retry
+                        level = logging.INFO if "already has its" in msg else logging.WARNING
+                        log.log(level, "dial %s failed: %s", url, msg,
                                 extra={"event": "tunnel.dial_failed", "url": str(url), "reason": msg})
-                    self._event("tunnel.dial_failed", url=str(url), reason=msg)
-                last_error = msg
-            else:
-                last_error = None
-                await tunnel.done
-                if time.monotonic() - started > STABLE_AFTER:
-                    delays = backoff(cfg.reconnect_min, cfg.reconnect_max)
-            if self.draining:
-                return
-            await asyncio.sleep(next(delays))
+                        self._event("tunnel.dial_failed", url=str(url), reason=msg)
+                    last_error = msg
+                else:
+                    last_error = None
+                    self._targets[index] = tunnel.peer_node
+                    await tunnel.done
+                    if time.monotonic() - started > STABLE_AFTER:
+                        delays = backoff(cfg.reconnect_min, cfg.reconnect_max)
+                finally:
+                    self._targets.pop(index, None)
+                if self.draining:
+                    return
+                wake = self._wake
+                try:
+                    await asyncio.wait_for(wake.wait(), next(delays))
+                except TimeoutError:
+                    continue
+                # woken: a member joined or returned; dial it soon, with jitter, from a fresh backoff
+                delays = backoff(cfg.reconnect_min, cfg.reconnect_max)
+                await asyncio.sleep(random.uniform(0, WAKE_JITTER))
+        finally:
+            self._workers.pop(index, None)
 
-    async def _dial(self, url) -> Tunnel:
+    async def _dial(self, url, expected_node: str | None = None) -> Tunnel:
         cfg = self.config
         proxy = self._proxy_for(url)
         server_name = cfg.tls.server_name or url.host
@@ -94,7 +228,7 @@ class OnpremGateway(Gateway):
                     raise DialError(str(exc)) from None
 
         def make_tunnel():
-            t = Tunnel(self, client=True, url=str(url))
+            t = Tunnel(self, client=True, url=str(url), expected_node=expected_node)
             self._dialing.add(t)
             return t
 
@@ -131,10 +265,20 @@ class OnpremGateway(Gateway):
             raise DialError(f"cannot reach {url.host}:{url.port}: {exc.strerror or exc}") from None
         finally:
             self._dialing = {t for t in self._dialing if t.ws is None or not t.ws.is_disconnected}
+        if tunnel is None:
+            # picows returns no listener when the connection closes before the upgrade answer. With
+            # TLS 1.3 that is how the cloud refuses a client certificate: its alert comes after our
+            # side of the handshake has completed, and picows drops the error.
+            raise DialError(f"TLS handshake with {url.host}:{url.port} failed: the cloud closed the connection "
+                            "before answering the WebSocket upgrade; it most likely refused this gateway's "
+                            "client certificate (check tls.cert is signed by the CA the cloud trusts, "
+                            "has not expired and allows clientAuth)")
         try:
             async with asyncio.timeout(cfg.tunnel.handshake_timeout):
                 await asyncio.shield(tunnel.ready)
         except (TimeoutError, ConnectionError) as exc:
+            if tunnel.refused:
+                raise DialError(tunnel.close_reason) from None
             tunnel.fail(f"no HELLO from the cloud within {cfg.tunnel.handshake_timeout:g}s", code=1002)
             raise DialError(f"{url}: the cloud did not complete the intercloud handshake: {exc or 'timeout'}") from None
         finally:
@@ -143,7 +287,7 @@ class OnpremGateway(Gateway):
 
     async def _explain_verify_failure(self, url, proxy, server_name, exc) -> str:
         """Say why the cloud certificate did not verify; name an intercepting proxy when that is why."""
-        base = (f"certificate of {url.host}:{url.port} failed verification: {exc.verify_message}")
+        base = f"certificate of {url.host}:{url.port} failed verification: {(exc.verify_message or '').rstrip('.')}"
         if proxy is None:
             return (f"{base}; check that tls.ca holds the CA that signed the cloud certificate and that "
                     f"{server_name!r} is among its names (tls.server_name overrides)")

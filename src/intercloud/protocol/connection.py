@@ -104,6 +104,7 @@ class StreamOpened:
     stream_id: int
     service: str
     client: str
+    relayed: bool = False  # OPEN flag RELAYED (protocol §3.2): never relay it again
 
 
 @dataclass(slots=True)
@@ -258,7 +259,7 @@ class Connection:
         st.state = nxt
         return st
 
-    def open_stream(self, service: str, client_addr: str) -> tuple[int, bytes]:
+    def open_stream(self, service: str, client_addr: str, relayed: bool = False) -> tuple[int, bytes]:
         if self.peer is None:
             raise LocalProtocolError("OPEN before the peer's HELLO")
         if self.goaway_received:
@@ -268,7 +269,8 @@ class Connection:
             raise LocalProtocolError("stream ids exhausted on this tunnel; open a new tunnel")
         self._next_id += 2
         self._streams[sid] = _Stream(S.OPENING_OUT, self.peer.window, self.window)
-        return sid, frames.encode(F.OPEN, sid, frames.encode_open(service, client_addr))
+        flags = frames.FLAG_RELAYED if relayed else 0
+        return sid, frames.HEADER.pack(F.OPEN, flags, sid) + frames.encode_open(service, client_addr)
 
     def open_ok(self, sid: int) -> bytes:
         self._send(sid, F.OPEN_OK)
@@ -339,7 +341,7 @@ class Connection:
         """
         if len(message) < HEADER_SIZE:
             raise ProtocolError(f"frame of {len(message)} bytes is shorter than the 6-byte header")
-        ftype, _flags, sid = HEADER.unpack_from(message, 0)
+        ftype, flags, sid = HEADER.unpack_from(message, 0)
         if ftype == F.DATA:  # hot path first
             return self._recv_data(sid, message), None
         try:
@@ -356,6 +358,8 @@ class Connection:
                 return self._recv_connection(ft, payload)
             if sid == 0:
                 raise ProtocolError(f"{ft.name} on stream 0; stream frames need a stream id")
+            if ft is F.OPEN:
+                return self._recv_open(sid, payload, bool(flags & frames.FLAG_RELAYED))
             return self._recv_stream(ft, sid, payload)
         except FrameError as exc:
             raise ProtocolError(f"malformed {ft.name}: {exc}", sid) from None
@@ -381,8 +385,6 @@ class Connection:
         return Members(members), None
 
     def _recv_stream(self, ft: FrameType, sid: int, payload: bytes) -> tuple[Event | None, bytes | None]:
-        if ft is F.OPEN:
-            return self._recv_open(sid, payload)
         st = self._streams.get(sid)
         if st is None:
             if self._was_opened(sid):
@@ -412,7 +414,7 @@ class Connection:
         st.state = nxt
         return event, None
 
-    def _recv_open(self, sid: int, payload: bytes) -> tuple[Event | None, bytes | None]:
+    def _recv_open(self, sid: int, payload: bytes, relayed: bool) -> tuple[Event | None, bytes | None]:
         if (sid % 2 == 1) != (not self.client):
             raise ProtocolError(f"OPEN with stream id {sid} of the wrong parity for this peer", sid)
         if sid <= self._peer_last_id:
@@ -430,7 +432,7 @@ class Connection:
                 frames.encode_reason(Reason.LIMIT, f"tunnel stream limit {self.max_streams} reached"),
             )
         self._streams[sid] = _Stream(S.OPENING_IN, self.peer.window, self.window)
-        return StreamOpened(sid, service, client), None
+        return StreamOpened(sid, service, client, relayed), None
 
     def _recv_data(self, sid: int, message) -> Data | None:
         st = self._streams.get(sid)

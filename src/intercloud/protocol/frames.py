@@ -17,6 +17,7 @@ HEADER_SIZE = HEADER.size  # 6
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
 MAX_STREAM_ID = 0xFFFFFFFF
+FLAG_RELAYED = 0x01  # on OPEN: a cloud member relays this stream for another member (protocol §3.2)
 
 
 class FrameType(enum.IntEnum):

@@ -38,9 +38,17 @@ _MAX_SEND_FRAME = 1 << 20  # we never send DATA larger than this, whatever the p
 
 
 class Tunnel(WSListener):
-    def __init__(self, gateway: Gateway, *, client: bool, url: str = ""):
+    def __init__(self, gateway: Gateway, *, client: bool, url: str = "", kind: str = "tunnel",
+                 expected_node: str | None = None):
         t = gateway.config.tunnel
         self.gateway = gateway
+        self.kind = kind  # "tunnel" (cloud <-> on-prem) or "peer" (a peer link between cloud members)
+        self.expected_node = expected_node  # dialed a member's own URL: its HELLO must name it
+        self.members: list[dict] = []  # the member list the cloud side sent (on-prem view)
+        self.refused = False
+        self.self_link = False  # a peer link that reached this very process
+        self.routes: frozenset[str] = frozenset()  # peer link: services the member can carry for us
+        self.peer_der: bytes | None = None
         self.id = next(_ids)
         self.url = url
         self.client = client
@@ -83,7 +91,8 @@ class Tunnel(WSListener):
         ssl_obj = under.get_extra_info("ssl_object")
         self.tls = session_info(ssl_obj)
         if ssl_obj is not None:
-            self.peer_cert = describe_peer_cert(ssl_obj.getpeercert(binary_form=True))
+            self.peer_der = ssl_obj.getpeercert(binary_form=True)
+            self.peer_cert = describe_peer_cert(self.peer_der)
         big = self.gateway.config.tunnel.max_tunnel_buffer
         under.set_write_buffer_limits(high=big, low=big // 2)  # protocol §6.3
         g = self.gateway
@@ -187,6 +196,10 @@ class Tunnel(WSListener):
             if fut is not None and not fut.done():
                 fut.set_result((ev.code, ev.text))
         elif type(ev) is StreamOpened:
+            if ev.relayed and self.kind != "peer":
+                self.send_frame(self.conn.open_fail(ev.stream_id, Reason.FORBIDDEN,
+                                                    "RELAYED OPEN outside a peer link"))
+                return
             self.gateway.stream_requested(self, ev.stream_id, ev.service, ev.client)
         elif type(ev) is Ping:
             pass  # PONG already sent by the caller
@@ -202,7 +215,7 @@ class Tunnel(WSListener):
         elif type(ev) is GoAway:
             log.info("GOAWAY from %s: %s %s", self.peer_node, Reason.name_of(ev.code), ev.text,
                      extra={"event": "tunnel.goaway", "tunnel": self.id, "peer_node": self.peer_node})
-            self.gateway.routes_changed()
+            self.gateway.goaway_received(self)
         elif type(ev) is Members:
             self.gateway.members_received(self, ev.members)
 
@@ -238,8 +251,9 @@ class Tunnel(WSListener):
 
     # --- streams -----------------------------------------------------------------------
     def open(self, stream: LocalStream) -> asyncio.Future:
-        """Send OPEN for ``stream``; the future resolves to None (OPEN_OK) or (code, text)."""
-        sid, frame = self.conn.open_stream(stream.service, stream.client)
+        """Send OPEN for ``stream``; the future resolves to None (OPEN_OK) or (code, text).
+        On a peer link the OPEN is flagged RELAYED (protocol §3.2)."""
+        sid, frame = self.conn.open_stream(stream.service, stream.client, relayed=self.kind == "peer")
         stream.attach(self, sid)
         self.streams[sid] = stream
         fut = asyncio.get_running_loop().create_future()
@@ -264,12 +278,12 @@ class Tunnel(WSListener):
         if not self.conn.goaway_sent:
             self.send_frame(self.conn.goaway(Reason.DRAINING, text))
 
-    def fail(self, reason: str, code: WSCloseCode = WSCloseCode.PROTOCOL_ERROR) -> None:
+    def fail(self, reason: str, code: WSCloseCode = WSCloseCode.PROTOCOL_ERROR, quiet: bool = False) -> None:
         """Close the tunnel at once (protocol §9.2): its streams are reset now, not when the
         peer (maybe dead) acknowledges; the close frame is sent and the socket aborted soon after."""
         if not self.close_reason:
             self.close_reason = reason
-            log.warning("%s: closing: %s", self.label, reason,
+            log.log(logging.DEBUG if quiet else logging.WARNING, "%s: closing: %s", self.label, reason,
                         extra={"event": "tunnel.error", "tunnel": self.id, "peer_node": self.peer_node,
                                "reason": reason})
         ws = self.ws

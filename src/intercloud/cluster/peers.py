@@ -1,0 +1,277 @@
+"""Peer links between the members of a cloud cluster (DESIGN §3.2, docs/ha.md).
+
+Every member dials every URL in ``cluster.peers`` and accepts peer links on ``cluster.listen``.
+A peer link is an ordinary tunnel (same protocol) whose both ends are cloud members; it is mutual TLS
+with the cluster's own CA, and the peer's certificate must carry a name in ``cluster.peer_names``, so a
+tenant certificate can never pose as a member. Over peer links members exchange MEMBERS (who is in the
+cluster, which services each can route to its own on-prem gateways) and relay streams (§3.3).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from typing import TYPE_CHECKING
+
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+from picows import WSError, WSUpgradeResponse, WSUpgradeResponseWithListener, ws_connect, ws_create_server
+
+from ..backoff import backoff
+from ..protocol.frames import HEADER_SIZE
+from ..transport.tls import client_context, server_context
+from ..tunnel.tunnel import Tunnel
+from .members import MemberTable
+
+if TYPE_CHECKING:
+    from ..cloud.server import CloudGateway
+
+log = logging.getLogger("intercloud.cluster")
+SUBPROTOCOL = "intercloud.v1"
+
+
+def cert_names(der: bytes | None) -> set[str]:
+    """CN and DNS SANs of a DER certificate."""
+    if not der:
+        return set()
+    cert = x509.load_der_x509_certificate(der)
+    names = {str(a.value) for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)}
+    try:
+        names |= set(cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+                     .get_values_for_type(x509.DNSName))
+    except x509.ExtensionNotFound:
+        pass
+    return names
+
+
+class Cluster:
+    def __init__(self, gw: CloudGateway):
+        self.gw = gw
+        self.cfg = gw.config.cluster
+        self.table = MemberTable(gw.node_id, self.cfg.member_ttl)
+        self.links: set[Tunnel] = set()
+        self.dials_done = 0  # peer URLs whose first dial attempt finished (readiness)
+        self._pushed: tuple = ()
+        self._self_url = str(self.cfg.advertise) if self.cfg.advertise else None
+        self.table.set_self(gw.incarnation, self._self_url, frozenset(), time.monotonic())
+        tls = gw.config.tls
+        self.server_ssl = self.client_ssl = None
+        if not tls.insecure:
+            cert, key = self.cfg.cert or tls.cert, self.cfg.key or tls.key
+            self.server_ssl = server_context(cert, key, self.cfg.ca, verify_client=True)
+            self.client_ssl = client_context(cert, key, self.cfg.ca)
+            # Peer URLs are often bare addresses; identity is the CA plus the peer_names allow-list.
+            self.client_ssl.check_hostname = False
+
+    # --- readiness ---------------------------------------------------------------------
+    def ready(self) -> bool:
+        """Relay is possible, or every peer was tried once (a lone survivor must still serve)."""
+        return bool(self.links) or self.dials_done >= len(self.cfg.peers)
+
+    # --- lifecycle ---------------------------------------------------------------------
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as tg:
+            if self.cfg.listen is not None:
+                await self._serve()
+            for url in self.cfg.peers:
+                tg.create_task(self._keep_dialing(url))
+            tg.create_task(self._housekeeping())
+
+    async def _serve(self) -> None:
+        url = self.cfg.listen
+
+        def factory(request):
+            path = request.path.decode("latin-1").split("?", 1)[0]
+            if path != url.path:
+                return WSUpgradeResponseWithListener(WSUpgradeResponse.create_error_response(
+                    404, f"no peer-link endpoint at {path}\n".encode()), None)
+            resp = WSUpgradeResponse.create_101_response(extra_headers={"Sec-WebSocket-Protocol": SUBPROTOCOL})
+            return WSUpgradeResponseWithListener(resp, Tunnel(self.gw, client=False, kind="peer"))
+
+        try:
+            server = await ws_create_server(
+                factory, url.host, url.port, ssl=self.server_ssl, reuse_address=True, use_aiofastnet=False,
+                websocket_handshake_timeout=self.gw.config.tunnel.handshake_timeout,
+                max_frame_size=self.gw.config.tunnel.max_frame + HEADER_SIZE + 64)
+        except OSError as exc:
+            raise SystemExit(f"{self.gw.config.source}: cluster.listen {url}: cannot listen: {exc.strerror}; "
+                             "free the port or change cluster.listen") from None
+        self.gw.listeners.append(server)
+        log.info("peer-link endpoint listening on %s", url, extra={"event": "cluster.listening", "url": str(url)})
+
+    async def _keep_dialing(self, url) -> None:
+        t = self.gw.config.tunnel
+        delays = backoff(t.reconnect_min, min(t.reconnect_max, 5.0))
+        last_error = None
+        first = True
+        while not self.gw.draining:
+            started = time.monotonic()
+            try:
+                tunnel = await self._dial(url)
+            except _Self:
+                log.info("cluster.peers entry %s is this member itself; not dialing it", url,
+                         extra={"event": "cluster.self_peer", "url": str(url)})
+                if first:
+                    self.dials_done += 1
+                return
+            except (OSError, WSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
+                msg = f"{type(exc).__name__}: {exc}"
+                if msg != last_error:
+                    log.warning("peer link to %s failed: %s", url, msg,
+                                extra={"event": "cluster.dial_failed", "url": str(url), "reason": msg})
+                last_error = msg
+            else:
+                last_error = None
+                if first:
+                    self.dials_done += 1
+                    first = False
+                await tunnel.done
+                if time.monotonic() - started > 10:
+                    delays = backoff(t.reconnect_min, min(t.reconnect_max, 5.0))
+            if first:
+                self.dials_done += 1
+                first = False
+                self.gw.routes_changed()
+            await asyncio.sleep(next(delays))
+
+    async def _dial(self, url) -> Tunnel:
+        cfg = self.gw.config.tunnel
+        async with asyncio.timeout(cfg.handshake_timeout * 2):
+            _tr, tunnel = await ws_connect(
+                lambda: Tunnel(self.gw, client=True, url=str(url), kind="peer"), str(url),
+                ssl_context=self.client_ssl, websocket_handshake_timeout=cfg.handshake_timeout,
+                max_frame_size=cfg.max_frame + HEADER_SIZE + 64,
+                extra_headers={"Sec-WebSocket-Protocol": SUBPROTOCOL}, use_aiofastnet=False)
+            await asyncio.shield(tunnel.ready)
+        if tunnel.self_link:
+            raise _Self()
+        return tunnel
+
+    async def _housekeeping(self) -> None:
+        """Refresh member ages on every link, expire silent members, push changes."""
+        interval = self.gw.config.tunnel.ping_interval
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            for link in self.links:
+                self.table.refresh(link.peer_node, link.last_rx)
+            gone = self.table.expire(now)
+            for node in gone:
+                log.info("member %s forgotten: not heard of for %gs (cluster.member_ttl)", node, self.cfg.member_ttl,
+                         extra={"event": "cluster.member_expired", "member": node})
+            self._push_links()
+            if gone:
+                self.members_changed()
+
+    # --- links -------------------------------------------------------------------------
+    def admit_link(self, tunnel: Tunnel) -> str | None:
+        peer = tunnel.conn.peer
+        if peer.node_id == self.gw.node_id:
+            if peer.incarnation == self.gw.incarnation:
+                tunnel.self_link = True
+                return "peer link to this member itself"
+            return (f"duplicate node id {peer.node_id!r}: another process (incarnation {peer.incarnation}) claims "
+                    "this member's gateway.node_id; give every member its own node_id")
+        if peer.role != "cloud" or peer.extra.get("link") != "peer":
+            return f"peer-link endpoint reached by a {peer.role} gateway {peer.node_id!r}; on-prem gateways dial tunnel.listen"
+        if self.server_ssl is not None:
+            names = cert_names(tunnel.peer_der)
+            if not names & set(self.cfg.peer_names):
+                return (f"peer-link certificate names {sorted(names)} are not in cluster.peer_names "
+                        f"{sorted(self.cfg.peer_names)}; refused (a tenant certificate cannot join the cluster)")
+        for other in self.links:
+            if other.peer_node == peer.node_id and other.conn.peer.incarnation != peer.incarnation:
+                m = self.table.members.get(peer.node_id)
+                if m is not None and m.incarnation == other.conn.peer.incarnation and not other.done.done():
+                    return (f"duplicate node id {peer.node_id!r}: a live member already uses it "
+                            f"(incarnation {other.conn.peer.incarnation}); give every member its own node_id")
+        self.links.add(tunnel)
+        tunnel.routes = frozenset(peer.services)
+        now = time.monotonic()
+        self.table.heard(self._entry_of(tunnel), now, direct=True)
+        for entry in peer.extra.get("members", []):
+            if isinstance(entry, dict) and entry.get("node_id") != peer.node_id:
+                self.table.heard(entry, now, direct=False)
+        log.info("peer link %s with member %s (%s) up", tunnel.label, peer.node_id, tunnel.peer_addr,
+                 extra={"event": "cluster.link_up", "member": peer.node_id, "peer_addr": tunnel.peer_addr})
+        self.gw._event("cluster.link_up", member=peer.node_id)
+        self.members_changed()
+        self.gw.routes_changed()
+        return None
+
+    def _entry_of(self, tunnel: Tunnel) -> dict:
+        peer = tunnel.conn.peer
+        return {"node_id": peer.node_id, "incarnation": peer.incarnation, "url": peer.extra.get("advertise"),
+                "services": peer.services}
+
+    def link_closed(self, tunnel: Tunnel, reason: str) -> None:
+        if tunnel in self.links:
+            self.links.discard(tunnel)
+            log.info("peer link with member %s down: %s", tunnel.peer_node, reason,
+                     extra={"event": "cluster.link_down", "member": tunnel.peer_node, "reason": reason})
+            self.gw._event("cluster.link_down", member=tunnel.peer_node, reason=reason)
+            self.gw.routes_changed()
+
+    def members_received(self, tunnel: Tunnel, members: list) -> None:
+        now = time.monotonic()
+        changed = False
+        for entry in members:
+            if isinstance(entry, dict):
+                direct = entry.get("node_id") == tunnel.peer_node
+                changed |= self.table.heard(entry, now, direct=direct)
+                if direct:  # the peer's own route set: what it can carry for us
+                    tunnel.routes = frozenset(str(s) for s in entry.get("services", ()))
+        if changed:
+            self.members_changed()
+            self.gw.routes_changed()
+
+    def goaway(self, tunnel: Tunnel) -> None:
+        if self.table.forget(tunnel.peer_node, tunnel.conn.peer.incarnation):
+            log.info("member %s left the cluster (GOAWAY)", tunnel.peer_node,
+                     extra={"event": "cluster.member_left", "member": tunnel.peer_node})
+            self.members_changed()
+
+    # --- routes ------------------------------------------------------------------------
+    def local_routes_changed(self) -> None:
+        services = frozenset(s for t in self.gw.tunnels if not t.conn.goaway_received for s in t.conn.peer.services)
+        if self.table.set_self(self.gw.incarnation, self._self_url, services, time.monotonic()):
+            self._push_links()
+
+    def pick_link(self, service: str, exclude: set[str]) -> Tunnel | None:
+        best = None
+        for link in self.links:
+            if link.peer_node in exclude or link.conn.goaway_received or service not in link.routes:
+                continue
+            if best is None or link.conn.stream_count < best.conn.stream_count:
+                best = link
+        return best
+
+    # --- MEMBERS pushes ----------------------------------------------------------------
+    def _push_links(self) -> None:
+        frame_body = self.table.wire(time.monotonic())
+        for link in self.links:
+            link.send_frame(link.conn.members(frame_body))
+
+    def onprem_view(self) -> list[dict]:
+        """What on-prem gateways learn: who the members are and where to dial them."""
+        return [{"node_id": m.node_id, "incarnation": m.incarnation, "url": m.url}
+                for m in sorted(self.table.members.values(), key=lambda m: m.node_id)]
+
+    def members_changed(self) -> None:
+        """Tell every on-prem gateway when a member joins, returns (new incarnation) or leaves."""
+        view = self.onprem_view()
+        key = tuple((m["node_id"], m["incarnation"], m["url"]) for m in view)
+        if key == self._pushed:
+            return
+        self._pushed = key
+        log.info("members now: %s", ", ".join(m["node_id"] for m in view),
+                 extra={"event": "cluster.members", "members": [m["node_id"] for m in view]})
+        for t in self.gw.tunnels:
+            t.send_frame(t.conn.members(view))
+        self._push_links()
+
+
+class _Self(Exception):
+    """A cluster.peers URL leads back to this member."""

@@ -1,0 +1,131 @@
+"""A relayed stream: two tunnel streams spliced together on a cloud member (DESIGN §3.3).
+
+Member Y gets an OPEN flagged RELAYED on a peer link from member X and opens the same service on one
+of its own on-prem tunnels. Each side of the splice is a ``BridgeEnd``, which looks to its tunnel like
+a local socket (the LocalStream interface the tunnel drives). Flow control stays end to end: bytes
+from one tunnel are forwarded within the other tunnel's credit, and credit goes back to the sender
+only for bytes forwarded, so a bridge holds at most one window per direction.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import TYPE_CHECKING
+
+from ..protocol import State
+from ..protocol.frames import Reason
+
+if TYPE_CHECKING:
+    from .tunnel import Tunnel
+
+
+class BridgeEnd:
+    def __init__(self, service: str, side: str, client: str, target: str):
+        self.service = service
+        self.side = side
+        self.client = client
+        self.target = target
+        self.tunnel: Tunnel | None = None
+        self.sid = 0
+        self.other: BridgeEnd | None = None
+        self.pending: deque[bytes] = deque()  # from our tunnel, not yet forwarded
+        self.pending_bytes = 0
+        self.fin_pending = False  # our tunnel sent FIN; forward it after pending
+        self.started = time.monotonic()
+        self.bytes_up = 0  # forwarded from the other end into our tunnel
+        self.bytes_down = 0  # received from our tunnel
+        self.live = False  # both sides opened
+        self.finished = False
+        self.reading = True
+        self.transport = None
+
+    @staticmethod
+    def pair(service: str, client: str, target: str) -> tuple[BridgeEnd, BridgeEnd]:
+        a = BridgeEnd(service, "relay-in", client, target)
+        b = BridgeEnd(service, "relay-out", client, target)
+        a.other, b.other = b, a
+        return a, b
+
+    def attach(self, tunnel: Tunnel, sid: int) -> None:
+        self.tunnel = tunnel
+        self.sid = sid
+
+    @property
+    def buffered(self) -> int:
+        return self.pending_bytes
+
+    # --- the LocalStream interface, driven by our tunnel --------------------------------
+    def start(self) -> None:
+        self.live = True
+        if self.other.live:
+            self._flush()
+            self.other._flush()
+
+    def deliver(self, mv: memoryview) -> None:
+        self.bytes_down += len(mv)
+        self.pending.append(bytes(mv))
+        self.pending_bytes += len(mv)
+        self._flush()
+
+    def on_credit(self) -> None:
+        """Our tunnel granted credit: the other end's pending bytes may flow into it."""
+        self.other._flush()
+
+    def on_remote_fin(self, closed: bool) -> None:
+        self.fin_pending = True
+        self._flush()
+
+    def set_tunnel_paused(self, paused: bool) -> None:
+        pass  # bounded by credit already
+
+    def abort(self, code: int, text: str, tell_peer: bool = True) -> None:
+        for end, tell in ((self, tell_peer), (self.other, True)):
+            if end.finished:
+                continue
+            t = end.tunnel
+            if tell and t is not None and end.sid:
+                frame = t.conn.reset(end.sid, code, text)
+                if frame:
+                    t.send_frame(frame)
+            end.finish(f"reset: {Reason.name_of(code)} {text}")
+
+    def finish(self, reason: str | None) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        if self.tunnel is not None:
+            self.tunnel.stream_finished(self, reason or "closed")
+
+    # --- forwarding ---------------------------------------------------------------------
+    def _flush(self) -> None:
+        """Forward our pending bytes into the other end's tunnel, within its credit."""
+        out = self.other
+        if not (self.live and out.live) or out.finished or self.finished:
+            return
+        t_out, t_in = out.tunnel, self.tunnel
+        while self.pending:
+            limit = t_out.conn.send_limit(out.sid)
+            if limit <= 0:
+                return
+            chunk = self.pending[0]
+            n = min(limit, len(chunk))
+            t_out.send_payload(out.sid, memoryview(chunk)[:n])
+            out.bytes_up += n
+            if n == len(chunk):
+                self.pending.popleft()
+            else:
+                self.pending[0] = chunk[n:]
+            self.pending_bytes -= n
+            frame = t_in.conn.delivered(self.sid, n)
+            if frame is not None:
+                t_in.send_frame(frame)
+        if self.fin_pending and t_out.conn.state(out.sid) in (State.OPEN, State.HALF_CLOSED_REMOTE):
+            t_out.send_frame(t_out.conn.fin(out.sid))
+        self._check_closed()
+
+    def _check_closed(self) -> None:
+        a, b = self, self.other
+        if a.tunnel.conn.state(a.sid) is State.CLOSED and b.tunnel.conn.state(b.sid) is State.CLOSED:
+            a.finish("closed")
+            b.finish("closed")
