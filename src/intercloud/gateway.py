@@ -171,7 +171,7 @@ class Gateway:
         if refusal is not None:
             tunnel.refused = True
             # landing on an already covered member is routine behind a load balancer: the dialer logs it
-            tunnel.fail(refusal, code=1008, quiet=refusal.startswith("landed on member"))
+            tunnel.fail(refusal, code=1008, quiet=refusal.startswith(("landed on member", "peer link to this member itself")))
             return
         if tunnel.kind == "peer":
             return

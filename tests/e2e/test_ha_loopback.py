@@ -8,7 +8,7 @@ import time
 import pytest
 
 from tests.support.netcat import nc_exchange
-from tests.support.ports import free_port
+from tests.support.ports import free_ports
 from tests.support.servers import EchoServer
 from tests.support.timeouts import wait_until
 
@@ -31,9 +31,10 @@ def ha_lb(tmp_path, gateways):
 
     with EchoServer() as a, EchoServer() as b:
         certs = make_certs(tmp_path / "certs", ["cloud1", "cloud2"], ["onprem1", "onprem2"], sans=[])
-        clouds = {n: {k: Addr(L, free_port()) for k in ("tunnel", "peer", "client", "admin")} for n in ("cloud1", "cloud2")}
-        onprems = {n: {k: Addr(L, free_port()) for k in ("client", "admin")} for n in ("onprem1", "onprem2")}
-        lb_port = free_port()
+        ports = iter(free_ports(16))
+        clouds = {n: {k: Addr(L, next(ports)) for k in ("tunnel", "peer", "client", "admin")} for n in ("cloud1", "cloud2")}
+        onprems = {n: {k: Addr(L, next(ports)) for k in ("client", "admin")} for n in ("onprem1", "onprem2")}
+        lb_port = next(ports)
         ha = HA(certs, clouds, onprems, Addr(L, a.port), Addr(L, b.port),
                 connect_urls=[f"wss://localhost:{lb_port}/intercloud"])
         lb = NginxLB(tmp_path, None, lb_port, [(L, c["tunnel"].port) for c in clouds.values()],
@@ -73,3 +74,95 @@ def test_restarted_member_serves_and_is_covered_again(ha_lb):
         wait_until(lambda: _coverage(gws[n]).get("cloud1", 0) == 2, 2 + 5,
                    what=f"{n} to cover the restarted cloud1 within fail_timeout + 5 s")
     print(f"restarted member covered after {time.monotonic() - t0:.2f}s")
+
+
+def _transfer(port: int, size: int, seed: int, out: dict, key) -> None:
+    """One long echo transfer at a bounded rate; records (sent digest, received digest, error)."""
+    import hashlib
+    import random
+    import socket
+    import threading
+
+    payload = random.Random(seed).randbytes(size)
+    got = hashlib.sha256()
+    try:
+        s = socket.create_connection((L, port), timeout=30)
+
+        def send():
+            for off in range(0, size, 64 * 1024):
+                s.sendall(payload[off:off + 64 * 1024])
+                time.sleep(0.01)  # pace the sender so the transfer spans the failure (not a readiness wait)
+            s.shutdown(socket.SHUT_WR)
+
+        th = threading.Thread(target=send, daemon=True)
+        th.start()
+        while chunk := s.recv(1 << 16):
+            got.update(chunk)
+        th.join()
+        out[key] = (hashlib.sha256(payload).hexdigest(), got.hexdigest(), None)
+    except OSError as exc:
+        out[key] = (hashlib.sha256(payload).hexdigest(), got.hexdigest(), repr(exc))
+
+
+@pytest.mark.parametrize("victim", ["cloud1", "onprem1"])
+def test_sigterm_drain_breaks_no_stream(ha_lb, victim):
+    """SIGTERM with streams in flight: GOAWAY, listeners closed, streams finish, zero broken."""
+    import threading
+
+    ha, gws, lb = ha_lb
+    for n in ("onprem1", "onprem2"):
+        wait_until(lambda: _coverage(gws[n]) == {"cloud1": 2, "cloud2": 2}, 20, what=f"{n} full coverage")
+    results: dict = {}
+    threads = []
+    ports = [ha.clouds[c]["client"].port for c in ("cloud1", "cloud2")] + \
+            [ha.onprems[o]["client"].port for o in ("onprem1", "onprem2")]
+    for i in range(12):
+        th = threading.Thread(target=_transfer, args=(ports[i % 4], 3 << 20, i, results, i), daemon=True)
+        th.start()
+        threads.append(th)
+    wait_until(lambda: sum(len(gws[c].status()["streams"]) for c in ("cloud1", "cloud2")) >= 12, 10,
+               what="all transfers to be in flight")
+    gws[victim].terminate()
+    # new clients keep working through the others while the victim drains
+    other_port = ha.clouds["cloud2"]["client"].port if victim == "cloud1" else ha.onprems["onprem2"]["client"].port
+    assert nc_exchange(L, other_port, b"during drain\n") == b"during drain\n"
+    for th in threads:
+        th.join(timeout=60)
+    broken = {k: v for k, v in results.items() if v[2] is not None or v[0] != v[1]}
+    assert len(results) == 12 and not broken, f"broken streams: {broken}"
+    assert gws[victim].wait_exit(timeout=15) == 0
+    stopped = [r for r in gws[victim].log_lines() if r.get("event") == "gateway.stopped"]
+    assert stopped and stopped[0]["streams_cut"] == 0
+
+
+def test_peer_link_refuses_tenant_and_unlisted_certificates(ha_lb, tmp_path, gateways):
+    """No tenant certificate can pose as a member: wrong CA, or the cluster CA but a name outside peer_names."""
+    from intercloud.certs import init_certs
+
+    ha, gws, lb = ha_lb
+    wait_until(lambda: any(r.get("event") == "cluster.link_up" for r in gws["cloud1"].log_lines()), 10,
+               what="cloud1's peer link")
+    mark = gws["cloud1"].log_mark()
+    intruders = tmp_path / "intruders"
+    init_certs(intruders, cloud=["intruder"], onprem=[])
+    ha.clouds["cloud3"] = {k: Addr(L, p) for k, p in zip(("tunnel", "peer", "client", "admin"), free_ports(4))}
+    # (1) a tenant (on-prem) certificate presented on a peer link: not signed by the cluster CA
+    text = ha.cloud_config("cloud3", peer_names=["cloud1", "cloud2", "cloud3"]).replace(
+        f'"{ha.certs}/cloud3.', f'"{ha.certs}/cloud1.')  # its tunnel certificate is not what is tested
+    text = text.replace(f"{ha.certs}/cluster/cloud3.pem", f"{ha.certs}/onprem1.pem") \
+               .replace(f"{ha.certs}/cluster/cloud3.key", f"{ha.certs}/onprem1.key")
+    rogue = gateways("cloud3", text, ready=False)
+    gws["cloud1"].wait_log(lambda r: r.get("event") == "tunnel.tls_failed", since=mark, timeout=10)
+    rogue.kill()
+    assert not [r for r in gws["cloud1"].log_lines(since=mark) if r.get("event") == "cluster.link_up"]
+    # (2) signed by the cluster CA but named "intruder", which is not in cluster.peer_names
+    init_certs(ha.certs / "cluster", cloud=["intruder"], onprem=[])
+    text2 = ha.cloud_config("cloud3", peer_names=["cloud1", "cloud2", "intruder"]).replace(
+        "cluster/cloud3.", "cluster/intruder.").replace(f'"{ha.certs}/cloud3.', f'"{ha.certs}/cloud1.')
+    rogue2 = gateways("cloud3b", text2, ready=False)
+    rec = gws["cloud1"].wait_log(lambda r: r.get("event") == "tunnel.error" and "peer_names" in r.get("reason", ""),
+                                 since=mark, timeout=10)
+    assert "intruder" in rec["reason"]
+    rogue2.kill()
+    assert not [r for r in gws["cloud1"].log_lines(since=mark) if r.get("event") == "cluster.link_up"]
+    assert nc_exchange(L, ha.clouds["cloud1"]["client"].port, b"ok\n") == b"ok\n"

@@ -335,11 +335,16 @@ def test_nginx_reload_swaps_backends_and_rejects_bad_config(tmp_path):
                 with socket.create_connection(lb.address, timeout=scaled(5)) as s:
                     assert echo_roundtrip(s, b"x") == b"x"
             assert (a.connections, b.connections) == (2, 0)
+            held = socket.create_connection(lb.address, timeout=scaled(5))
+            assert echo_roundtrip(held, b"held") == b"held"
             lb.reload(backends=[("127.0.0.1", b.port)])
+            # the old worker keeps serving what it has: a reload breaks no session
+            assert echo_roundtrip(held, b"still there") == b"still there"
+            held.close()
             for _ in range(2):
                 with socket.create_connection(lb.address, timeout=scaled(5)) as s:
                     assert echo_roundtrip(s, b"y") == b"y"
-            assert (a.connections, b.connections) == (2, 2)
+            assert (a.connections, b.connections) == (3, 2)
             # an invalid change is refused before nginx sees it; the running LB is untouched
             lb.fail_timeout = "bogus"
             with pytest.raises(NginxConfigError, match="invalid"):

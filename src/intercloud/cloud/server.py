@@ -12,6 +12,7 @@ from picows import WSUpgradeResponse, WSUpgradeResponseWithListener, ws_create_s
 from ..cluster.peers import Cluster
 from ..gateway import Gateway
 from ..protocol.frames import HEADER_SIZE
+from ..transport import tls_server
 from ..transport.tls import server_context
 from ..tunnel.tunnel import Tunnel
 
@@ -122,13 +123,17 @@ class CloudGateway(Gateway):
             return WSUpgradeResponseWithListener(resp, tunnel)
 
         try:
-            server = await ws_create_server(
-                factory, url.host, url.port, ssl=ssl_ctx,
-                websocket_handshake_timeout=cfg.tunnel.handshake_timeout,
-                max_frame_size=cfg.tunnel.max_frame + HEADER_SIZE + 64,
-                reuse_address=True, backlog=1024, use_aiofastnet=False,
-                **({"ssl_handshake_timeout": cfg.tunnel.handshake_timeout} if ssl_ctx else {}),
-            )
+            if ssl_ctx is not None:  # logs every failed TLS handshake with the peer address
+                server = await tls_server.create_server(
+                    factory, url.host, url.port, ssl_ctx, handshake_timeout=cfg.tunnel.handshake_timeout,
+                    max_frame_size=cfg.tunnel.max_frame + HEADER_SIZE + 64)
+            else:
+                server = await ws_create_server(
+                    factory, url.host, url.port,
+                    websocket_handshake_timeout=cfg.tunnel.handshake_timeout,
+                    max_frame_size=cfg.tunnel.max_frame + HEADER_SIZE + 64,
+                    reuse_address=True, backlog=1024, use_aiofastnet=False,
+                )
         except OSError as exc:
             raise SystemExit(f"{cfg.source}: tunnel.listen {url}: cannot listen: {exc.strerror}; "
                              "free the port or change tunnel.listen") from None

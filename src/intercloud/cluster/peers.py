@@ -21,6 +21,7 @@ from picows import WSError, WSUpgradeResponse, WSUpgradeResponseWithListener, ws
 
 from ..backoff import backoff
 from ..protocol.frames import HEADER_SIZE
+from ..transport import tls_server
 from ..transport.tls import client_context, server_context
 from ..tunnel.tunnel import Tunnel
 from .members import MemberTable
@@ -90,11 +91,16 @@ class Cluster:
             resp = WSUpgradeResponse.create_101_response(extra_headers={"Sec-WebSocket-Protocol": SUBPROTOCOL})
             return WSUpgradeResponseWithListener(resp, Tunnel(self.gw, client=False, kind="peer"))
 
+        t = self.gw.config.tunnel
         try:
-            server = await ws_create_server(
-                factory, url.host, url.port, ssl=self.server_ssl, reuse_address=True, use_aiofastnet=False,
-                websocket_handshake_timeout=self.gw.config.tunnel.handshake_timeout,
-                max_frame_size=self.gw.config.tunnel.max_frame + HEADER_SIZE + 64)
+            if self.server_ssl is not None:  # logs every failed TLS handshake with the peer address
+                server = await tls_server.create_server(factory, url.host, url.port, self.server_ssl,
+                                                        handshake_timeout=t.handshake_timeout,
+                                                        max_frame_size=t.max_frame + HEADER_SIZE + 64)
+            else:
+                server = await ws_create_server(factory, url.host, url.port, reuse_address=True,
+                                                use_aiofastnet=False, websocket_handshake_timeout=t.handshake_timeout,
+                                                max_frame_size=t.max_frame + HEADER_SIZE + 64)
         except OSError as exc:
             raise SystemExit(f"{self.gw.config.source}: cluster.listen {url}: cannot listen: {exc.strerror}; "
                              "free the port or change cluster.listen") from None
@@ -144,9 +150,16 @@ class Cluster:
                 ssl_context=self.client_ssl, websocket_handshake_timeout=cfg.handshake_timeout,
                 max_frame_size=cfg.max_frame + HEADER_SIZE + 64,
                 extra_headers={"Sec-WebSocket-Protocol": SUBPROTOCOL}, use_aiofastnet=False)
-            await asyncio.shield(tunnel.ready)
-        if tunnel.self_link:
-            raise _Self()
+            if tunnel is None:  # closed before the upgrade answer: TLS 1.3 refusal of our certificate
+                raise ConnectionError(f"{url} closed the connection during the handshake; it most likely "
+                                      "refused this member's peer-link certificate (check cluster.cert is "
+                                      "signed by cluster.ca and named in the peers' cluster.peer_names)")
+            try:
+                await asyncio.shield(tunnel.ready)
+            except ConnectionError:
+                if tunnel.self_link:
+                    raise _Self() from None
+                raise
         return tunnel
 
     async def _housekeeping(self) -> None:
