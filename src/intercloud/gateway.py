@@ -36,6 +36,7 @@ class Gateway:
         self.accept_services = {s.name: s for s in config.services if s.accept}
         self.connect_services = {s.name: s for s in config.services if s.connect}
         self.listeners: list[asyncio.AbstractServer] = []
+        self.service_listeners: dict[str, asyncio.AbstractServer] = {}
         self.tg: asyncio.TaskGroup | None = None
         self.stopping = asyncio.Event()
         self.draining = False
@@ -72,6 +73,12 @@ class Gateway:
     def goaway_received(self, tunnel: Tunnel) -> None:
         self.routes_changed()
 
+    def services_changed(self, tunnel: Tunnel) -> None:
+        self.routes_changed()
+
+    def reload_tls(self) -> None:
+        """Rebuild TLS contexts from the (reloaded) config; new handshakes use them."""
+
     def is_ready(self) -> bool:
         return self.serving.is_set() and not self.draining
 
@@ -83,6 +90,7 @@ class Gateway:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: self.tg.create_task(self.reload()) if self.tg else None)
         from .admin.server import AdminServer
 
         admin = AdminServer(self) if self.config.gateway.admin else None
@@ -106,20 +114,77 @@ class Gateway:
         return 0
 
     async def _start_listeners(self) -> None:
-        loop = asyncio.get_running_loop()
         for svc in self.accept_services.values():
-            ep = svc.accept
             try:
-                server = await loop.create_server(
-                    lambda s=svc: LocalStream(s.name, "accept", on_accept=self.client_connected), ep.host, ep.port,
-                    reuse_address=True, backlog=1024)
+                await self._listen(svc)
             except OSError as exc:
                 raise SystemExit(
-                    f"{self.config.source}: service {svc.name!r}: cannot listen on {ep}: {exc.strerror}; "
+                    f"{self.config.source}: service {svc.name!r}: cannot listen on {svc.accept}: {exc.strerror}; "
                     "free the port or change service.accept") from None
-            self.listeners.append(server)
-            log.info("service %s listening on %s", svc.name, ep,
-                     extra={"event": "service.listening", "service": svc.name, "address": str(ep)})
+
+    async def _listen(self, svc) -> None:
+        ep = svc.accept
+        server = await asyncio.get_running_loop().create_server(
+            lambda: LocalStream(svc.name, "accept", on_accept=self.client_connected), ep.host, ep.port,
+            reuse_address=True, backlog=1024)
+        self.service_listeners[svc.name] = server
+        log.info("service %s listening on %s", svc.name, ep,
+                 extra={"event": "service.listening", "service": svc.name, "address": str(ep)})
+
+    async def reload(self) -> None:
+        """SIGHUP: re-read the config; apply certificates and services without dropping streams."""
+        from .config import ConfigError, load_config
+
+        try:
+            new = load_config(self.config.source)
+        except ConfigError as exc:
+            log.error("SIGHUP: configuration NOT reloaded, the running one stays in force:\n%s", exc,
+                      extra={"event": "gateway.reload_failed"})
+            return
+        old = self.config
+        fixed = [k for k, a, b in (
+            ("gateway.role", old.gateway.role, new.gateway.role), ("gateway.node_id", old.gateway.node_id, new.gateway.node_id),
+            ("gateway.admin", old.gateway.admin, new.gateway.admin), ("tunnel.listen", old.tunnel.listen, new.tunnel.listen),
+            ("cluster", old.cluster, new.cluster)) if a != b]
+        if fixed:
+            log.warning("SIGHUP: %s changed; that takes a restart, the old values stay in force", ", ".join(fixed),
+                        extra={"event": "gateway.reload_partial", "keys": fixed})
+            new = new.model_copy(update={"gateway": new.gateway.model_copy(update={"role": old.gateway.role,
+                                 "node_id": old.gateway.node_id, "admin": old.gateway.admin}),
+                                 "tunnel": new.tunnel.model_copy(update={"listen": old.tunnel.listen}),
+                                 "cluster": old.cluster})
+        self.config = new
+        try:
+            self.reload_tls()
+        except (OSError, ValueError) as exc:
+            log.error("SIGHUP: certificates not reloaded: %s; the old ones stay in use", exc,
+                      extra={"event": "gateway.reload_failed"})
+        # accept services: close removed or moved listeners, open new ones
+        new_accept = {s.name: s for s in new.services if s.accept}
+        for name, svc in list(self.accept_services.items()):
+            if name not in new_accept or new_accept[name].accept != svc.accept:
+                server = self.service_listeners.pop(name, None)
+                if server is not None:
+                    server.close()
+                log.info("service %s: listener on %s closed (reload)", name, svc.accept,
+                         extra={"event": "service.closed", "service": name})
+        for name, svc in new_accept.items():
+            if name not in self.service_listeners:
+                try:
+                    await self._listen(svc)
+                except OSError as exc:
+                    log.error("SIGHUP: service %s: cannot listen on %s: %s", name, svc.accept, exc.strerror,
+                              extra={"event": "gateway.reload_failed", "service": name})
+        self.accept_services = new_accept
+        new_connect = {s.name: s for s in new.services if s.connect}
+        names_changed = set(new_connect) != set(self.connect_services)
+        self.connect_services = new_connect
+        if names_changed:
+            for t in list(self.tunnels):
+                t.send_frame(t.conn.services(self.connect_service_names(t)))
+        log.info("SIGHUP: configuration reloaded (%d services)", len(new.services),
+                 extra={"event": "gateway.reloaded"})
+        self._event("gateway.reloaded")
 
     async def _drain(self) -> None:
         """DESIGN §3.7: stop listening, GOAWAY, let streams finish up to drain_timeout."""
@@ -128,7 +193,7 @@ class Gateway:
         n = sum(len(t.streams) for t in self.tunnels)
         log.info("draining: %d tunnels, %d streams, up to %gs", len(self.tunnels), n, timeout,
                  extra={"event": "gateway.draining", "streams": n})
-        for server in self.listeners:
+        for server in self.listeners + list(self.service_listeners.values()):
             server.close()
         for t in self.all_tunnels():
             if t.conn.peer is not None:

@@ -15,7 +15,8 @@ def status(gw) -> dict:
             "peer_addr": t.peer_addr, "url": t.url or None, "age": round(now - t.opened_at, 3),
             "rtt_ms": round(t.rtt * 1000, 3) if t.rtt is not None else None,
             "streams": len(t.streams), "tls": t.tls.get("tls"), "cipher": t.tls.get("cipher"),
-            "peer_cert": t.peer_cert.get("subject"), "peer_services": peer.services if peer else [],
+            "peer_cert": t.peer_cert.get("subject"), "peer_cert_sha256": t.peer_cert.get("fingerprint"),
+            "peer_services": peer.services if peer else [],
             "draining": t.conn.goaway_received or t.conn.goaway_sent, "paused": t.paused,
         })
         for sid, s in t.streams.items():

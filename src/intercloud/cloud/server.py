@@ -25,6 +25,7 @@ class CloudGateway(Gateway):
         super().__init__(config)
         self.cluster = Cluster(self) if config.cluster.enabled else None
         self._handshakes: set[Tunnel] = set()
+        self._tunnel_server = None
 
     # --- hooks of the shared core --------------------------------------------------------
     def is_ready(self) -> bool:
@@ -86,6 +87,21 @@ class CloudGateway(Gateway):
                 self.cluster.local_routes_changed()
         super().goaway_received(tunnel)
 
+    def services_changed(self, tunnel: Tunnel) -> None:
+        if self.cluster and tunnel.kind != "peer":
+            self.cluster.local_routes_changed()
+        super().services_changed(tunnel)
+
+    def reload_tls(self) -> None:
+        cfg = self.config
+        if cfg.tls.insecure:
+            return
+        ctx = server_context(cfg.tls.cert, cfg.tls.key, cfg.tls.ca, cfg.tls.verify_client)
+        if self._tunnel_server is not None and hasattr(self._tunnel_server, "set_ssl"):
+            self._tunnel_server.set_ssl(ctx)
+        if self.cluster is not None:
+            self.cluster.reload_tls()
+
     def relay_link(self, service: str, exclude: set[str]) -> Tunnel | None:
         return self.cluster.pick_link(service, exclude) if self.cluster else None
 
@@ -138,6 +154,7 @@ class CloudGateway(Gateway):
             raise SystemExit(f"{cfg.source}: tunnel.listen {url}: cannot listen: {exc.strerror}; "
                              "free the port or change tunnel.listen") from None
         self.listeners.append(server)
+        self._tunnel_server = server
         log.info("tunnel endpoint listening on %s (%s)", url,
                  "mutual TLS" if ssl_ctx and cfg.tls.verify_client else "TLS" if ssl_ctx else "INSECURE plain ws",
                  extra={"event": "tunnel.listening", "url": str(url)})

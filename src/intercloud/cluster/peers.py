@@ -57,14 +57,21 @@ class Cluster:
         self._pushed: tuple = ()
         self._self_url = str(self.cfg.advertise) if self.cfg.advertise else None
         self.table.set_self(gw.incarnation, self._self_url, frozenset(), time.monotonic())
-        tls = gw.config.tls
         self.server_ssl = self.client_ssl = None
-        if not tls.insecure:
-            cert, key = self.cfg.cert or tls.cert, self.cfg.key or tls.key
-            self.server_ssl = server_context(cert, key, self.cfg.ca, verify_client=True)
-            self.client_ssl = client_context(cert, key, self.cfg.ca)
-            # Peer URLs are often bare addresses; identity is the CA plus the peer_names allow-list.
-            self.client_ssl.check_hostname = False
+        self._server = None
+        self.reload_tls()
+
+    def reload_tls(self) -> None:
+        tls = self.gw.config.tls
+        if tls.insecure:
+            return
+        cert, key = self.cfg.cert or tls.cert, self.cfg.key or tls.key
+        self.server_ssl = server_context(cert, key, self.cfg.ca, verify_client=True)
+        self.client_ssl = client_context(cert, key, self.cfg.ca)
+        # Peer URLs are often bare addresses; identity is the CA plus the peer_names allow-list.
+        self.client_ssl.check_hostname = False
+        if self._server is not None and hasattr(self._server, "set_ssl"):
+            self._server.set_ssl(self.server_ssl)
 
     # --- readiness ---------------------------------------------------------------------
     def ready(self) -> bool:
@@ -105,6 +112,7 @@ class Cluster:
             raise SystemExit(f"{self.gw.config.source}: cluster.listen {url}: cannot listen: {exc.strerror}; "
                              "free the port or change cluster.listen") from None
         self.gw.listeners.append(server)
+        self._server = server
         log.info("peer-link endpoint listening on %s", url, extra={"event": "cluster.listening", "url": str(url)})
 
     async def _keep_dialing(self, url) -> None:

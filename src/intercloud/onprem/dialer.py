@@ -61,6 +61,11 @@ class OnpremGateway(Gateway):
     def is_ready(self) -> bool:
         return bool(self.tunnels) and not self.draining
 
+    def reload_tls(self) -> None:
+        tls = self.config.tls
+        if not tls.insecure:
+            self._ssl = client_context(tls.cert, tls.key, tls.ca)
+
     def _handshaking(self):
         return list(self._dialing)
 

@@ -2,6 +2,6 @@
 
 from .connection import (  # noqa: F401
     Connection, CreditAvailable, Data, GoAway, Hello, LocalProtocolError, Members, OpenAccepted,
-    OpenRefused, Ping, Pong, ProtocolError, RemoteFin, RemoteReset, State, StreamOpened,
+    OpenRefused, Ping, Pong, ProtocolError, RemoteFin, RemoteReset, ServicesChanged, State, StreamOpened,
 )
 from .frames import FrameType, Reason  # noqa: F401

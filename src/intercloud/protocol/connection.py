@@ -165,9 +165,14 @@ class Members:
     members: list
 
 
+@dataclass(slots=True)
+class ServicesChanged:
+    services: list[str]
+
+
 Event = (
     Hello | StreamOpened | OpenAccepted | OpenRefused | Data | CreditAvailable | RemoteFin
-    | RemoteReset | Ping | Pong | GoAway | Members
+    | RemoteReset | Ping | Pong | GoAway | Members | ServicesChanged
 )
 
 
@@ -327,6 +332,10 @@ class Connection:
     def members(self, members: list) -> bytes:
         return frames.encode(F.MEMBERS, 0, frames.encode_json(members))
 
+    def services(self, names: list[str]) -> bytes:
+        """protocol §3.3: this side now connects these services (after a reload)."""
+        return frames.encode(F.SERVICES, 0, frames.encode_json(sorted(names)))
+
     def abort_all(self) -> list[int]:
         """The tunnel is gone: forget every stream and return their ids."""
         sids = list(self._streams)
@@ -379,6 +388,12 @@ class Connection:
         if ft is F.GOAWAY:
             self.goaway_received = True
             return GoAway(*frames.decode_reason(payload)), None
+        if ft is F.SERVICES:
+            names = frames.decode_json(payload, "SERVICES")
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise ProtocolError("SERVICES payload is not a JSON array of names")
+            self.peer.services = names
+            return ServicesChanged(names), None
         members = frames.decode_json(payload, "MEMBERS")
         if not isinstance(members, list):
             raise ProtocolError("MEMBERS payload is not a JSON array")

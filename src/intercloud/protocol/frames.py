@@ -35,10 +35,11 @@ class FrameType(enum.IntEnum):
     PONG = 0x0A
     GOAWAY = 0x0B
     MEMBERS = 0x0C
+    SERVICES = 0x0D
 
 
 CONNECTION_TYPES = frozenset(
-    {FrameType.HELLO, FrameType.PING, FrameType.PONG, FrameType.GOAWAY, FrameType.MEMBERS}
+    {FrameType.HELLO, FrameType.PING, FrameType.PONG, FrameType.GOAWAY, FrameType.MEMBERS, FrameType.SERVICES}
 )
 STREAM_TYPES = frozenset(set(FrameType) - CONNECTION_TYPES)
 

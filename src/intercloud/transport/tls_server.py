@@ -81,6 +81,10 @@ class TlsWsServer:
         loop = asyncio.get_running_loop()
         self._accepting = [loop.create_task(self._accept_loop(s)) for s in socks]
 
+    def set_ssl(self, ssl_ctx: ssl.SSLContext) -> None:
+        """New handshakes use ``ssl_ctx`` (certificate rotation on SIGHUP); live tunnels are untouched."""
+        self._ssl = ssl_ctx
+
     def close(self) -> None:
         for t in self._accepting:
             t.cancel()

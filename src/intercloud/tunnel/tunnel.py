@@ -17,7 +17,7 @@ from picows import WSCloseCode, WSListener, WSMsgType
 
 from ..protocol import (
     Connection, CreditAvailable, Data, GoAway, Hello, Members, OpenAccepted, OpenRefused, Ping, Pong,
-    ProtocolError, RemoteFin, RemoteReset, StreamOpened,
+    ProtocolError, RemoteFin, RemoteReset, ServicesChanged, StreamOpened,
 )
 from ..protocol.frames import HEADER, FrameType, Reason
 from ..transport.tls import describe_peer_cert, session_info
@@ -216,6 +216,11 @@ class Tunnel(WSListener):
             log.info("GOAWAY from %s: %s %s", self.peer_node, Reason.name_of(ev.code), ev.text,
                      extra={"event": "tunnel.goaway", "tunnel": self.id, "peer_node": self.peer_node})
             self.gateway.goaway_received(self)
+        elif type(ev) is ServicesChanged:
+            log.info("%s: %s now connects %s", self.label, self.peer_node, ", ".join(ev.services) or "nothing",
+                     extra={"event": "tunnel.services", "tunnel": self.id, "peer_node": self.peer_node,
+                            "services": ev.services})
+            self.gateway.services_changed(self)
         elif type(ev) is Members:
             self.gateway.members_received(self, ev.members)
 
