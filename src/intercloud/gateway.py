@@ -33,8 +33,10 @@ class Gateway:
         self.node_id = config.gateway.node_id
         self.incarnation = secrets.token_hex(8)
         self.tunnels: set[Tunnel] = set()  # HELLO exchanged, not closed
-        self.accept_services = {s.name: s for s in config.services if s.accept}
-        self.connect_services = {s.name: s for s in config.services if s.connect}
+        # services are keyed by (tenant, name): two tenants may both have a "serviceA" (issue 3)
+        self.accept_services = {svc_key(s): s for s in config.services if s.accept}
+        self.connect_services = {svc_key(s): s for s in config.services if s.connect}
+        self.tenant_streams: dict[str, int] = {}
         self.listeners: list[asyncio.AbstractServer] = []
         self.service_listeners: dict[str, asyncio.AbstractServer] = {}
         self.tg: asyncio.TaskGroup | None = None
@@ -50,13 +52,20 @@ class Gateway:
 
     # --- overridable per role ----------------------------------------------------------
     def connect_service_names(self, tunnel: Tunnel) -> list[str]:
-        return sorted(self.connect_services)
+        return sorted(name for tenant, name in self.connect_services if tenant == tunnel.tenant)
+
+    def stream_limit(self, tenant: str) -> str | None:
+        """Why a new stream of ``tenant`` must be refused now, or None (cloud: per-tenant limits)."""
+        return None
 
     def hello_extra(self, tunnel: Tunnel) -> dict:
         return {}
 
     def members_received(self, tunnel: Tunnel, members: list) -> None:
         pass
+
+    def classify(self, tunnel: Tunnel) -> None:
+        """Decide what a new tunnel is (cloud: its tenant, from the certificate) before HELLO goes out."""
 
     def admit(self, tunnel: Tunnel) -> str | None:
         """A reason to refuse a tunnel whose HELLO just arrived, or None to admit it."""
@@ -66,7 +75,10 @@ class Gateway:
                     "a tunnel joins a cloud and an on-prem gateway")
         return None
 
-    def relay_link(self, service: str, exclude: set[str]) -> Tunnel | None:
+    def route_keys(self) -> set[str]:
+        return set()
+
+    def relay_link(self, route: str, exclude: set[str]) -> Tunnel | None:
         """A peer link to a member that can carry ``service`` (cloud members only)."""
         return None
 
@@ -78,6 +90,9 @@ class Gateway:
 
     def reload_tls(self) -> None:
         """Rebuild TLS contexts from the (reloaded) config; new handshakes use them."""
+
+    def after_reload(self) -> None:
+        """Re-check live tunnels against the reloaded config (cloud: tenants)."""
 
     def is_ready(self) -> bool:
         return self.serving.is_set() and not self.draining
@@ -125,9 +140,9 @@ class Gateway:
     async def _listen(self, svc) -> None:
         ep = svc.accept
         server = await asyncio.get_running_loop().create_server(
-            lambda: LocalStream(svc.name, "accept", on_accept=self.client_connected), ep.host, ep.port,
-            reuse_address=True, backlog=1024)
-        self.service_listeners[svc.name] = server
+            lambda: LocalStream(svc.name, "accept", on_accept=self.client_connected, tenant=svc.tenant or DEFAULT_TENANT),
+            ep.host, ep.port, reuse_address=True, backlog=1024)
+        self.service_listeners[svc_key(svc)] = server
         log.info("service %s listening on %s", svc.name, ep,
                  extra={"event": "service.listening", "service": svc.name, "address": str(ep)})
 
@@ -160,7 +175,7 @@ class Gateway:
             log.error("SIGHUP: certificates not reloaded: %s; the old ones stay in use", exc,
                       extra={"event": "gateway.reload_failed"})
         # accept services: close removed or moved listeners, open new ones
-        new_accept = {s.name: s for s in new.services if s.accept}
+        new_accept = {svc_key(s): s for s in new.services if s.accept}
         for name, svc in list(self.accept_services.items()):
             if name not in new_accept or new_accept[name].accept != svc.accept:
                 server = self.service_listeners.pop(name, None)
@@ -176,12 +191,13 @@ class Gateway:
                     log.error("SIGHUP: service %s: cannot listen on %s: %s", name, svc.accept, exc.strerror,
                               extra={"event": "gateway.reload_failed", "service": name})
         self.accept_services = new_accept
-        new_connect = {s.name: s for s in new.services if s.connect}
+        new_connect = {svc_key(s): s for s in new.services if s.connect}
         names_changed = set(new_connect) != set(self.connect_services)
         self.connect_services = new_connect
         if names_changed:
             for t in list(self.tunnels):
                 t.send_frame(t.conn.services(self.connect_service_names(t)))
+        self.after_reload()
         log.info("SIGHUP: configuration reloaded (%d services)", len(new.services),
                  extra={"event": "gateway.reloaded"})
         self._event("gateway.reloaded")
@@ -235,9 +251,13 @@ class Gateway:
         refusal = self.admit(tunnel)
         if refusal is not None:
             tunnel.refused = True
+            if self.role == "cloud":  # the whole reason; a WebSocket close reason holds only 123 bytes
+                tunnel.send_frame(tunnel.conn.goaway(Reason.FORBIDDEN, refusal))
             # landing on an already covered member is routine behind a load balancer: the dialer logs it
             tunnel.fail(refusal, code=1008, quiet=refusal.startswith(("landed on member", "peer link to this member itself")))
             return
+        if tunnel.client:
+            tunnel.send_hello()  # protocol §5.2: the dialer answers after admitting the peer
         if tunnel.kind == "peer":
             return
         self.tunnels.add(tunnel)
@@ -281,12 +301,13 @@ class Gateway:
         finally:
             self._route_waiters.discard(fut)
 
-    def pick_tunnel(self, service: str, exclude_nodes: set[str]) -> Tunnel | None:
-        """DESIGN §3.5: the least loaded live tunnel whose peer connects ``service``."""
+    def pick_tunnel(self, service: str, exclude_nodes: set[str], tenant: str = "default") -> Tunnel | None:
+        """DESIGN §3.5: the least loaded live tunnel of ``tenant`` whose peer connects ``service``."""
         best, best_load = None, None
         for t in self.tunnels:
             peer = t.conn.peer
-            if t.conn.goaway_received or peer.node_id in exclude_nodes or service not in peer.services:
+            if (t.tenant != tenant or t.conn.goaway_received or peer.node_id in exclude_nodes
+                    or service not in peer.services):
                 continue
             load = t.conn.stream_count
             if best is None or load < best_load:
@@ -304,12 +325,17 @@ class Gateway:
     async def _route(self, stream: LocalStream) -> None:
         """Find a tunnel, OPEN, retry elsewhere on refusal; never leave the client hanging (§3.4)."""
         svc = stream.service
+        limit = self.stream_limit(stream.tenant)
+        if limit is not None:
+            self._refuse_client(stream, limit)
+            return
         wait = self.config.gateway.route_wait
         deadline = time.monotonic() + wait
         tried: set[str] = set()
         last = None
         while not stream.finished:
-            tunnel = self.pick_tunnel(svc, tried) or self.relay_link(svc, tried)
+            tunnel = (self.pick_tunnel(svc, tried, stream.tenant)
+                      or self.relay_link(f"{stream.tenant}/{svc}", tried))
             if tunnel is None:
                 if tried:  # every gateway offering the service refused: give up at once
                     break
@@ -352,8 +378,13 @@ class Gateway:
         else:
             why = (f"every gateway offering {svc!r} refused; last {last[0]}: "
                    f"{Reason.name_of(last[1])} {last[2]}")
+        self._refuse_client(stream, why)
+
+    def _refuse_client(self, stream: LocalStream, why: str) -> None:
+        svc = stream.service
         slog.warning("[%s] REFUSED client %s: %s", svc, stream.client, why,
-                     extra={"event": "stream.refused", "service": svc, "client": stream.client, "reason": why})
+                     extra={"event": "stream.refused", "service": svc, "client": stream.client, "reason": why,
+                            "tenant": stream.tenant})
         self._event("stream.refused", service=svc, client=stream.client, reason=why)
         tr = stream.transport
         if tr is not None:
@@ -362,18 +393,29 @@ class Gateway:
 
     # --- connect side: the peer asks us to dial one of our services ---------------------
     def stream_requested(self, tunnel: Tunnel, sid: int, service: str, client: str) -> None:
-        svc = self.connect_services.get(service)
-        if svc is None and tunnel.kind == "peer":
-            task = self.tg.create_task(self._relay(tunnel, sid, service, client))
+        if tunnel.kind == "peer":  # a relayed OPEN names "tenant/service" (protocol §3.2)
+            tenant, _, name = service.partition("/")
+            task = self.tg.create_task(self._relay(tunnel, sid, name, client, tenant))
             tunnel.open_tasks[sid] = task
             task.add_done_callback(lambda _t: tunnel.open_tasks.pop(sid, None))
             return
+        svc = self.connect_services.get((tunnel.tenant, service))
         if svc is None:
-            text = (f"{self.node_id} connects no service named {service!r} "
-                    f"(it connects: {', '.join(sorted(self.connect_services)) or 'none'})")
+            mine = self.connect_service_names(tunnel)
+            who = f" for tenant {tunnel.tenant!r}" if tunnel.tenant != DEFAULT_TENANT else ""
+            text = (f"{self.node_id} connects no service named {service!r}{who} "
+                    f"(it connects: {', '.join(mine) or 'none'})")
             tunnel.send_frame(tunnel.conn.open_fail(sid, Reason.UNKNOWN_SERVICE, text))
             slog.warning("OPEN from %s refused: %s", tunnel.peer_node, text,
-                         extra={"event": "stream.open_refused", "service": service, "peer_node": tunnel.peer_node})
+                         extra={"event": "stream.open_refused", "service": service, "peer_node": tunnel.peer_node,
+                                "tenant": tunnel.tenant})
+            return
+        limit = self.stream_limit(tunnel.tenant)
+        if limit is not None:
+            tunnel.send_frame(tunnel.conn.open_fail(sid, Reason.LIMIT, limit))
+            slog.warning("OPEN %s from %s refused: %s", service, tunnel.peer_node, limit,
+                         extra={"event": "stream.open_refused", "service": service, "peer_node": tunnel.peer_node,
+                                "tenant": tunnel.tenant, "reason": limit})
             return
         task = self.tg.create_task(self._dial_target(tunnel, sid, svc, client))
         tunnel.open_tasks[sid] = task
@@ -381,7 +423,7 @@ class Gateway:
 
     async def _dial_target(self, tunnel: Tunnel, sid: int, svc, client: str) -> None:
         ep = svc.connect
-        stream = LocalStream(svc.name, "connect", client=client, target=f"{ep.host}:{ep.port}")
+        stream = LocalStream(svc.name, "connect", client=client, target=f"{ep.host}:{ep.port}", tenant=tunnel.tenant)
         loop = asyncio.get_running_loop()
         code = None
         try:
@@ -412,17 +454,17 @@ class Gateway:
         self._stream_opened(tunnel, stream)
         stream.start()
 
-    async def _relay(self, link: Tunnel, sid: int, service: str, client: str) -> None:
+    async def _relay(self, link: Tunnel, sid: int, service: str, client: str, tenant: str) -> None:
         """DESIGN §3.3: carry a stream another member relayed to us over one of our own tunnels.
         Never over another peer link (protocol §3.2), so a stream is relayed at most once."""
         from .tunnel.bridge import BridgeEnd
 
-        inner, outer = BridgeEnd.pair(service, client, target="")
+        inner, outer = BridgeEnd.pair(service, client, target="", tenant=tenant)
         inner.attach(link, sid)
         tried: set[str] = set()
         last = None
         while True:
-            tunnel = self.pick_tunnel(service, tried)
+            tunnel = self.pick_tunnel(service, tried, tenant)  # never another tenant's tunnel
             if tunnel is None:
                 break
             fut = tunnel.open(outer)
@@ -458,6 +500,8 @@ class Gateway:
     # --- accounting and logs -----------------------------------------------------------
     def _stream_opened(self, tunnel: Tunnel, stream: LocalStream) -> None:
         self.counters["streams_opened"] += 1
+        stream.counted = True
+        self.tenant_streams[stream.tenant] = self.tenant_streams.get(stream.tenant, 0) + 1
         relayed = tunnel.kind == "peer"
         slog.info("[%s] OPENED: stream %d %s -> %s via %s%s (%s)", stream.service, stream.sid, stream.client,
                   stream.target or tunnel.peer_node, tunnel.peer_node, " (relay)" if relayed else "", stream.side,
@@ -467,6 +511,9 @@ class Gateway:
 
     def stream_closed(self, tunnel: Tunnel, stream: LocalStream, reason: str) -> None:
         self.counters["streams_closed"] += 1
+        if getattr(stream, "counted", False):
+            stream.counted = False
+            self.tenant_streams[stream.tenant] -= 1
         self.counters["bytes_up"] += stream.bytes_up
         self.counters["bytes_down"] += stream.bytes_down
         dur = time.monotonic() - stream.started
@@ -482,6 +529,13 @@ class Gateway:
 
     def _event(self, kind: str, **fields) -> None:
         self.events.append({"ts": time.time(), "event": kind, **fields})
+
+
+DEFAULT_TENANT = "default"
+
+
+def svc_key(svc) -> tuple[str, str]:
+    return (svc.tenant or DEFAULT_TENANT, svc.name)
 
 
 class _Stop(Exception):

@@ -15,7 +15,6 @@ import tomllib
 import pytest
 
 from tests.support.netcat import nc_exchange
-from tests.support.ports import free_port
 from tests.support.squid import Squid, connect_via_proxy, has_ssl_bump
 from tests.support.timeouts import scaled, wait_until
 

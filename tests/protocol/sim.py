@@ -72,6 +72,14 @@ def make_pair(
     return c, s
 
 
+def connection_payload(ftype: FrameType) -> bytes:
+    """A well-formed payload for a connection-level frame type (protocol §3)."""
+    return {
+        F.HELLO: frames.encode_json(hello_body()), F.PING: bytes(8), F.PONG: bytes(8),
+        F.GOAWAY: frames.encode_reason(5, "draining"),
+    }.get(ftype, b'["svc"]')  # MEMBERS, SERVICES: JSON arrays
+
+
 def header(frame: bytes) -> tuple[FrameType, int]:
     ftype, flags, sid = HEADER.unpack_from(frame, 0)
     assert flags == 0

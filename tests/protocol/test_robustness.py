@@ -25,7 +25,8 @@ payloads = st.one_of(
     st.tuples(st.integers(0, 0xFFFF), st.text(max_size=10)).map(lambda t: frames.encode_reason(*t)),
     st.tuples(st.text(min_size=1, max_size=5), st.text(max_size=5)).map(
         lambda t: frames.encode_open(*t) if 0 < len(t[0].encode()) < 256 else b""),
-    st.sampled_from([b"[]", b"{}", b"[" * 5000, b"1" * 5000, b"[Infinity]", b"null", b"\xff"]),
+    st.sampled_from([b"[]", b'["svc"]', b"[1]", b"{}", b"[" * 5000, b"1" * 5000, b"[Infinity]",
+                     b"null", b"\xff"]),
 )
 messages = st.one_of(
     st.binary(max_size=HEADER_SIZE + 8),
@@ -112,3 +113,11 @@ def test_bad_members_is_a_protocol_error(payload: bytes) -> None:
     c, s = make_pair()
     with pytest.raises(ProtocolError, match="MEMBERS"):
         c.receive(frames.encode(F.MEMBERS, 0, payload))
+
+
+@pytest.mark.parametrize("payload", [b"[" * 100_000, b"[1]", b'["a", null]', b'{"a": 1}', b"\xff"])
+def test_bad_services_is_a_protocol_error(payload: bytes) -> None:
+    c, s = make_pair()
+    with pytest.raises(ProtocolError, match="SERVICES"):
+        c.receive(frames.encode(F.SERVICES, 0, payload))
+    assert c.peer.services == ["svc"]

@@ -19,7 +19,7 @@ from intercloud.protocol.connection import (
 )
 from intercloud.protocol.frames import CONNECTION_TYPES, HEADER_SIZE, FrameType, Reason
 
-from .sim import MISSING, header, hello_frame, make_pair
+from .sim import MISSING, connection_payload, header, hello_frame, make_pair
 
 F = FrameType
 S = State
@@ -331,12 +331,13 @@ def test_open_id_rules(side: str) -> None:
         me.receive(stream_frame(F.OPEN, ours))
     with pytest.raises(ProtocolError, match="wrong parity"):
         me.receive(stream_frame(F.OPEN, ours + 10))
-    ev, _ = me.receive(stream_frame(F.OPEN, theirs + 4))  # ids may skip, but only increase
-    assert isinstance(ev, StreamOpened) and ev.stream_id == theirs + 4
-    for sid in (theirs + 4, theirs + 2, theirs):
+    for sid in (theirs, theirs + 2):
+        ev, _ = me.receive(stream_frame(F.OPEN, sid))
+        assert isinstance(ev, StreamOpened) and ev.stream_id == sid
+    for sid in (theirs + 2, theirs):
         with pytest.raises(ProtocolError, match="reuses stream id"):
             me.receive(stream_frame(F.OPEN, sid))
-    ev, _ = me.receive(stream_frame(F.OPEN, theirs + 6))
+    ev, _ = me.receive(stream_frame(F.OPEN, theirs + 4))
     assert isinstance(ev, StreamOpened)
     with pytest.raises(ProtocolError, match="on stream 0"):
         me.receive(stream_frame(F.OPEN, 0))
@@ -347,8 +348,7 @@ def test_open_id_rules(side: str) -> None:
 @pytest.mark.parametrize("ftype", sorted(CONNECTION_TYPES), ids=_id)
 def test_connection_frame_with_stream_id(ftype: FrameType) -> None:
     c, s = make_pair()
-    payload = {F.PING: bytes(8), F.PONG: bytes(8), F.GOAWAY: frames.encode_reason(5, "x"),
-               F.MEMBERS: b"[]", F.HELLO: frames.encode_json({"version": 1})}[ftype]
+    payload = connection_payload(ftype)
     for sid in (1, 2, 2**32 - 1):
         with pytest.raises(ProtocolError, match="must use stream 0"):
             c.receive(frames.encode(ftype, sid, payload))
@@ -367,12 +367,10 @@ def test_stream_frame_on_stream_zero(ftype: FrameType) -> None:
 @pytest.mark.parametrize("client", [True, False], ids=["client", "server"])
 @pytest.mark.parametrize("ftype", [t for t in FrameType if t is not F.HELLO], ids=_id)
 def test_any_frame_before_hello_is_a_protocol_error(client: bool, ftype: FrameType) -> None:
-    payloads = {F.PING: bytes(8), F.PONG: bytes(8), F.GOAWAY: frames.encode_reason(5, "x"),
-                F.MEMBERS: b"[]"}
     for sid in (0, 1, 2):
         conn = Connection(client=client, window=1024, max_frame=1024, max_streams=4)
-        payload = payloads.get(ftype)
-        frame = frames.encode(ftype, sid, payload) if payload is not None else stream_frame(ftype, sid)
+        frame = (frames.encode(ftype, sid, connection_payload(ftype)) if ftype in CONNECTION_TYPES
+                 else stream_frame(ftype, sid))
         with pytest.raises(ProtocolError):
             conn.receive(frame)
         assert conn.peer is None

@@ -1035,3 +1035,58 @@ def test_unreadable_file_even_as_root(tmp_path: Path, pki: Path, monkeypatch) ->
     )
     msg = problem_for(write(tmp_path, cloud_toml(pki)), "tls.ca")
     assert msg == f"cannot read {pki / 'ca.pem'}: permission denied; make it readable by the user running intercloud"
+
+
+# --- tenants (issue 3) ---------------------------------------------------------------------------
+
+def _tenant_cloud(tmp_path, extra_tls: str = "", tenants: str = "", services: str = "") -> str:
+    from intercloud.certs import init_certs
+
+    init_certs(tmp_path / "tc", cloud=["cloud1"], onprem=[])
+    d = tmp_path / "tc"
+    return (f'[gateway]\nrole = "cloud"\nnode_id = "cloud1"\n[tls]\ncert = "{d}/cloud1.pem"\nkey = "{d}/cloud1.key"\n'
+            f'ca = "{d}/ca.pem"\n{extra_tls}\n[tunnel]\nlisten = "wss://127.0.0.1:8443/x"\n{tenants}\n{services}')
+
+
+def _problems(tmp_path, text: str) -> dict[str, str]:
+    from intercloud.config import ConfigError, load_config
+
+    p = tmp_path / "t.toml"
+    p.write_text(text)
+    try:
+        load_config(p)
+    except ConfigError as exc:
+        return dict(exc.problems)
+    return {}
+
+
+T101 = '[[tenant]]\nname = "tenant101"\nclient_cn = ["tenant101"]\n'
+
+
+def test_tenants_reject_verify_client_false(tmp_path):
+    probs = _problems(tmp_path, _tenant_cloud(tmp_path, "verify_client = false", T101))
+    assert "tls.verify_client" in probs and "tenant" in probs["tls.verify_client"]
+
+
+def test_tenants_reject_insecure(tmp_path):
+    text = ('[gateway]\nrole = "cloud"\nnode_id = "c"\n[tls]\ninsecure = true\n[tunnel]\n'
+            'listen = "ws://127.0.0.1:8080/x"\n' + T101)
+    probs = _problems(tmp_path, text)
+    assert "tls.insecure" in probs
+
+
+def test_tenant_services_need_a_known_tenant_and_names_are_per_tenant(tmp_path):
+    services = ('[[service]]\nname = "serviceA"\ntenant = "tenant101"\naccept = "tcp://127.0.0.1:5551"\n'
+                '[[service]]\nname = "serviceA"\ntenant = "tenant201"\naccept = "tcp://127.0.0.1:5552"\n'
+                '[[service]]\nname = "serviceB"\naccept = "tcp://127.0.0.1:5553"\n')
+    probs = _problems(tmp_path, _tenant_cloud(tmp_path, "", T101, services))
+    assert "unknown tenant 'tenant201'" in probs["service[1].tenant"]
+    assert "needs tenant" in probs["service[2].tenant"]
+    assert "service[1].name" not in probs  # same name, other tenant: allowed
+
+
+def test_tenant_without_matchers_and_bad_fingerprint(tmp_path):
+    tenants = '[[tenant]]\nname = "t1"\n\n[[tenant]]\nname = "t2"\nclient_fingerprint = ["sha256:zz"]\n'
+    probs = _problems(tmp_path, _tenant_cloud(tmp_path, "", tenants))
+    assert "no client_cn" in probs["tenant[0]"]
+    assert "fingerprint" in probs["tenant[1].client_fingerprint"]

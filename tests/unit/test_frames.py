@@ -41,7 +41,7 @@ def test_short_frame(n: int) -> None:
         frames.decode(bytes([F.DATA] * n))
 
 
-@pytest.mark.parametrize("code", [0x00, 0x0D, 0x0E, 0x7F, 0x80, 0xFF])
+@pytest.mark.parametrize("code", [0x00, max(FrameType) + 1, max(FrameType) + 2, 0x7F, 0x80, 0xFF])
 def test_unknown_type(code: int) -> None:
     with pytest.raises(FrameError, match=f"unknown frame type 0x{code:02x}"):
         frames.decode(bytes((code, 0, 0, 0, 0, 1)) + b"xyz")

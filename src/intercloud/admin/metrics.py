@@ -37,6 +37,13 @@ class _Collector:
         for key in ("streams_opened", "streams_closed", "open_failures", "route_timeouts", "tunnels_opened",
                     "tunnels_closed", "liveness_misses"):
             yield CounterMetricFamily(f"intercloud_{key}", key.replace("_", " "), value=c[key])
+        tt = GaugeMetricFamily("intercloud_tenant_tunnels", "Live tunnels per tenant", labels=["tenant"])
+        ts = GaugeMetricFamily("intercloud_tenant_streams", "Open streams per tenant", labels=["tenant"])
+        for spec in gw.config.tenants:
+            tt.add_metric([spec.name], sum(1 for t in gw.tunnels if t.tenant == spec.name))
+            ts.add_metric([spec.name], gw.tenant_streams.get(spec.name, 0))
+        yield tt
+        yield ts
         yield GaugeMetricFamily("intercloud_ready", "1 when /readyz is 200", value=1 if gw.is_ready() else 0)
 
 

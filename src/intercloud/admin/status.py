@@ -11,7 +11,7 @@ def status(gw) -> dict:
     for t in sorted(gw.tunnels, key=lambda t: t.id):
         peer = t.conn.peer
         tunnels.append({
-            "id": t.id, "peer_node": t.peer_node, "peer_role": peer.role if peer else None,
+            "id": t.id, "peer_node": t.peer_node, "tenant": t.tenant, "peer_role": peer.role if peer else None,
             "peer_addr": t.peer_addr, "url": t.url or None, "age": round(now - t.opened_at, 3),
             "rtt_ms": round(t.rtt * 1000, 3) if t.rtt is not None else None,
             "streams": len(t.streams), "tls": t.tls.get("tls"), "cipher": t.tls.get("cipher"),
@@ -28,13 +28,19 @@ def status(gw) -> dict:
             })
     services = []
     for svc in gw.config.services:
-        entry = {"name": svc.name, "side": "accept" if svc.accept else "connect",
+        entry = {"name": svc.name, "tenant": svc.tenant, "side": "accept" if svc.accept else "connect",
                  "endpoint": str(svc.accept or svc.connect)}
         if svc.accept:
-            entry["routes"] = sorted({t.peer_node for t in gw.tunnels if svc.name in t.conn.peer.services})
+            entry["routes"] = sorted({t.peer_node for t in gw.tunnels if svc.name in t.conn.peer.services
+                                      and t.tenant == (svc.tenant or "default")})
         services.append(entry)
+    tenants = []
+    for spec in gw.config.tenants:
+        tenants.append({"name": spec.name, "tunnels": sum(1 for t in gw.tunnels if t.tenant == spec.name),
+                        "streams": gw.tenant_streams.get(spec.name, 0), "max_tunnels": spec.max_tunnels,
+                        "max_streams": spec.max_streams})
     return {
-        "node_id": gw.node_id, "role": gw.role, "incarnation": gw.incarnation,
+        "node_id": gw.node_id, "tenants": tenants, "role": gw.role, "incarnation": gw.incarnation,
         "uptime": round(now - gw.started, 3), "ready": gw.is_ready(), "draining": gw.draining,
         "tunnels": tunnels, "streams": streams, "services": services,
         "counters": dict(gw.counters), "events": list(gw.events)[-50:],

@@ -10,8 +10,9 @@ import time
 from picows import WSUpgradeResponse, WSUpgradeResponseWithListener, ws_create_server
 
 from ..cluster.peers import Cluster
+from .tenants import match_tenant
 from ..gateway import Gateway
-from ..protocol.frames import HEADER_SIZE
+from ..protocol.frames import HEADER_SIZE, Reason
 from ..transport import tls_server
 from ..transport.tls import server_context
 from ..tunnel.tunnel import Tunnel
@@ -40,8 +41,69 @@ class CloudGateway(Gateway):
 
     def connect_service_names(self, tunnel: Tunnel) -> list[str]:
         if tunnel.kind == "peer":  # what we can carry for a relaying member: our on-prem routes
-            return sorted({s for t in self.tunnels for s in t.conn.peer.services})
+            return sorted(self.route_keys())
         return super().connect_service_names(tunnel)
+
+    def route_keys(self) -> set[str]:
+        """"tenant/service" for every service some live on-prem tunnel of ours connects."""
+        return {f"{t.tenant}/{s}" for t in self.tunnels if not t.conn.goaway_received for s in t.conn.peer.services}
+
+    # --- tenants (issue 3) ---------------------------------------------------------------
+    def classify(self, tunnel: Tunnel) -> None:
+        if tunnel.kind == "peer" or not self.config.tenants:
+            return
+        tunnel.tenant, tunnel.tenant_problem = match_tenant(self.config.tenants, tunnel.peer_der)
+
+    def admit_tenant(self, tunnel: Tunnel) -> str | None:
+        subject = tunnel.peer_cert.get("subject", "?")
+        if tunnel.tenant_problem:
+            return f"certificate {subject!r} refused: {tunnel.tenant_problem}"
+        tenant = tunnel.tenant
+        peer = tunnel.conn.peer
+        allowed = {name for t, name in self.accept_services if t == tenant}
+        foreign = [s for s in peer.services if s not in allowed]
+        if foreign:
+            return (f"on-prem gateway {peer.node_id} (tenant {tenant!r}, certificate {subject!r}) offers "
+                    f"{', '.join(foreign)}, which tenant {tenant!r} does not have here (its services: "
+                    f"{', '.join(sorted(allowed)) or 'none'}); remove them from the on-prem config or add them "
+                    "to the tenant's cloud services")
+        spec = self._tenant(tenant)
+        if spec is not None and spec.max_tunnels is not None:
+            have = sum(1 for t in self.tunnels if t.tenant == tenant)
+            if have >= spec.max_tunnels:
+                return f"tenant {tenant!r} already holds {have} tunnels (its max_tunnels is {spec.max_tunnels})"
+        return None
+
+    def after_reload(self) -> None:
+        """Tunnels whose certificate no longer maps to the same single tenant close (issue 4, SIGHUP)."""
+        if not self.config.tenants and all(t.tenant == "default" for t in self.tunnels):
+            return
+        for t in list(self.tunnels):
+            before = t.tenant
+            if self.config.tenants:
+                tenant, problem = match_tenant(self.config.tenants, t.peer_der)
+            else:
+                tenant, problem = "default", None
+            if problem or tenant != before:
+                why = problem or f"it now maps to tenant {tenant!r}, not {before!r}"
+                log.warning("tunnel %s from %s closed after reload: certificate %r: %s", t.id, t.peer_node,
+                            t.peer_cert.get("subject"), why,
+                            extra={"event": "tenant.revoked", "tunnel": t.id, "peer_node": t.peer_node,
+                                   "subject": t.peer_cert.get("subject"), "reason": why})
+                t.send_frame(t.conn.goaway(Reason.FORBIDDEN, f"after a configuration reload: {why}"))
+                t.fail(f"certificate no longer maps to tenant {before!r}: {why}", code=1008)
+
+    def _tenant(self, name: str):
+        return next((t for t in self.config.tenants if t.name == name), None)
+
+    def stream_limit(self, tenant: str) -> str | None:
+        spec = self._tenant(tenant)
+        if spec is None or spec.max_streams is None:
+            return None
+        have = self.tenant_streams.get(tenant, 0)
+        if have >= spec.max_streams:
+            return f"tenant {tenant!r} has {have} streams open, its max_streams (tenant.max_streams); refused"
+        return None
 
     def hello_extra(self, tunnel: Tunnel) -> dict:
         advertise = str(self.config.cluster.advertise) if self.config.cluster.advertise else None
@@ -58,7 +120,12 @@ class CloudGateway(Gateway):
             if self.cluster is None:
                 return "this cloud gateway has no [cluster]"
             return self.cluster.admit_link(tunnel)
-        return super().admit(tunnel)
+        refusal = super().admit(tunnel) or self.admit_tenant(tunnel)
+        if refusal is not None:
+            log.warning("tunnel from %s refused: %s", tunnel.peer_addr, refusal,
+                        extra={"event": "tenant.refused", "peer_addr": tunnel.peer_addr, "reason": refusal,
+                               "subject": tunnel.peer_cert.get("subject"), "tenant": tunnel.tenant})
+        return refusal
 
     def tunnel_ready(self, tunnel: Tunnel) -> None:
         super().tunnel_ready(tunnel)
@@ -102,8 +169,8 @@ class CloudGateway(Gateway):
         if self.cluster is not None:
             self.cluster.reload_tls()
 
-    def relay_link(self, service: str, exclude: set[str]) -> Tunnel | None:
-        return self.cluster.pick_link(service, exclude) if self.cluster else None
+    def relay_link(self, route: str, exclude: set[str]) -> Tunnel | None:
+        return self.cluster.pick_link(route, exclude) if self.cluster else None
 
     # --- the tunnel listener -----------------------------------------------------------
     async def run_role(self) -> None:

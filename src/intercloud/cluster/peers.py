@@ -96,7 +96,9 @@ class Cluster:
                 return WSUpgradeResponseWithListener(WSUpgradeResponse.create_error_response(
                     404, f"no peer-link endpoint at {path}\n".encode()), None)
             resp = WSUpgradeResponse.create_101_response(extra_headers={"Sec-WebSocket-Protocol": SUBPROTOCOL})
-            return WSUpgradeResponseWithListener(resp, Tunnel(self.gw, client=False, kind="peer"))
+            tunnel = Tunnel(self.gw, client=False, kind="peer")
+            self.gw._handshakes.add(tunnel)  # watched for a HELLO deadline like any tunnel
+            return WSUpgradeResponseWithListener(resp, tunnel)
 
         t = self.gw.config.tunnel
         try:
@@ -256,14 +258,15 @@ class Cluster:
 
     # --- routes ------------------------------------------------------------------------
     def local_routes_changed(self) -> None:
-        services = frozenset(s for t in self.gw.tunnels if not t.conn.goaway_received for s in t.conn.peer.services)
+        services = frozenset(self.gw.route_keys())
         if self.table.set_self(self.gw.incarnation, self._self_url, services, time.monotonic()):
             self._push_links()
 
-    def pick_link(self, service: str, exclude: set[str]) -> Tunnel | None:
+    def pick_link(self, route: str, exclude: set[str]) -> Tunnel | None:
+        """A peer link whose member routes ``route`` ("tenant/service") to its own on-prem tunnels."""
         best = None
         for link in self.links:
-            if link.peer_node in exclude or link.conn.goaway_received or service not in link.routes:
+            if link.peer_node in exclude or link.conn.goaway_received or route not in link.routes:
                 continue
             if best is None or link.conn.stream_count < best.conn.stream_count:
                 best = link

@@ -15,6 +15,7 @@ Durations are float seconds, sizes int bytes; secrets are :class:`Secret` object
 from .load import ConfigError, Problem, load_config, parse_config
 from .model import (
     ClusterConfig,
+    Tenant,
     Config,
     Endpoint,
     GatewayConfig,
@@ -40,6 +41,7 @@ __all__ = [
     "ProxyUrl",
     "Secret",
     "Service",
+    "Tenant",
     "TlsConfig",
     "TunnelConfig",
     "WsUrl",

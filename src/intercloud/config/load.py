@@ -34,6 +34,7 @@ from .. import certs
 from .model import (
     ClusterConfig,
     Config,
+    Tenant,
     GatewayConfig,
     HostPort,
     Service,
@@ -57,6 +58,7 @@ _SECTIONS: dict[str, type[BaseModel]] = {
     "tunnel": TunnelConfig,
     "cluster": ClusterConfig,
     "service": Service,
+    "tenant": Tenant,
 }
 
 
@@ -284,8 +286,11 @@ class _Checker:
         tunnel: TunnelConfig | None = self._section(TunnelConfig, data.get("tunnel"), "tunnel", "[tunnel]")
         cluster: ClusterConfig | None = self._section(ClusterConfig, data.get("cluster"), "cluster", "[cluster]")
         services = self._services(data.get("service"))
+        tenants = self._tenants(data.get("tenant"))
 
         role = gateway.role if gateway is not None else None
+        if role is not None and tenants is not None and services is not None and tls is not None:
+            self._check_tenants(role, tenants, services, tls)
         if role is not None and cluster is not None and tls is not None and tunnel is not None:
             self._check_cluster(role, cluster, tls, tunnel)
         if gateway is not None:
@@ -309,7 +314,8 @@ class _Checker:
             cluster.listen if (cluster is not None and role == "cloud") else None,
         )
 
-        if self.problems or gateway is None or tls is None or tunnel is None or services is None or cluster is None:
+        if (self.problems or gateway is None or tls is None or tunnel is None or services is None
+                or cluster is None or tenants is None):
             return None
         valid_services = [s for s in services if s is not None]
         return Config(
@@ -319,6 +325,7 @@ class _Checker:
             tunnel=tunnel,
             cluster=cluster,
             services=valid_services,
+            tenants=[t for t in tenants if t is not None],
             warnings=self.warnings,
         )
 
@@ -327,13 +334,58 @@ class _Checker:
         # (e.g. `role = "cloud"` above `[gateway]`); name the section it belongs to.
         owners = [name for name, model in _SECTIONS.items() if key in model.model_fields]
         if owners:
-            table = f"[[{owners[0]}]]" if owners[0] == "service" else f"[{owners[0]}]"
+            table = f"[[{owners[0]}]]" if owners[0] in ("service", "tenant") else f"[{owners[0]}]"
             return f"unknown top-level key; did you mean {owners[0]}.{key} (put it under {table})?"
         if key == "services":
             return "unknown top-level key; services are written as [[service]] tables (singular, double brackets)"
         close = difflib.get_close_matches(key, list(_SECTIONS), n=1, cutoff=0.6)
         hint = f"; did you mean [{close[0]}]?" if close else ""
-        return f"unknown section{hint} (valid: [gateway], [tls], [tunnel], [cluster], [[service]])"
+        return f"unknown section{hint} (valid: [gateway], [tls], [tunnel], [cluster], [[service]], [[tenant]])"
+
+    def _tenants(self, raw: Any) -> list[Tenant | None] | None:
+        if raw is None:
+            return []
+        if not isinstance(raw, list):
+            self.problem("tenant", "write each tenant as a [[tenant]] table (double brackets)")
+            return None
+        return [self._section(Tenant, item, f"tenant[{i}]", "[[tenant]]") for i, item in enumerate(raw)]
+
+    def _check_tenants(self, role: str, tenants: list, services: list, tls: TlsConfig) -> None:
+        """Issue 3: tenants come from client certificates, so they need verified mutual TLS."""
+        if not tenants:
+            for i, svc in enumerate(services):
+                if svc is not None and svc.tenant is not None:
+                    self.problem(f"service[{i}].tenant", f"service {svc.name!r} names tenant {svc.tenant!r} but "
+                                 "there is no [[tenant]] table; add one or remove the key")
+            return
+        if role != "cloud":
+            self.problem("tenant", "[[tenant]] tables belong in a cloud gateway's config; the cloud derives "
+                         "an on-prem gateway's tenant from its certificate")
+            return
+        if tls.insecure:
+            self.problem("tls.insecure", "tenants are identified by client certificates; plain ws:// cannot "
+                         "carry them. Remove tls.insecure or the [[tenant]] tables")
+        if not tls.verify_client:
+            self.problem("tls.verify_client", "tenants are identified by verified client certificates; "
+                         "set tls.verify_client = true (the default) or remove the [[tenant]] tables")
+        seen: dict[str, int] = {}
+        for i, t in enumerate(tenants):
+            if t is None:
+                continue
+            if t.name in seen:
+                self.problem(f"tenant[{i}].name", f"duplicate tenant {t.name!r}, already tenant[{seen[t.name]}]")
+            seen.setdefault(t.name, i)
+            if not (t.client_cn or t.client_san or t.client_fingerprint):
+                self.problem(f"tenant[{i}]", f"tenant {t.name!r} has no client_cn, client_san or "
+                             "client_fingerprint, so no certificate can belong to it")
+        for i, svc in enumerate(services):
+            if svc is None:
+                continue
+            if svc.tenant is None:
+                self.problem(f"service[{i}].tenant", f"service {svc.name!r} needs tenant = \"...\" "
+                             f"(one of: {', '.join(sorted(seen))}); with [[tenant]] tables every service has one")
+            elif svc.tenant not in seen:
+                self.problem(f"service[{i}].tenant", f"unknown tenant {svc.tenant!r} (known: {', '.join(sorted(seen))})")
 
     def _services(self, raw: Any) -> list[Service | None] | None:
         if raw is None:
@@ -655,13 +707,15 @@ class _Checker:
                 self.problem(
                     f"service[{i}].connect", f"port 0 cannot be dialed in {svc.connect}; give the target's port"
                 )
-            if svc.name in names:
+            key = f"{svc.tenant}/{svc.name}" if svc.tenant else svc.name
+            if key in names:
+                owner = f" of tenant {svc.tenant!r}" if svc.tenant else ""
                 self.problem(
                     f"service[{i}].name",
-                    f"duplicate service name {svc.name!r}, already used by service[{names[svc.name]}]",
+                    f"duplicate service name {svc.name!r}{owner}, already used by service[{names[key]}]",
                 )
             else:
-                names[svc.name] = i
+                names[key] = i
 
     def _check_listeners(
         self, gateway: GatewayConfig | None, listen: WsUrl | None, services: list[Service | None],

@@ -747,10 +747,41 @@ class ClusterConfig(_Section):
         return bool(self.peers) or self.listen is not None
 
 
+class Tenant(_Section):
+    """One ``[[tenant]]`` (cloud only): a customer whose on-prem gateways are known by their client
+    certificates. A tunnel belongs to the one tenant its certificate maps to (never to anything the
+    on-prem side claims); services are scoped by tenant."""
+
+    name: Name
+    #: Certificate subject common names that identify this tenant's gateways.
+    client_cn: list[str] = Field(default_factory=list)
+    #: DNS or URI subject alternative names that identify this tenant's gateways.
+    client_san: list[str] = Field(default_factory=list)
+    #: Certificate fingerprints, ``"sha256:<hex>"`` (as ``openssl x509 -fingerprint -sha256`` without colons).
+    client_fingerprint: list[str] = Field(default_factory=list)
+    #: Tunnels this tenant may hold at once on this member (none: unlimited).
+    max_tunnels: BoundedInt(1, 1_000_000) | None = None
+    #: Streams this tenant may have open at once on this member (none: unlimited).
+    max_streams: BoundedInt(1, 10_000_000) | None = None
+
+    @field_validator("client_fingerprint")
+    @classmethod
+    def _fingerprints(cls, value: list[str]) -> list[str]:
+        out = []
+        for fp in value:
+            hexpart = fp.lower().removeprefix("sha256:").replace(":", "")
+            if not re.fullmatch(r"[0-9a-f]{64}", hexpart):
+                raise invalid(f"fingerprint {fp!r} is not 'sha256:' followed by 64 hex digits")
+            out.append("sha256:" + hexpart)
+        return out
+
+
 class Service(_Section):
     """One ``[[service]]``: a named TCP endpoint, ``accept`` on one side, ``connect`` on the other."""
 
     name: Name
+    #: Cloud with ``[[tenant]]`` tables: the tenant this service belongs to (required there).
+    tenant: Name | None = None
     #: Listen here and carry accepted connections into the tunnels.
     accept: Endpoint | None = None
     #: Take streams for this service from the tunnels and dial this target.
@@ -781,6 +812,8 @@ class Config(BaseModel):
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     #: The ``[[service]]`` tables, in file order.
     services: list[Service] = Field(default_factory=list)
+    #: The ``[[tenant]]`` tables (cloud). Empty: one default tenant.
+    tenants: list[Tenant] = Field(default_factory=list)
     #: Non-fatal findings as (key path, message), e.g. a certificate that expires soon.
     warnings: list[tuple[str, str]] = Field(default_factory=list)
 

@@ -200,10 +200,18 @@ class OnpremGateway(Gateway):
                         self._event("tunnel.dial_failed", url=str(url), reason=msg)
                     last_error = msg
                 else:
-                    last_error = None
                     self._targets[index] = tunnel.peer_node
                     await tunnel.done
-                    if time.monotonic() - started > STABLE_AFTER:
+                    if tunnel.refused_by_peer:  # the cloud refused this gateway (tenant, services): say why
+                        msg = f"{tunnel.peer_node} refused this gateway: {tunnel.refused_by_peer}"
+                        if msg != last_error:
+                            log.error("dial %s failed: %s", url, msg,
+                                      extra={"event": "tunnel.dial_failed", "url": str(url), "reason": msg})
+                            self._event("tunnel.dial_failed", url=str(url), reason=msg)
+                        last_error = msg
+                    else:
+                        last_error = None
+                    if time.monotonic() - started > STABLE_AFTER and not tunnel.refused_by_peer:
                         delays = backoff(cfg.reconnect_min, cfg.reconnect_max)
                 finally:
                     self._targets.pop(index, None)

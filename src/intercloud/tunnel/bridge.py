@@ -21,8 +21,10 @@ if TYPE_CHECKING:
 
 
 class BridgeEnd:
-    def __init__(self, service: str, side: str, client: str, target: str):
+    def __init__(self, service: str, side: str, client: str, target: str, tenant: str = "default"):
         self.service = service
+        self.tenant = tenant
+        self.counted = False
         self.side = side
         self.client = client
         self.target = target
@@ -41,9 +43,9 @@ class BridgeEnd:
         self.transport = None
 
     @staticmethod
-    def pair(service: str, client: str, target: str) -> tuple[BridgeEnd, BridgeEnd]:
-        a = BridgeEnd(service, "relay-in", client, target)
-        b = BridgeEnd(service, "relay-out", client, target)
+    def pair(service: str, client: str, target: str, tenant: str = "default") -> tuple[BridgeEnd, BridgeEnd]:
+        a = BridgeEnd(service, "relay-in", client, target, tenant)
+        b = BridgeEnd(service, "relay-out", client, target, tenant)
         a.other, b.other = b, a
         return a, b
 

@@ -30,8 +30,11 @@ class LocalStream(asyncio.BufferedProtocol):
     """The local TCP side of a stream. ``side`` is "accept" (a client came to our listener) or
     "connect" (we dialed a target for the peer)."""
 
-    def __init__(self, service: str, side: str, client: str = "", target: str = "", on_accept=None):
+    def __init__(self, service: str, side: str, client: str = "", target: str = "", on_accept=None,
+                 tenant: str = "default"):
         self.service = service
+        self.tenant = tenant
+        self.counted = False
         self.on_accept = on_accept
         self.side = side
         self.client = client

@@ -46,6 +46,9 @@ class Tunnel(WSListener):
         self.expected_node = expected_node  # dialed a member's own URL: its HELLO must name it
         self.members: list[dict] = []  # the member list the cloud side sent (on-prem view)
         self.refused = False
+        self.tenant = "default"  # cloud: from the client certificate (issue 3); on-prem: always default
+        self.tenant_problem: str | None = None
+        self.refused_by_peer: str | None = None  # the peer's GOAWAY FORBIDDEN text  # why the certificate maps to no single tenant
         self.self_link = False  # a peer link that reached this very process
         self.routes: frozenset[str] = frozenset()  # peer link: services the member can carry for us
         self.peer_der: bytes | None = None
@@ -93,12 +96,18 @@ class Tunnel(WSListener):
         if ssl_obj is not None:
             self.peer_der = ssl_obj.getpeercert(binary_form=True)
             self.peer_cert = describe_peer_cert(self.peer_der)
+        self.gateway.classify(self)
         big = self.gateway.config.tunnel.max_tunnel_buffer
         under.set_write_buffer_limits(high=big, low=big // 2)  # protocol §6.3
+        if not self.client:
+            self.send_hello()
+        # The dialing side answers only once it has admitted the peer's HELLO (protocol §5.2): a tunnel
+        # it refuses (e.g. it landed on an already covered member) never looks live to the peer.
+
+    def send_hello(self) -> None:
         g = self.gateway
-        hello = self.conn.hello(g.node_id, g.role, g.connect_service_names(self), g.incarnation,
-                                **g.hello_extra(self))
-        transport.send(_BINARY, hello)
+        self.ws.send(_BINARY, self.conn.hello(g.node_id, g.role, g.connect_service_names(self), g.incarnation,
+                                              **g.hello_extra(self)))
 
     def on_ws_frame(self, transport, frame) -> None:
         self.last_rx = time.monotonic()
@@ -213,6 +222,9 @@ class Tunnel(WSListener):
             if not self.ready.done():
                 self.ready.set_result(ev)
         elif type(ev) is GoAway:
+            if ev.code == Reason.FORBIDDEN:
+                self.refused_by_peer = ev.text
+                self.close_reason = f"refused by {self.peer_node}: {ev.text}"
             log.info("GOAWAY from %s: %s %s", self.peer_node, Reason.name_of(ev.code), ev.text,
                      extra={"event": "tunnel.goaway", "tunnel": self.id, "peer_node": self.peer_node})
             self.gateway.goaway_received(self)
@@ -258,7 +270,9 @@ class Tunnel(WSListener):
     def open(self, stream: LocalStream) -> asyncio.Future:
         """Send OPEN for ``stream``; the future resolves to None (OPEN_OK) or (code, text).
         On a peer link the OPEN is flagged RELAYED (protocol §3.2)."""
-        sid, frame = self.conn.open_stream(stream.service, stream.client, relayed=self.kind == "peer")
+        relayed = self.kind == "peer"
+        name = f"{stream.tenant}/{stream.service}" if relayed else stream.service
+        sid, frame = self.conn.open_stream(name, stream.client, relayed=relayed)
         stream.attach(self, sid)
         self.streams[sid] = stream
         fut = asyncio.get_running_loop().create_future()
