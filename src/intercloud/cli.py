@@ -32,6 +32,9 @@ def _parser() -> argparse.ArgumentParser:
 
     cli_check.add_parser(sub)
     cli_certs.add_parser(sub)
+    from . import cli_status
+
+    cli_status.add_parser(sub)
     return p
 
 
@@ -39,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "run":
         return _run(args)
+    if args.command == "status":
+        from . import cli_status
+
+        return cli_status.run(args)
     if args.command == "demo":
         from . import demo
 

@@ -158,13 +158,15 @@ def echo_exchange(addr: tuple[str, int], data: bytes, timeout: float = 5.0) -> b
 def build(stack: contextlib.ExitStack, lab: Lab, tmp_path: Path, gateways: Callable[..., Gateway], *,
           lb_method: str | None = None, fail_timeout: str = "2s", onprems_reach_only_lb: bool = False,
           advertise: bool = False, extra_onprem_tunnel: str | Callable[[list[str]], str] = "",
-          before_start: Callable[[dict[str, Host]], None] | None = None) -> Topology:
+          before_start: Callable[[dict[str, Host]], None] | None = None, stagger: bool = True) -> Topology:
     """Create the hosts, certificates, echo servers, (nginx,) and start and ready all four
     gateways. Everything started is torn down by ``stack`` (servers, nginx) or the ``gateways``
     fixture (gateways) or the lab (namespaces).
 
     ``extra_onprem_tunnel`` may be a function of the members' IPs (known only once the hosts
-    exist); ``before_start(hosts)`` runs before any gateway starts (packet counters, ...)."""
+    exist); ``before_start(hosts)`` runs before any gateway starts (packet counters, ...).
+    With ``stagger`` the on-prem gateways start once both members have formed the cluster;
+    without it all four start at once."""
     hosts = {n: lab.host(n) for n in (*CLOUDS, *ONPREMS, "servera", "serverb", "lb")}
     with hosts["servera"].entered():
         echo_a = stack.enter_context(EchoServer(hosts["servera"].ip))
@@ -199,13 +201,21 @@ def build(stack: contextlib.ExitStack, lab: Lab, tmp_path: Path, gateways: Calla
             connect_urls=connect_urls, advertise=advertise, per_member=PER_MEMBER,
             extra_onprem_tunnel=extra_onprem_tunnel)
     gws: dict[str, Gateway] = {}
+    topo = Topology(lab, ha, hosts, gws, echo_a, echo_b, lb, lb_url, cloud_ips)
     for c in CLOUDS:
         gws[c] = gateways(c, ha.cloud_config(c), argv_prefix=hosts[c].argv_prefix, ready=False)
+    for c in CLOUDS:
+        topo.wait_ready(c)
+    if stagger:
+        # The cluster first, then the sites: a member-list change while an on-prem tunnel is
+        # still handshaking can be lost (see test_simultaneous_start_covers_every_member).
+        for c in CLOUDS:
+            gws[c].wait_log(lambda r: r.get("event") == "cluster.members" and set(r["members"]) == set(CLOUDS),
+                            timeout=10)
     for o in ONPREMS:
         gws[o] = gateways(o, ha.onprem_config(o), argv_prefix=hosts[o].argv_prefix, ready=False)
-    topo = Topology(lab, ha, hosts, gws, echo_a, echo_b, lb, lb_url, cloud_ips)
-    for name in gws:
-        topo.wait_ready(name)
+    for o in ONPREMS:
+        topo.wait_ready(o)
     return topo
 
 

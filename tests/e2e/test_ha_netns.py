@@ -77,28 +77,37 @@ def _assert_down(topo: Topology, name: str) -> None:
 def _first_echo(topo: Topology, name: str, t0: float, out: dict) -> None:
     """From t0, connect to ``name``'s client port until a client gets its echo. Refused
     connects (listener not bound yet) are retried at once and not counted; ``attempts`` counts
-    clients that got in, so 1 means the very first admitted client was served."""
+    clients that got in, so 1 means the very first admitted client was served. Failures are
+    recorded with start/end time (s after t0) and the client's local port (to find it in logs)."""
     addr = topo.client_addr(name)
     deadline = t0 + scaled(30)
     attempts = 0
     while time.monotonic() < deadline:
         msg = f"recovery {name} {attempts}\n".encode()
+        start = time.monotonic() - t0
+        port = None
         try:
-            got = echo_exchange(addr, msg, timeout=ROUTE_WAIT + 5)
+            with socket.create_connection(addr, timeout=scaled(ROUTE_WAIT + 5)) as s:
+                port = s.getsockname()[1]
+                s.sendall(msg)
+                s.shutdown(socket.SHUT_WR)
+                got = bytearray()
+                while chunk := s.recv(65536):
+                    got += chunk
         except ConnectionRefusedError:
-            time.sleep(0.01)
-            continue
+            if port is None:  # the listener is not bound yet
+                time.sleep(0.01)
+                continue
+            got = "ConnectionRefusedError"
         except OSError as exc:
-            attempts += 1
-            out.setdefault("failures", []).append(f"{time.monotonic() - t0:.2f}s {exc!r}")
-            time.sleep(0.02)
-            continue
+            got = repr(exc)
         attempts += 1
         if got == msg:
             out["echo"] = time.monotonic() - t0
             out["attempts"] = attempts
             return
-        out.setdefault("failures", []).append(f"{time.monotonic() - t0:.2f}s got {got!r}")
+        out.setdefault("failures", []).append(
+            f"client :{port} {start:.2f}s..{time.monotonic() - t0:.2f}s: {bytes(got) if isinstance(got, bytearray) else got!r}")
         time.sleep(0.02)
 
 

@@ -73,6 +73,8 @@ class AdminServer:
             return 405, "text/plain", b"only GET\n"
         if path == "/healthz":
             return 200, "text/plain", b"ok\n"
+        if path in ("/", "/index.html"):  # the page holds no data; it fetches /api/status with the token
+            return 200, "text/html; charset=utf-8", _dashboard()
         if not self._authorized(headers):
             return 401, "text/plain", b"missing or wrong bearer token (gateway.admin_token)\n"
         if path == "/readyz":
@@ -84,4 +86,10 @@ class AdminServer:
             from .metrics import render
 
             return 200, "text/plain; version=0.0.4", render(self.gw)
-        return 404, "text/plain", b"not found: try /healthz /readyz /api/status /metrics\n"
+        return 404, "text/plain", b"not found: try / /healthz /readyz /api/status /metrics\n"
+
+
+def _dashboard() -> bytes:
+    from importlib.resources import files
+
+    return files("intercloud.admin").joinpath("static/dashboard.html").read_bytes()

@@ -34,14 +34,49 @@ def status(gw) -> dict:
             entry["routes"] = sorted({t.peer_node for t in gw.tunnels if svc.name in t.conn.peer.services
                                       and t.tenant == (svc.tenant or "default")})
         services.append(entry)
+    members = _members(gw, now)
     tenants = []
     for spec in gw.config.tenants:
         tenants.append({"name": spec.name, "tunnels": sum(1 for t in gw.tunnels if t.tenant == spec.name),
                         "streams": gw.tenant_streams.get(spec.name, 0), "max_tunnels": spec.max_tunnels,
                         "max_streams": spec.max_streams})
     return {
-        "node_id": gw.node_id, "tenants": tenants, "role": gw.role, "incarnation": gw.incarnation,
+        "node_id": gw.node_id, "members": members, "tenants": tenants, "role": gw.role, "incarnation": gw.incarnation,
         "uptime": round(now - gw.started, 3), "ready": gw.is_ready(), "draining": gw.draining,
         "tunnels": tunnels, "streams": streams, "services": services,
         "counters": dict(gw.counters), "events": list(gw.events)[-50:],
     }
+
+
+def _members(gw, now: float) -> list[dict]:
+    """Cloud members as this gateway sees them, each marked up or down.
+
+    A cloud member: itself, plus the cluster table; a peer is "up" while a peer link to it is live.
+    An on-prem gateway: the members vouched for by a live member; "up" while it holds a tunnel to it.
+    """
+    mono = time.monotonic()
+    out = []
+    cluster = getattr(gw, "cluster", None)
+    if gw.role == "cloud":
+        linked = {l.peer_node for l in cluster.links} if cluster else set()
+        table = cluster.table.members.values() if cluster else []
+        seen = set()
+        for m in sorted(table, key=lambda m: m.node_id):
+            seen.add(m.node_id)
+            me = m.node_id == gw.node_id
+            out.append({"node_id": m.node_id, "self": me, "up": me or m.node_id in linked, "url": m.url,
+                        "incarnation": m.incarnation, "routes": sorted(m.services),
+                        "last_heard_s": round(mono - m.last_heard, 3)})
+        if gw.node_id not in seen:
+            out.insert(0, {"node_id": gw.node_id, "self": True, "up": True, "url": None,
+                           "incarnation": gw.incarnation, "routes": [], "last_heard_s": 0.0})
+        return out
+    cov: dict[str, int] = {}
+    for t in gw.tunnels:
+        cov[t.peer_node] = cov.get(t.peer_node, 0) + 1
+    known = gw.known_members() if hasattr(gw, "known_members") else {}
+    for node in sorted(set(known) | set(cov)):
+        m = known.get(node, {})
+        out.append({"node_id": node, "self": False, "up": cov.get(node, 0) > 0, "tunnels": cov.get(node, 0),
+                    "wanted": gw.config.tunnel.per_member, "url": m.get("url"), "incarnation": m.get("incarnation")})
+    return out

@@ -220,8 +220,10 @@ class Cluster:
         log.info("peer link %s with member %s (%s) up", tunnel.label, peer.node_id, tunnel.peer_addr,
                  extra={"event": "cluster.link_up", "member": peer.node_id, "peer_addr": tunnel.peer_addr})
         self.gw._event("cluster.link_up", member=peer.node_id)
-        self.members_changed()
-        self.gw.routes_changed()
+        # after the caller has sent our HELLO (a dialer sends it only once admitted, protocol §5.2)
+        loop = asyncio.get_running_loop()
+        loop.call_soon(self.members_changed)
+        loop.call_soon(self.gw.routes_changed)
         return None
 
     def _entry_of(self, tunnel: Tunnel) -> dict:
