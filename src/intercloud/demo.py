@@ -10,6 +10,7 @@ the demo stays up for you to try ``nc 127.0.0.1 5551`` until Ctrl-C. Nothing is 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import signal
@@ -85,6 +86,44 @@ async def _wait_ready(p: Proc, timeout: float = 20.0) -> float:
     raise RuntimeError(f"{p.name} not ready after {timeout:g}s; see {p.log}")
 
 
+async def _status(port: int) -> dict | None:
+    try:
+        r, w = await asyncio.wait_for(asyncio.open_connection(HOST, port), 1)
+        w.write(b"GET /api/status HTTP/1.1\r\nHost: x\r\n\r\n")
+        data = await asyncio.wait_for(r.read(), 3)
+        w.close()
+        return json.loads(data.split(b"\r\n\r\n", 1)[1])
+    except (OSError, TimeoutError, ValueError, IndexError):
+        return None
+
+
+async def _coverage(p: Proc) -> dict[str, int]:
+    st = await _status(p.admin) or {}
+    cov: dict[str, int] = {}
+    for t in st.get("tunnels", []):
+        cov[t["peer_node"]] = cov.get(t["peer_node"], 0) + 1
+    return cov
+
+
+async def _wait_coverage(top: Topology, want: dict[str, int], timeout: float = 20.0, show: bool = True) -> float | None:
+    """Until every on-prem gateway holds ``want`` tunnels per member; prints progress as they come in."""
+    t0 = time.monotonic()
+    shown: dict[str, dict] = {}
+    while time.monotonic() - t0 < timeout:
+        done = True
+        for name in ("onprem1", "onprem2"):
+            cov = await _coverage(top.procs[name])
+            if show and cov != shown.get(name):
+                shown[name] = cov
+                parts = ", ".join(f"{m} {cov.get(m, 0)}/{n}" for m, n in want.items())
+                _print(f"  {name:<8} tunnels {parts}")
+            done &= all(cov.get(m, 0) >= n for m, n in want.items())
+        if done:
+            return time.monotonic() - t0
+        await asyncio.sleep(0.1)
+    return None
+
+
 async def echo_once(port: int, word: bytes, timeout: float = 4.0) -> bool:
     try:
         r, w = await asyncio.wait_for(asyncio.open_connection(HOST, port), timeout)
@@ -110,11 +149,46 @@ async def _echo_server() -> tuple[asyncio.AbstractServer, int]:
     return srv, srv.sockets[0].getsockname()[1]
 
 
+def _onprem_text(top: Topology, name: str, urls: str) -> str:
+    p, certs = top.ports, top.workdir / "certs"
+    return f"""# {name}: an on-prem gateway. It only dials out; clients of service B connect to port {p[name]}.
+[gateway]
+role = "onprem"
+node_id = "{name}"
+admin = "{HOST}:{p[f'admin_{name}']}"
+route_wait = "3s"
+drain_timeout = "5s"
+
+[tls]
+cert = "{certs}/{name}.pem"
+key = "{certs}/{name}.key"
+ca = "{certs}/ca.pem"
+
+[tunnel]
+connect = [{urls}]
+per_member = 2
+ping_interval = "1s"
+ping_timeout = "3s"
+reconnect_min = "100ms"
+reconnect_max = "1s"
+
+[[service]]
+name = "serviceA"
+connect = "tcp://{HOST}:{top.echo_ports['A']}"
+
+[[service]]
+name = "serviceB"
+accept = "tcp://{HOST}:{p[name]}"
+"""
+
+
 def _write_configs(top: Topology) -> None:
     d = top.workdir
     certs = d / "certs"
     init_certs(certs, cloud=["cloud1", "cloud2"], onprem=["onprem1", "onprem2"])
+    init_certs(certs / "cluster", cloud=["cloud1", "cloud2"], onprem=[])  # members' own CA (DESIGN §3.2)
     p = top.ports
+    peers = ", ".join(f'"wss://{HOST}:{p[f"peer_{c}"]}/cluster"' for c in ("cloud1", "cloud2"))
     urls = ", ".join(f'"wss://localhost:{p[f"tunnel_{c}"]}/intercloud"' for c in ("cloud1", "cloud2"))
     common_tunnel = 'ping_interval = "1s"\nping_timeout = "3s"\nreconnect_min = "100ms"\nreconnect_max = "1s"\n'
     for name in ("cloud1", "cloud2"):
@@ -134,6 +208,15 @@ ca = "{certs}/ca.pem"
 [tunnel]
 listen = "wss://{HOST}:{p[f'tunnel_{name}']}/intercloud"
 {common_tunnel}
+[cluster]
+listen = "wss://{HOST}:{p[f'peer_{name}']}/cluster"
+peers = [{peers}]
+ca = "{certs}/cluster/ca.pem"
+cert = "{certs}/cluster/{name}.pem"
+key = "{certs}/cluster/{name}.key"
+peer_names = ["cloud1", "cloud2"]
+member_ttl = "6s"
+
 [[service]]
 name = "serviceA"
 accept = "tcp://{HOST}:{p[name]}"
@@ -145,32 +228,7 @@ connect = "tcp://{HOST}:{top.echo_ports['B']}"
         (d / f"{name}.toml").write_text(text)
         top.procs[name] = Proc(name, d / f"{name}.toml", d / f"{name}.log", p[f"admin_{name}"], p[name])
     for name in ("onprem1", "onprem2"):
-        text = f"""# {name}: an on-prem gateway. It dials out to both cloud members; clients of
-# service B connect to port {p[name]}.
-[gateway]
-role = "onprem"
-node_id = "{name}"
-admin = "{HOST}:{p[f'admin_{name}']}"
-route_wait = "3s"
-drain_timeout = "5s"
-
-[tls]
-cert = "{certs}/{name}.pem"
-key = "{certs}/{name}.key"
-ca = "{certs}/ca.pem"
-
-[tunnel]
-connect = [{urls}]
-per_member = 2
-{common_tunnel}
-[[service]]
-name = "serviceA"
-connect = "tcp://{HOST}:{top.echo_ports['A']}"
-
-[[service]]
-name = "serviceB"
-accept = "tcp://{HOST}:{p[name]}"
-"""
+        text = _onprem_text(top, name, urls)
         (d / f"{name}.toml").write_text(text)
         top.procs[name] = Proc(name, d / f"{name}.toml", d / f"{name}.log", p[f"admin_{name}"], p[name])
 
@@ -236,11 +294,105 @@ async def walkthrough(top: Topology) -> bool:
                 shown = f"{time.monotonic() - t0:6.2f}s" if ok else "   never"
                 _print(f"{n + ' restarted, serves its own port':<44} {n + ' port':<16} "
                        f"{'PASS' if ok else 'FAIL':<6} {shown:>8}")
+    if _nginx_stream_module():
+        all_ok &= await _lb_phase(top)
+    else:
+        _print("(nginx with the stream module is not installed: skipping the load-balancer steps)")
     return all_ok
 
 
+def _nginx_stream_module() -> str | None:
+    for path in ("/usr/lib/nginx/modules/ngx_stream_module.so", "/usr/share/nginx/modules/ngx_stream_module.so"):
+        if os.path.exists(path) and shutil.which("nginx"):
+            return path
+    return None
+
+
+async def _lb_phase(top: Topology) -> bool:
+    """The KWIC discussion notes' setup: on-prem gateways reach the members only through an nginx stream
+    load balancer (least_conn). Kill cloud1, restart it, and measure how soon it serves its own port and
+    how soon every on-prem gateway holds its tunnels to it again, with no client traffic to help."""
+    d, p = top.workdir / "nginx", top.ports
+    d.mkdir(exist_ok=True)
+    conf = d / "nginx.conf"
+    conf.write_text(f"""load_module {_nginx_stream_module()};
+daemon off;
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/error.log;
+events {{ worker_connections 1024; }}
+stream {{
+    upstream members {{
+        least_conn;
+        server {HOST}:{p['tunnel_cloud1']} max_fails=1 fail_timeout=2s;
+        server {HOST}:{p['tunnel_cloud2']} max_fails=1 fail_timeout=2s;
+    }}
+    server {{
+        listen {HOST}:{p['lb']};
+        proxy_pass members;
+        proxy_connect_timeout 1s;
+    }}
+}}
+""")
+    nginx = await asyncio.create_subprocess_exec("nginx", "-p", f"{d}/", "-c", str(conf), "-e", f"{d}/error.log",
+                                                  stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+                                                  start_new_session=True)
+    ok = True
+    try:
+        t0 = time.monotonic()
+        while not await echo_probe(p["lb"]) and time.monotonic() - t0 < 10:
+            await asyncio.sleep(0.05)
+        _print(f"\nload balancer: nginx least_conn on {HOST}:{p['lb']}; on-prem gateways now know only its URL")
+        lb_url = f'"wss://localhost:{p["lb"]}/intercloud"'
+        for name in ("onprem1", "onprem2"):
+            top.procs[name].config.write_text(_onprem_text(top, name, lb_url))
+            await top.procs[name].stop(signal.SIGTERM)
+            await top.procs[name].start()
+            await _wait_ready(top.procs[name])
+        took = await _wait_coverage(top, {"cloud1": 2, "cloud2": 2}, show=False)
+        ok &= took is not None
+        _print(f"{'through the LB: every member covered':<44} {'2+2 per onprem':<16} "
+               f"{'PASS' if took is not None else 'FAIL':<6} {took or 0:6.2f}s")
+        await top.procs["cloud1"].stop(signal.SIGKILL)
+        alive = await echo_once(p["cloud2"], b"A via cloud2\n")
+        ok &= alive
+        _print(f"{'cloud1 killed (LB)':<44} {'A via cloud2':<16} {'PASS' if alive else 'FAIL':<6}")
+        t0 = time.monotonic()
+        await top.procs["cloud1"].start()
+        await _wait_ready(top.procs["cloud1"])
+        t_ready = time.monotonic() - t0
+        served = await _until_serves(top, "cloud1")
+        t_serve = time.monotonic() - t0 if served is not None else None
+        covered = await _wait_coverage(top, {"cloud1": 2}, timeout=20, show=False)
+        t_cover = time.monotonic() - t0 if covered is not None else None
+        ok &= t_serve is not None and t_cover is not None
+        _print(f"{'cloud1 restarted (LB): ready':<44} {'/readyz':<16} {'PASS':<6} {t_ready:6.2f}s")
+        _print(f"{'cloud1 restarted (LB): serves its own port':<44} {'A via cloud1':<16} "
+               f"{'PASS' if t_serve else 'FAIL':<6} {t_serve or 0:6.2f}s")
+        _print(f"{'cloud1 restarted (LB): on-prem tunnels back':<44} {'2 per onprem':<16} "
+               f"{'PASS' if t_cover else 'FAIL':<6} {t_cover or 0:6.2f}s")
+    finally:
+        nginx.terminate()
+        try:
+            await asyncio.wait_for(nginx.wait(), 5)
+        except TimeoutError:
+            nginx.kill()
+            await nginx.wait()
+    return ok
+
+
+async def echo_probe(port: int) -> bool:
+    try:
+        _r, w = await asyncio.wait_for(asyncio.open_connection(HOST, port), 0.5)
+        w.close()
+        return True
+    except (OSError, TimeoutError):
+        return False
+
+
 DEFAULT_PORTS = {"cloud1": 5551, "cloud2": 5552, "onprem1": 6661, "onprem2": 6662,
-                 "tunnel_cloud1": 8441, "tunnel_cloud2": 8442,
+                 "tunnel_cloud1": 8441, "tunnel_cloud2": 8442, "peer_cloud1": 9441, "peer_cloud2": 9442,
+                 "lb": 8443,
                  "admin_cloud1": 9101, "admin_cloud2": 9102, "admin_onprem1": 9103, "admin_onprem2": 9104}
 
 
@@ -278,6 +430,7 @@ async def run_demo(walk: bool, port_offset: int = 0, keep: bool = False) -> int:
         for name in ("cloud1", "cloud2", "onprem1", "onprem2"):
             took = await _wait_ready(top.procs[name])
             _print(f"  {name:<8} up      ready in {took:5.2f}s  (admin http://{HOST}:{top.procs[name].admin}/api/status)")
+        await _wait_coverage(top, {"cloud1": 2, "cloud2": 2})
         for name in ("cloud1", "cloud2"):
             await _until_serves(top, name)
         ok = True

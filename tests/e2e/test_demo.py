@@ -26,7 +26,11 @@ def test_demo_walkthrough_passes_and_cleans_up():
     assert out.returncode == 0, out.stdout + out.stderr
     assert "walkthrough: PASSED" in out.stdout
     assert "FAIL" not in out.stdout.replace("FAILED", "")
-    for port in (5551, 5552, 6661, 6662, 8441, 8442, 9101, 9102, 9103, 9104):
+    for port in (5551, 5552, 6661, 6662, 8441, 8442, 8443, 9441, 9442, 9101, 9102, 9103, 9104):
         assert not _listening(port + OFFSET), f"port {port + OFFSET} still listening after the demo"
     ps = subprocess.run(["pgrep", "-f", "intercloud-demo-"], capture_output=True, text=True)
     assert ps.stdout.strip() == "", f"demo gateway processes left: {ps.stdout}"
+    if "nginx" in out.stdout and "not installed" not in out.stdout:
+        assert "cloud1 restarted (LB): on-prem tunnels back" in out.stdout
+    ps = subprocess.run(["pgrep", "-f", "intercloud-demo-.*/nginx"], capture_output=True, text=True)
+    assert ps.stdout.strip() == "", f"demo nginx left: {ps.stdout}"

@@ -595,10 +595,11 @@ class _Importer:
     # -- bookkeeping -------------------------------------------------------------------------
 
     def report(self, level: Level, node: Node | None, message: str) -> None:
-        f = Finding(level, self.file, node.line if node is not None else 0,
-                    node.path if node is not None else "(command line)", message)
-        if f not in self.findings:
-            self.findings.append(f)
+        # The same message for several elements (e.g. every service bound to @eth0) is reported once.
+        if any(f.level == level and f.message == message for f in self.findings):
+            return
+        self.findings.append(Finding(level, self.file, node.line if node is not None else 0,
+                                     node.path if node is not None else "(command line)", message))
 
     def origin(self, node: Node, extra: str = "") -> str:
         """A comment saying where a value came from."""
@@ -916,7 +917,7 @@ class _Importer:
                                    f"--resolve-interfaces to listen on 0.0.0.0, or use --rewrite-host @{iface}=ADDRESS")
                 return addr, f"address of {iface} on this machine (--resolve-interfaces)"
             here = f" (here {iface} is {addr}: --resolve-interfaces would use it)" if addr else ""
-            self.report("note", node, f"{what} bound interface {iface}; intercloud binds addresses, so it "
+            self.report("note", node, f"KWIC bound interface {iface} (@{iface}); intercloud binds addresses, so it "
                         f"listens on all interfaces (0.0.0.0){here}. Write the interface's address to restrict it")
             return "0.0.0.0", f"@{iface} -> all interfaces"
         mapped = self._map_host(uri_host) if uri_host else uri_host
@@ -928,7 +929,7 @@ class _Importer:
             return uri_host, ""
         if uri_host.lower() == "localhost":
             return "127.0.0.1", ""
-        self.report("note", node, f"{what}: KWIC bound the address that {uri_host} resolved to; intercloud "
+        self.report("note", node, f"KWIC listened on the address that {uri_host} resolved to; intercloud "
                     "listens on all interfaces (0.0.0.0). Write that address instead to restrict it")
         return "0.0.0.0", f"{uri_host} -> all interfaces"
 
@@ -1676,7 +1677,7 @@ class _Importer:
     def _tenants(self, out: _Toml, svcs: list[_Svc]) -> None:
         if not self.opts.tenants:
             if len(svcs) > 2:
-                self.report("note", None, "no --tenant given: every on-prem gateway trusted by tls.ca may offer "
+                self.report("note", self.root, "no --tenant given: every on-prem gateway trusted by tls.ca may offer "
                             "and use every service, as in KWIC. For KWIC's multi-tenant setup give "
                             "--tenant NAME=SERVICE,SERVICE per tenant so that intercloud enforces it")
             return
