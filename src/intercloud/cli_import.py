@@ -192,7 +192,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"{args.xml}: {dropped} element(s) that carry traffic could not be mapped (marked 'dropped'); "
               "see docs/kwic-migration.md", file=err)
     elif status == EXIT_OK:
-        print(f"{args.xml}: imported as a {result.role} gateway; check: intercloud check {args.output or 'OUT.toml'}",
+        role = "a cloud" if result.role == "cloud" else "an on-prem"
+        print(f"{args.xml}: imported as {role} gateway; check it with: intercloud check {args.output or 'OUT.toml'}",
               file=err)
     return status
 

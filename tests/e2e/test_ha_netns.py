@@ -479,3 +479,15 @@ def test_advertised_member_urls_dialed_only_if_allowed(topology, allowed):
         assert sources == {lb_ip}, f"cloud1 saw tunnels from {sources}; only the LB ({lb_ip}) expected"
     else:
         assert sources & onprem_ips, f"cloud1 saw tunnels only from {sources}, none straight from an on-prem host"
+
+
+# --- 7. everything starts at once ------------------------------------------------------------
+
+@pytest.mark.parametrize("run", range(6))
+def test_simultaneous_start_covers_every_member(topology, run):
+    """Members and sites power up together behind the LB: whatever the order in which the
+    cluster forms and tunnels arrive, every on-prem gateway ends up with per_member tunnels to
+    every member (a member-list change must reach tunnels that were still handshaking)."""
+    topo = topology(lb_method="least_conn", fail_timeout=f"{FAIL_TIMEOUT:g}s", onprems_reach_only_lb=True,
+                    stagger=False)
+    topo.wait_full_coverage(timeout=15)

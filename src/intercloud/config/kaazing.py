@@ -1644,7 +1644,8 @@ class _Importer:
             self.report("note", cluster, "peer links use the same CA as the tunnels (KWIC had one truststore); "
                         "cluster.peer_names keeps tenant certificates out, but a separate cluster CA "
                         "(`intercloud certs init pki/cluster --cloud MEMBERS`) is safer")
-            names = [n for n in _cert_names(tls.leaf) if NAME_PATTERN.fullmatch(n)]
+            names = [n for n in _cert_names(tls.leaf)
+                     if NAME_PATTERN.fullmatch(n) and not _is_ip(n) and n.lower() != "localhost"]
             usages = getattr(self, "leaf_usages", None)
             if usages is not None and ExtendedKeyUsageOID.CLIENT_AUTH not in usages:
                 self.report("note", cluster, "the member certificate is not allowed as a TLS client (clientAuth); "
