@@ -49,6 +49,8 @@ class Gateway:
                          "bytes_up": 0, "bytes_down": 0, "tunnels_opened": 0, "tunnels_closed": 0,
                          "liveness_misses": 0, "protocol_errors": 0}
         self.started = time.time()
+        # labelled counters for /metrics: (name, ((label, value), ...)) -> count
+        self.labelled: dict[tuple[str, tuple], float] = {}
 
     # --- overridable per role ----------------------------------------------------------
     def connect_service_names(self, tunnel: Tunnel) -> list[str]:
@@ -232,6 +234,7 @@ class Gateway:
             for t in self.all_tunnels():
                 if now - t.last_rx > t_cfg.ping_timeout:
                     self.counters["liveness_misses"] += 1
+                    self.count("liveness_misses", peer_node=t.peer_node)
                     t.fail(f"no frame from {t.peer_node} for {now - t.last_rx:.1f}s "
                            f"(tunnel.ping_timeout = {t_cfg.ping_timeout:g}s); peer dead or path broken",
                            code=1011)
@@ -364,6 +367,7 @@ class Gateway:
             last = (tunnel.peer_node, *result)
             tried.add(tunnel.peer_node)  # node ids are unique among members and among on-prem gateways
             self.counters["open_failures"] += 1
+            self.count("open_failures", service=svc, tenant=stream.tenant, reason=Reason.name_of(result[0]))
             slog.info("OPEN %s via %s refused: %s %s; trying another gateway", svc, tunnel.peer_node,
                       Reason.name_of(result[0]), result[1],
                       extra={"event": "stream.open_failed", "service": svc, "peer_node": tunnel.peer_node,
@@ -373,6 +377,7 @@ class Gateway:
             return
         if last is None:
             self.counters["route_timeouts"] += 1
+            self.count("route_timeouts", service=svc, tenant=stream.tenant)
             why = (f"no route: no tunnel offers service {svc!r} (waited {wait:g}s, gateway.route_wait); "
                    "check that a gateway on the other side connects this service and its tunnels are up")
         else:
@@ -440,6 +445,7 @@ class Gateway:
             if tunnel.conn.state(sid) is State.OPENING_IN:
                 tunnel.send_frame(tunnel.conn.open_fail(sid, code, text))
             self.counters["open_failures"] += 1
+            self.count("open_failures", service=svc.name, tenant=tunnel.tenant, reason=Reason.name_of(code))
             slog.warning("[%s] target failed for client %s via %s: %s", svc.name, client, tunnel.peer_node, text,
                          extra={"event": "stream.target_failed", "service": svc.name, "client": client,
                                 "target": stream.target, "reason": Reason.name_of(code), "detail": text})
@@ -500,6 +506,10 @@ class Gateway:
     # --- accounting and logs -----------------------------------------------------------
     def _stream_opened(self, tunnel: Tunnel, stream: LocalStream) -> None:
         self.counters["streams_opened"] += 1
+        self.count("streams_opened", service=stream.service, tenant=stream.tenant)
+        if tunnel.kind == "peer" or stream.side.startswith("relay"):
+            self.count("relays", service=stream.service, tenant=stream.tenant,
+                       direction="out" if tunnel.kind == "peer" and stream.side == "accept" else "in")
         stream.counted = True
         self.tenant_streams[stream.tenant] = self.tenant_streams.get(stream.tenant, 0) + 1
         relayed = tunnel.kind == "peer"
@@ -516,6 +526,8 @@ class Gateway:
             self.tenant_streams[stream.tenant] -= 1
         self.counters["bytes_up"] += stream.bytes_up
         self.counters["bytes_down"] += stream.bytes_down
+        self.count("bytes_out", stream.bytes_up, service=stream.service, tenant=stream.tenant)
+        self.count("bytes_in", stream.bytes_down, service=stream.service, tenant=stream.tenant)
         dur = time.monotonic() - stream.started
         slog.info("[%s] CLOSED: stream %d %s -> %s via %s, %d bytes out, %d bytes in, %.3fs: %s",
                   stream.service, stream.sid, stream.client, stream.target or tunnel.peer_node, tunnel.peer_node,
@@ -526,6 +538,10 @@ class Gateway:
                          "bytes_in": stream.bytes_down, "duration": round(dur, 6), "reason": reason})
         if self.draining:
             self.routes_changed()  # wakes the drain loop
+
+    def count(self, name: str, n: float = 1, **labels) -> None:
+        key = (name, tuple(sorted(labels.items())))
+        self.labelled[key] = self.labelled.get(key, 0) + n
 
     def _event(self, kind: str, **fields) -> None:
         self.events.append({"ts": time.time(), "event": kind, **fields})

@@ -204,18 +204,17 @@ def build(stack: contextlib.ExitStack, lab: Lab, tmp_path: Path, gateways: Calla
     topo = Topology(lab, ha, hosts, gws, echo_a, echo_b, lb, lb_url, cloud_ips)
     for c in CLOUDS:
         gws[c] = gateways(c, ha.cloud_config(c), argv_prefix=hosts[c].argv_prefix, ready=False)
-    for c in CLOUDS:
-        topo.wait_ready(c)
     if stagger:
         # The cluster first, then the sites: a member-list change while an on-prem tunnel is
         # still handshaking can be lost (see test_simultaneous_start_covers_every_member).
         for c in CLOUDS:
+            topo.wait_ready(c)
             gws[c].wait_log(lambda r: r.get("event") == "cluster.members" and set(r["members"]) == set(CLOUDS),
                             timeout=10)
     for o in ONPREMS:
         gws[o] = gateways(o, ha.onprem_config(o), argv_prefix=hosts[o].argv_prefix, ready=False)
-    for o in ONPREMS:
-        topo.wait_ready(o)
+    for name in gws:
+        topo.wait_ready(name)
     return topo
 
 

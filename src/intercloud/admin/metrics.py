@@ -44,6 +44,16 @@ class _Collector:
             ts.add_metric([spec.name], gw.tenant_streams.get(spec.name, 0))
         yield tt
         yield ts
+        families: dict[str, CounterMetricFamily] = {}
+        for (name, labels), value in sorted(gw.labelled.items()):
+            keys = [k for k, _ in labels]
+            fam_key = f"{name}|{','.join(keys)}"
+            fam = families.get(fam_key)
+            if fam is None:
+                fam = families[fam_key] = CounterMetricFamily(
+                    f"intercloud_{name}_by", f"{name.replace('_', ' ')} by {', '.join(keys)}", labels=keys)
+            fam.add_metric([str(v) for _, v in labels], value)
+        yield from families.values()
         yield GaugeMetricFamily("intercloud_ready", "1 when /readyz is 200", value=1 if gw.is_ready() else 0)
 
 

@@ -193,6 +193,7 @@ class OnpremGateway(Gateway):
                     tunnel = await self._dial(url, node)
                 except DialError as exc:
                     msg = str(exc)
+                    self.count("dial_failures", url=str(url))
                     if msg != last_error:  # one line per distinct failure, not one per retry
                         level = logging.INFO if "already has its" in msg else logging.WARNING
                         log.log(level, "dial %s failed: %s", url, msg,
@@ -200,6 +201,7 @@ class OnpremGateway(Gateway):
                         self._event("tunnel.dial_failed", url=str(url), reason=msg)
                     last_error = msg
                 else:
+                    self.count("reconnects" if self.counters["tunnels_opened"] > 1 else "connects", url=str(url))
                     self._targets[index] = tunnel.peer_node
                     await tunnel.done
                     if tunnel.refused_by_peer:  # the cloud refused this gateway (tenant, services): say why
