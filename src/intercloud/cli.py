@@ -31,6 +31,9 @@ def _parser() -> argparse.ArgumentParser:
     from . import cli_certs, cli_check
 
     cli_check.add_parser(sub)
+    from . import cli_import
+
+    cli_import.add_parser(sub)
     cli_certs.add_parser(sub)
     from . import cli_status
 
@@ -54,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
         from . import cli_check
 
         return cli_check.run(args)
+    if args.command == "import-kaazing":
+        from . import cli_import
+
+        return cli_import.run(args)
     if args.command == "certs":
         from . import cli_certs
 

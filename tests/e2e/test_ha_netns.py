@@ -483,11 +483,11 @@ def test_advertised_member_urls_dialed_only_if_allowed(topology, allowed):
 
 # --- 7. everything starts at once ------------------------------------------------------------
 
-@pytest.mark.parametrize("run", range(6))
+@pytest.mark.parametrize("run", range(12))
 def test_simultaneous_start_covers_every_member(topology, run):
     """Members and sites power up together behind the LB: whatever the order in which the
     cluster forms and tunnels arrive, every on-prem gateway ends up with per_member tunnels to
     every member (a member-list change must reach tunnels that were still handshaking)."""
     topo = topology(lb_method="least_conn", fail_timeout=f"{FAIL_TIMEOUT:g}s", onprems_reach_only_lb=True,
-                    stagger=False)
+                    stagger=False, advertise=bool(run % 2))
     topo.wait_full_coverage(timeout=15)

@@ -17,9 +17,9 @@ def test_1_simple_four_services_both_directions(tmp_path, gateways):
     """1-simple: services A and C go cloud -> on-prem, B and D on-prem -> cloud (plain ws, opted in)."""
     with EchoServer() as a, EchoServer() as b, EchoServer() as c, EchoServer() as d:
         pair = make_pair(tmp_path, a_target=a.port, b_target=b.port, insecure=True)
-        from tests.support.ports import free_port
+        from tests.support.ports import free_ports
 
-        c_port, d_port = free_port(), free_port()
+        c_port, d_port = free_ports(2)
         pair.cloud_services += [service("serviceC", accept=c_port), service("serviceD", connect=d.port)]
         pair.onprem_services += [service("serviceC", connect=c.port), service("serviceD", accept=d_port)]
         cloud = gateways("cloud1", pair.cloud_config())

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from intercloud.certs import init_certs
-from tests.support.ports import free_port
+from tests.support.ports import free_ports
 
 
 @dataclass
@@ -62,8 +62,9 @@ def make_pair(tmp_path: Path, *, a_target: int, b_target: int, insecure: bool = 
     certs = tmp_path / "certs"
     if not insecure:
         init_certs(certs, cloud=["cloud1"], onprem=["onprem1", "onprem2"])
-    p = Pair(certs=certs, tunnel_port=free_port(), cloud_admin=free_port(), onprem_admin=free_port(),
-             a_port=free_port(), b_port=free_port(), insecure=insecure, **kw)
+    tunnel, cadmin, oadmin, a, b = free_ports(5)
+    p = Pair(certs=certs, tunnel_port=tunnel, cloud_admin=cadmin, onprem_admin=oadmin, a_port=a, b_port=b,
+             insecure=insecure, **kw)
     p.cloud_services = [service("serviceA", accept=p.a_port), service("serviceB", connect=b_target)]
     p.onprem_services = [service("serviceA", connect=a_target), service("serviceB", accept=p.b_port)]
     return p

@@ -118,19 +118,21 @@ def write_jceks(path: Path, password: str, *, key=None, chain=(), alias: str = "
 
 
 def make_stores(directory: Path, pki: Path, name: str, *, password: str = "changeit",
-                trust_password: str = "trustme", key_password: str | None = None) -> dict[str, Path]:
-    """keystore-NAME.jceks (NAME's key + chain) and truststore-NAME.jceks (the CA) with .pw files,
-    as the KWIC tutorials' cert-generator left them in /x509/stores."""
+                trust_password: str = "trustme", key_password: str | None = None,
+                label: str | None = None) -> dict[str, Path]:
+    """keystore-LABEL.jceks (certificate NAME's key + chain) and truststore-LABEL.jceks (the CA) with
+    .pw files, as the KWIC tutorials' cert-generator left them in /x509/stores (LABEL defaults to NAME)."""
     directory.mkdir(parents=True, exist_ok=True)
+    label = label or name
     ca = load_certificates(pki / "ca.pem")[0]
     key = load_private_key(pki / f"{name}.key")
     leaf = load_certificates(pki / f"{name}.pem")
     files = {
-        "keystore": write_jceks(directory / f"keystore-{name}.jceks", password, key=key, chain=[*leaf, ca],
+        "keystore": write_jceks(directory / f"keystore-{label}.jceks", password, key=key, chain=[*leaf, ca],
                                 alias=name, key_password=key_password),
-        "truststore": write_jceks(directory / f"truststore-{name}.jceks", trust_password, trusted=[ca]),
-        "keystore_pw": directory / f"keystore-{name}.pw",
-        "truststore_pw": directory / f"truststore-{name}.pw",
+        "truststore": write_jceks(directory / f"truststore-{label}.jceks", trust_password, trusted=[ca]),
+        "keystore_pw": directory / f"keystore-{label}.pw",
+        "truststore_pw": directory / f"truststore-{label}.pw",
     }
     files["keystore_pw"].write_text(password + "\n")
     files["truststore_pw"].write_text(trust_password + "\n")
@@ -514,7 +516,7 @@ def test_unmappable_services_are_dropped_with_exit_1(tmp_path):
     # the report is in the TOML too, and the service that does map is there
     assert "dropped: gateway-config.xml:" in result.toml and 'name = "serviceA"' in result.toml
     # line numbers point at the elements
-    assert dropped["/gateway-config/service[2]"].line == 16
+    assert dropped["/gateway-config/service[2]"].line == 17
 
 
 def test_forward_socks_is_dropped(tmp_path):
@@ -762,7 +764,7 @@ def test_cli_exit_codes_and_report(tmp_path, capsys):
 
 def test_cli_stdout(tmp_path, capsys):
     xml = xml_file(tmp_path, CLOUD_SERVICE_A.format(extra=""))
-    assert run_cli([str(xml), "-D", "unused=1", "--gateway-opts", "-Dalso=2 -Xmx512m"]) == EXIT_OK
+    assert run_cli([str(xml), "-D", "unused=1", "--gateway-opts=-Dalso=2 -Xmx512m"]) == EXIT_OK
     captured = capsys.readouterr()
     assert captured.out.startswith("# intercloud configuration imported") and '[gateway]' in captured.out
     assert "-D unused was not used" in captured.err and "-Xmx512m" in captured.err

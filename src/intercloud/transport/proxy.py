@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import socket
-import urllib.parse
-import urllib.request
 from dataclasses import dataclass
 
 
@@ -35,20 +33,6 @@ class Proxy:
     def _password(self) -> str:
         p = self.password
         return p.reveal() if hasattr(p, "reveal") else (p or "")
-
-
-def from_environment(target_host: str) -> Proxy | None:
-    """HTTPS_PROXY / https_proxy, honouring NO_PROXY, as curl and most tools do."""
-    env = urllib.request.getproxies_environment()
-    url = env.get("https")
-    if not url or urllib.request.proxy_bypass_environment(target_host):
-        return None
-    parts = urllib.parse.urlsplit(url if "://" in url else "http://" + url)
-    if parts.scheme != "http":
-        raise ProxyError(f"HTTPS_PROXY scheme {parts.scheme!r} is not supported; use http://host:port")
-    return Proxy(parts.hostname or "", parts.port or 3128,
-                 urllib.parse.unquote(parts.username) if parts.username else None,
-                 urllib.parse.unquote(parts.password) if parts.password else None)
 
 
 def _request(proxy: Proxy, host: str, port: int) -> bytes:
