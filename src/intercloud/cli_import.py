@@ -104,7 +104,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         help="directory (relative to the output) of the PEM files to create when the XML has no "
                              "keystore (default: pki)")
     parser.add_argument("--insecure-ws", action="store_true",
-                        help="keep KWIC's plain ws:// tunnels (tls.insecure = true) instead of importing them as wss://")
+                        help="keep KWIC's plain ws:// tunnels (tls.insecure = true) instead of importing them "
+                             "as wss://")
     parser.add_argument("--rewrite-host", action="append", default=[], type=_name_value, metavar="NAME=HOST",
                         help="replace host NAME (or interface @eth0) by HOST everywhere; repeatable")
     parser.add_argument("--rewrite-port", action="append", default=[], type=_port_pair, metavar="OLD=NEW",
@@ -182,9 +183,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"wrote {path}", file=err)
     status = result.exit_code
     if result.to_create:
-        print("before starting, create:", file=err)
-        for path, cmd in dict.fromkeys(result.to_create):
-            print(f"  {path}: {cmd}", file=err)
+        print("before starting, create the files the configuration names:", file=err)
+        for cmd, paths in _by_command(result.to_create).items():
+            print(f"  {cmd}   # {', '.join(paths)}", file=err)
     if args.output is not None:
         status = max(status, _validate(args.output, {p for p, _ in result.to_create}))
     dropped = len(result.dropped)
@@ -196,6 +197,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"{args.xml}: imported as {role} gateway; check it with: intercloud check {args.output or 'OUT.toml'}",
               file=err)
     return status
+
+
+def _by_command(to_create: list[tuple[str, str]]) -> dict[str, list[str]]:
+    grouped: dict[str, list[str]] = {}
+    for path, cmd in to_create:
+        if path not in grouped.setdefault(cmd, []):
+            grouped[cmd].append(path)
+    return grouped
 
 
 def _validate(out: Path, to_create: set[str]) -> int:

@@ -76,22 +76,27 @@ def test_restarted_member_serves_and_is_covered_again(ha_lb):
     print(f"restarted member covered after {time.monotonic() - t0:.2f}s")
 
 
-def _transfer(port: int, size: int, seed: int, out: dict, key) -> None:
-    """One long echo transfer at a bounded rate; records (sent digest, received digest, error)."""
+def _transfer(port: int, size: int, seed: int, out: dict, key, gate=None) -> None:
+    """One echo transfer that spans a failure: send half, wait until ``gate`` is set (the test sets it
+    once the failure is injected), send the rest. Records (sent digest, received digest, error)."""
     import hashlib
     import random
     import socket
     import threading
 
+    from tests.support.timeouts import scaled
+
     payload = random.Random(seed).randbytes(size)
     got = hashlib.sha256()
     try:
-        s = socket.create_connection((L, port), timeout=30)
+        s = socket.create_connection((L, port), timeout=scaled(30))
 
         def send():
-            for off in range(0, size, 64 * 1024):
-                s.sendall(payload[off:off + 64 * 1024])
-                time.sleep(0.01)  # pace the sender so the transfer spans the failure (not a readiness wait)
+            half = size // 2
+            s.sendall(payload[:half])
+            if gate is not None:
+                gate.wait(scaled(30))
+            s.sendall(payload[half:])
             s.shutdown(socket.SHUT_WR)
 
         th = threading.Thread(target=send, daemon=True)
@@ -114,15 +119,18 @@ def test_sigterm_drain_breaks_no_stream(ha_lb, victim):
         wait_until(lambda: _coverage(gws[n]) == {"cloud1": 2, "cloud2": 2}, 20, what=f"{n} full coverage")
     results: dict = {}
     threads = []
+    gate = threading.Event()
     ports = [ha.clouds[c]["client"].port for c in ("cloud1", "cloud2")] + \
             [ha.onprems[o]["client"].port for o in ("onprem1", "onprem2")]
     for i in range(12):
-        th = threading.Thread(target=_transfer, args=(ports[i % 4], 3 << 20, i, results, i), daemon=True)
+        th = threading.Thread(target=_transfer, args=(ports[i % 4], 3 << 20, i, results, i, gate), daemon=True)
         th.start()
         threads.append(th)
     wait_until(lambda: sum(len(gws[c].status()["streams"]) for c in ("cloud1", "cloud2")) >= 12, 10,
                what="all transfers to be in flight")
     gws[victim].terminate()
+    gws[victim].wait_log(lambda r: r.get("event") == "gateway.draining", timeout=10)
+    gate.set()  # the second halves flow while the victim drains
     # new clients keep working through the others while the victim drains
     other_port = ha.clouds["cloud2"]["client"].port if victim == "cloud1" else ha.onprems["onprem2"]["client"].port
     assert nc_exchange(L, other_port, b"during drain\n") == b"during drain\n"

@@ -26,7 +26,8 @@ def test_sighup_rotates_certificate_and_services_under_load(tmp_path, gateways, 
     socket.create_connection(("127.0.0.1", x_port)).close()  # serviceX listens before the reload
 
     results: dict = {}
-    threads = [threading.Thread(target=_transfer, args=(pair.a_port, 2 << 20, i, results, i), daemon=True)
+    gate = threading.Event()
+    threads = [threading.Thread(target=_transfer, args=(pair.a_port, 2 << 20, i, results, i, gate), daemon=True)
                for i in range(4)]
     for th in threads:
         th.start()
@@ -38,6 +39,7 @@ def test_sighup_rotates_certificate_and_services_under_load(tmp_path, gateways, 
     mark = cloud.log_mark()
     cloud.signal(signal.SIGHUP)
     cloud.wait_log(lambda r: r.get("event") == "gateway.reloaded", since=mark, timeout=10)
+    gate.set()  # the second halves flow after the reload
 
     def refused() -> bool:
         try:

@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import pytest
-from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from intercloud import cli_import
@@ -185,7 +184,7 @@ def create_pending(out: Path, result) -> None:
         parser.add_argument("--onprem", default="")
         parser.add_argument("--san", action="append", default=[])
         a = parser.parse_args(words)
-        init_certs(out.parent / a.dir, cloud=[n for n in a.cloud.split(",") if n],
+        init_certs(Path(a.dir) if Path(a.dir).is_absolute() else out.parent / a.dir, cloud=[n for n in a.cloud.split(",") if n],
                    onprem=[n for n in a.onprem.split(",") if n], sans=a.san)
 
 
@@ -332,9 +331,10 @@ def test_keystore_paths_and_password_files_from_the_xml(tmp_path):
 def test_3_multi_tenant_with_tenants(tmp_path):
     cfg_dir = TUTORIALS / "kwic" / "3-multi-tenant" / "config"
     tenants = {"tenant101": ["serviceA", "serviceB"], "tenant201": ["serviceC", "proxy service D"]}
+    pki = _pki(tmp_path, ["example.com"], ["tenant101", "tenant201"])
     result, cloud = do_import(cfg_dir / "cloud-config.xml", tmp_path / "cloud.toml", tenants=tenants,
-                              **stores_for(tmp_path, cfg_dir, _pki(tmp_path, ["example.com"], ["tenant101", "tenant201"]),
-                                           "example.com"))
+                              **stores_for(tmp_path, cfg_dir, pki, "example.com"))
+    assert any("tenants are enforced" in f.message for f in result.findings)
     assert [t.name for t in cloud.tenants] == ["tenant101", "tenant201"]
     assert cloud.tenants[0].client_cn == ["tenant101"]
     assert {s.name: s.tenant for s in cloud.services} == {
@@ -666,7 +666,8 @@ def test_missing_keystore(tmp_path):
     with pytest.raises(KaazingImportError) as err:
         import_kaazing(xml, ImportOptions(out=tmp_path / "cloud.toml"))
     msg = str(err.value)
-    assert f"{xml}:40: /gateway-config/security/keystore/file: keystore /x509/stores/keystore-cloud.jceks not found" in msg
+    where = f"{xml}:40: /gateway-config/security/keystore/file"
+    assert f"{where}: keystore /x509/stores/keystore-cloud.jceks not found" in msg
     assert "--keystore PATH" in msg
 
 
@@ -743,7 +744,7 @@ def test_cli_exit_codes_and_report(tmp_path, capsys):
     out = tmp_path / "good.toml"
     assert run_cli([str(good), "-o", str(out)]) == EXIT_OK
     err = capsys.readouterr().err
-    assert "good.xml:" in err and "intercloud certs init pki --cloud example.com" in err
+    assert "good.xml:" in err and f"intercloud certs init {tmp_path}/pki --cloud example.com" in err
     assert "imported as a cloud gateway" in err
     # an existing output is not replaced without --force
     assert run_cli([str(good), "-o", str(out)]) == EXIT_BAD_INPUT

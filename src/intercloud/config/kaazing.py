@@ -426,7 +426,10 @@ _KWIC_UNITS = {
 
 
 def parse_kwic_duration(text: str) -> float:
-    """KWIC time intervals: ``"55 seconds"``, ``"55s"``, ``"500 milliseconds"``, ``"2min"``; bare numbers are seconds."""
+    """KWIC time intervals: ``"55 seconds"``, ``"55s"``, ``"500 milliseconds"``, ``"2min"``.
+
+    Bare numbers are seconds.
+    """
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
     if not m:
         raise ValueError(f"{text!r} is not a time interval like '55 seconds'")
@@ -650,8 +653,9 @@ class _Importer:
 
     def _check_root(self, root: Node) -> None:
         if "log4j" in root.namespace or root.tag in ("log4j:configuration", "log4j", "configuration"):
+            tag = root.tag if ":" in root.tag else f"log4j:{root.tag}"
             raise KaazingImportError(
-                f"{self.source}:{root.line}: <{root.tag}> is a log4j configuration, not a KWIC gateway-config.xml; "
+                f"{self.source}:{root.line}: <{tag}> is a log4j configuration, not a KWIC gateway-config.xml; "
                 "intercloud has no log4j file: choose the log format and level with `intercloud run CONFIG "
                 "--log-format text|json --log-level debug|info|warning|error`")
         if root.tag != "gateway-config":
@@ -797,9 +801,9 @@ class _Importer:
             elif s.kind == "unsupported":
                 self.report("dropped", s.node, f"service \"{s.name}\" (type {s.type or '?'}) not imported: {s.reason}")
             elif role is not None and ((role == "cloud" and s in onprem) or (role == "onprem" and s in cloud)):
-                self.report("dropped", s.node, f"service \"{s.name}\" belongs to the {'on-prem' if role == 'cloud' else 'cloud'} "
-                            f"half; import this file again with --role {'onprem' if role == 'cloud' else 'cloud'} "
-                            "for it")
+                other, flag = ("on-prem", "onprem") if role == "cloud" else ("cloud", "cloud")
+                self.report("dropped", s.node, f"service \"{s.name}\" belongs to the {other} half; import this "
+                            f"file again with --role {flag} for it")
         return role
 
     # -- building the configuration -----------------------------------------------------------
@@ -839,6 +843,10 @@ class _Importer:
             self.report("note", node, "ws.inactivity.timeout 0 disabled KWIC's check; intercloud always checks "
                         "tunnel liveness, the defaults (ping every 5s, dead after 15s) are used")
             return
+        if seconds > 3600:
+            self.report("note", node, f"ws.inactivity.timeout {node.text} is longer than intercloud's limit for "
+                        "tunnel.ping_timeout; 1h is used (a dead tunnel would go unnoticed that long)")
+            seconds = 3600.0
         interval = max(seconds / 3, 0.1)
         interval = float(int(interval)) if interval >= 1 else round(interval, 3)
         self.ping = (interval, seconds, node)
@@ -1014,7 +1022,7 @@ class _Importer:
             pki = self.opts.pki.rstrip("/") or "."
             cert, key, ca = f"{pki}/{name}.pem", f"{pki}/{name}.key", f"{pki}/ca.pem"
             flag = "--cloud" if role == "cloud" else "--onprem"
-            cmd = f"intercloud certs init {pki} {flag} {name}"
+            cmd = f"intercloud certs init {self._cmd_dir(pki)} {flag} {name}"
             if role == "cloud" and tunnel_host and tunnel_host != name and not _is_ip(tunnel_host):
                 cmd += f" --san {tunnel_host}"
             self.to_create += [(cert, cmd), (key, cmd), (ca, cmd)]
@@ -1050,6 +1058,13 @@ class _Importer:
         where = f"{self.source}:{store.line}: {store.path}" if store is not None else str(self.source)
         raise KaazingImportError(f"{where}: no password for the {kind} {store_file}; give it with {option} FILE "
                                  "(a file holding the password, like KWIC's keystore.pw)")
+
+    def _cmd_dir(self, rel: str) -> str:
+        """``rel`` (relative to the output file) as a shell argument for a command run in the current directory."""
+        out_dir = self.opts.out.parent if self.opts.out is not None else Path(".")
+        if out_dir.resolve() == Path.cwd().resolve():
+            return shlex.quote(rel)
+        return shlex.quote(str(out_dir / rel))
 
     def _xml_path(self, text: str) -> Path:
         p = Path(text).expanduser()
@@ -1656,7 +1671,7 @@ class _Importer:
             member = node_id or "cloud"
             members = ",".join(dict.fromkeys([member] + [h for h in peer_hosts if NAME_PATTERN.fullmatch(h)
                                                          and not _is_ip(h)]))
-            cmd = f"intercloud certs init {pki} --cloud {members}"
+            cmd = f"intercloud certs init {self._cmd_dir(pki)} --cloud {members}"
             out.key("ca", f"{pki}/ca.pem", f"the members' own CA (not the tenants'): {cmd}")
             out.key("cert", f"{pki}/{member}.pem")
             out.key("key", f"{pki}/{member}.key")
@@ -1697,6 +1712,9 @@ class _Importer:
                                                  f"and {tenant!r}; a service belongs to one tenant")
                     owner[s.name] = tenant
                     s.tenant = tenant
+        self.report("note", self.root, "tenants are enforced: a tunnel belongs to the tenant its client "
+                    "certificate maps to (client_cn), and it may only offer and reach that tenant's services; KWIC "
+                    "kept tenants apart only by the pipe names in each on-prem configuration")
         missing = [s.name for s in svcs if s.name not in owner]
         if missing:
             raise KaazingImportError(f"--tenant: service(s) {', '.join(missing)} belong to no tenant; with tenants "
@@ -1705,7 +1723,7 @@ class _Importer:
             if not NAME_PATTERN.fullmatch(tenant):
                 raise KaazingImportError(f"--tenant {tenant!r}: use 1-64 characters from A-Z a-z 0-9 . _ -")
             out.table("tenant", array=True)
-            out.key("name", tenant, "--tenant")
+            out.key("name", tenant, f"--tenant {tenant}={','.join(self.opts.tenants[tenant])}")
             out.key("client_cn", [tenant], "the CN of this tenant's on-prem client certificates "
                     f"(`intercloud certs init DIR --onprem {tenant}` issues CN={tenant}); change it to yours")
 
@@ -1739,8 +1757,12 @@ class _Importer:
         if self.to_create:
             head.append("")
             head.append("Files to create before starting:")
-            for path, cmd in dict.fromkeys(self.to_create):
-                head.append(f"  {path}: {cmd}")
+            grouped: dict[str, list[str]] = {}
+            for path, cmd in self.to_create:
+                if path not in grouped.setdefault(cmd, []):
+                    grouped[cmd].append(path)
+            for cmd, paths in grouped.items():
+                head.append(f"  {cmd}   (creates {', '.join(paths)})")
         lines = []
         for h in head:
             for part in _wrap(h, 110):
