@@ -71,6 +71,11 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args) -> int:
     from .config import ConfigError, load_config
 
+    import signal
+
+    # Until the gateway installs its own handler, a SIGHUP (e.g. an early `systemctl reload`) must not
+    # kill the process; there is nothing to reload yet.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     logs.setup(args.log_format, args.log_level)
     try:
         config = load_config(args.config)

@@ -162,13 +162,15 @@ class Gateway:
         fixed = [k for k, a, b in (
             ("gateway.role", old.gateway.role, new.gateway.role), ("gateway.node_id", old.gateway.node_id, new.gateway.node_id),
             ("gateway.admin", old.gateway.admin, new.gateway.admin), ("tunnel.listen", old.tunnel.listen, new.tunnel.listen),
-            ("cluster", old.cluster, new.cluster)) if a != b]
+            ("cluster", old.cluster, new.cluster), ("tunnel.max_frame", old.tunnel.max_frame, new.tunnel.max_frame),
+            ("tunnel.per_member", old.tunnel.per_member, new.tunnel.per_member)) if a != b]
         if fixed:
             log.warning("SIGHUP: %s changed; that takes a restart, the old values stay in force", ", ".join(fixed),
                         extra={"event": "gateway.reload_partial", "keys": fixed})
             new = new.model_copy(update={"gateway": new.gateway.model_copy(update={"role": old.gateway.role,
                                  "node_id": old.gateway.node_id, "admin": old.gateway.admin}),
-                                 "tunnel": new.tunnel.model_copy(update={"listen": old.tunnel.listen}),
+                                 "tunnel": new.tunnel.model_copy(update={"listen": old.tunnel.listen,
+                                           "max_frame": old.tunnel.max_frame, "per_member": old.tunnel.per_member}),
                                  "cluster": old.cluster})
         self.config = new
         try:
@@ -183,15 +185,15 @@ class Gateway:
                 server = self.service_listeners.pop(name, None)
                 if server is not None:
                     server.close()
-                log.info("service %s: listener on %s closed (reload)", name, svc.accept,
-                         extra={"event": "service.closed", "service": name})
+                log.info("service %s: listener on %s closed (reload)", svc.name, svc.accept,
+                         extra={"event": "service.closed", "service": svc.name, "tenant": svc.tenant})
         for name, svc in new_accept.items():
             if name not in self.service_listeners:
                 try:
                     await self._listen(svc)
                 except OSError as exc:
-                    log.error("SIGHUP: service %s: cannot listen on %s: %s", name, svc.accept, exc.strerror,
-                              extra={"event": "gateway.reload_failed", "service": name})
+                    log.error("SIGHUP: service %s: cannot listen on %s: %s", svc.name, svc.accept, exc.strerror,
+                              extra={"event": "gateway.reload_failed", "service": svc.name})
         self.accept_services = new_accept
         new_connect = {svc_key(s): s for s in new.services if s.connect}
         names_changed = set(new_connect) != set(self.connect_services)
@@ -208,7 +210,7 @@ class Gateway:
         """DESIGN §3.7: stop listening, GOAWAY, let streams finish up to drain_timeout."""
         self.draining = True
         timeout = self.config.gateway.drain_timeout
-        n = sum(len(t.streams) for t in self.tunnels)
+        n = sum(len(t.streams) for t in self.all_tunnels())  # relayed streams ride peer links
         log.info("draining: %d tunnels, %d streams, up to %gs", len(self.tunnels), n, timeout,
                  extra={"event": "gateway.draining", "streams": n})
         for server in self.listeners + list(self.service_listeners.values()):
@@ -217,9 +219,9 @@ class Gateway:
             if t.conn.peer is not None:
                 t.goaway(f"{self.node_id} is shutting down")
         deadline = time.monotonic() + timeout
-        while any(t.streams or t.open_tasks for t in self.tunnels) and time.monotonic() < deadline:
+        while any(t.streams or t.open_tasks for t in self.all_tunnels()) and time.monotonic() < deadline:
             await self._wait_route_change(min(0.5, deadline - time.monotonic()))
-        left = sum(len(t.streams) for t in self.tunnels)
+        left = sum(len(t.streams) for t in self.all_tunnels())
         for t in self.all_tunnels():
             t.close(f"{self.node_id} shut down")
         log.info("stopped (%d streams cut at drain timeout)", left,
@@ -227,8 +229,8 @@ class Gateway:
 
     async def _liveness(self) -> None:
         """protocol §8: PING every ping_interval; close tunnels silent for ping_timeout."""
-        t_cfg = self.config.tunnel
         while True:
+            t_cfg = self.config.tunnel  # re-read: SIGHUP may change the timings
             await asyncio.sleep(t_cfg.ping_interval)
             now = time.monotonic()
             for t in self.all_tunnels():
@@ -254,7 +256,7 @@ class Gateway:
         refusal = self.admit(tunnel)
         if refusal is not None:
             tunnel.refused = True
-            if self.role == "cloud":  # the whole reason; a WebSocket close reason holds only 123 bytes
+            if self.role == "cloud" and tunnel.conn.hello_sent:  # whole reason; a close reason holds 123 bytes
                 tunnel.send_frame(tunnel.conn.goaway(Reason.FORBIDDEN, refusal))
             # landing on an already covered member is routine behind a load balancer: the dialer logs it
             tunnel.fail(refusal, code=1008, quiet=refusal.startswith(("landed on member", "peer link to this member itself")))
@@ -400,6 +402,10 @@ class Gateway:
     def stream_requested(self, tunnel: Tunnel, sid: int, service: str, client: str) -> None:
         if tunnel.kind == "peer":  # a relayed OPEN names "tenant/service" (protocol §3.2)
             tenant, _, name = service.partition("/")
+            limit = self.stream_limit(tenant)
+            if limit is not None:
+                tunnel.send_frame(tunnel.conn.open_fail(sid, Reason.LIMIT, limit))
+                return
             task = self.tg.create_task(self._relay(tunnel, sid, name, client, tenant))
             tunnel.open_tasks[sid] = task
             task.add_done_callback(lambda _t: tunnel.open_tasks.pop(sid, None))
@@ -520,6 +526,8 @@ class Gateway:
                          "peer_node": tunnel.peer_node, "side": stream.side, "relayed": relayed})
 
     def stream_closed(self, tunnel: Tunnel, stream: LocalStream, reason: str) -> None:
+        if stream.side == "relay-out":  # a relayed stream is logged and counted once, by its inner end
+            return
         self.counters["streams_closed"] += 1
         if getattr(stream, "counted", False):
             stream.counted = False

@@ -20,7 +20,6 @@ What is shown (DESIGN §3):
 from __future__ import annotations
 
 import contextlib
-import os
 import socket
 import threading
 import time
@@ -30,9 +29,8 @@ import pytest
 from tests.support.netns import lab_fixture
 from tests.support.timeouts import scaled, wait_until
 
-from .netns_topology import (CLIENT_A_PORT, CLIENT_B_PORT, CLOUDS, LB_PORT, ONPREMS, PER_MEMBER, PING_INTERVAL,
-                             PING_TIMEOUT, ROUTE_WAIT, TUNNEL_PORT, Topology, Transfer, build, count_syns,
-                             echo_exchange, syn_counts)
+from .netns_topology import (CLOUDS, ONPREMS, PER_MEMBER, PING_INTERVAL, PING_TIMEOUT, ROUTE_WAIT, TUNNEL_PORT,
+                             Topology, Transfer, build, count_syns, echo_exchange, syn_counts)
 
 pytestmark = [
     pytest.mark.e2e,
@@ -170,48 +168,54 @@ def test_tutorial_walkthrough_direct_urls(topology, tmp_path, capsys, record_pro
     topo.wait_full_coverage()
     for n in (*CLOUDS, *ONPREMS):
         topo.check_path(n)
-    rows = []
-    problems = []
-    for victims, sig in WALKTHROUGH:
-        topo.wait_full_coverage()
-        for v in victims:
-            _stop(topo, v, sig)
-        live = [n for n in (*CLOUDS, *ONPREMS) if n not in victims]
-        for v in victims:
-            _assert_down(topo, v)
-        for n in live:  # client A via each live member, client B via each live on-prem
-            topo.check_path(n)
-        res = _restart_and_measure(topo, victims)
-        for n in (*CLOUDS, *ONPREMS):  # everything works again, the restarted paths included
-            topo.check_path(n)
-        for v in victims:
-            r = res[v]
-            rows.append((" + ".join(victims), v, sig, ", ".join(live), r.get("ready"), r.get("echo"),
-                         r.get("attempts"), r.get("covered")))
-            if "echo" not in r:
-                problems.append(f"{sig} {v}: no echo through the restarted gateway: {r}")
-            elif r["echo"] > scaled(10):
-                problems.append(f"{sig} {v}: first echo only after {r['echo']:.2f}s: {r}")
-            if r.get("attempts", 1) != 1:
-                problems.append(f"{sig} {v}: {r['attempts'] - 1} admitted clients failed before one was "
-                                f"served: {r.get('failures')}")
-            if r["covered"] > scaled(10):
-                problems.append(f"{sig} {v}: full coverage only after {r['covered']:.2f}s")
+    rows: list[tuple] = []
+    problems: list[str] = []
+    try:
+        for victims, sig in WALKTHROUGH:
+            topo.wait_full_coverage()
+            for v in victims:
+                _stop(topo, v, sig)
+            live = [n for n in (*CLOUDS, *ONPREMS) if n not in victims]
+            for v in victims:
+                _assert_down(topo, v)
+            for n in live:  # client A via each live member, client B via each live on-prem
+                topo.check_path(n)
+            res = _restart_and_measure(topo, victims)
+            for n in (*CLOUDS, *ONPREMS):  # everything works again, the restarted paths included
+                topo.check_path(n)
+            for v in victims:
+                r = res[v]
+                rows.append((" + ".join(victims), v, sig, ", ".join(live), r.get("ready"), r.get("echo"),
+                             r.get("attempts"), r.get("covered")))
+                if "echo" not in r:
+                    problems.append(f"{sig} {v}: no echo through the restarted gateway: {r}")
+                elif r["echo"] > scaled(10):
+                    problems.append(f"{sig} {v}: first echo only after {r['echo']:.2f}s: {r}")
+                if r.get("attempts", 1) != 1:
+                    problems.append(f"{sig} {v}: {r['attempts'] - 1} admitted clients failed before one was "
+                                    f"served: {r.get('failures')}")
+                if r["covered"] > scaled(10):
+                    problems.append(f"{sig} {v}: full coverage only after {r['covered']:.2f}s")
+    finally:
+        table = _recovery_table(rows)
+        (tmp_path / "recovery.txt").write_text(table + "\n")
+        record_property("recovery", table)
+        with capsys.disabled():
+            print("\n" + table)
+    assert not problems, "\n".join(problems) + "\n" + table
 
+
+def _recovery_table(rows: list[tuple]) -> str:
     header = ("step", "restarted", "signal", "paths checked while down", "ready s", "first echo s",
               "clients", "all covered s")
     widths = [max(len(_fmt(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["Recovery after restart (s from process start; 'first echo' = first new client served "
-             "through the restarted gateway's own client port; 'clients' = admitted clients until then; "
-             "'all covered' = every on-prem holds 2 tunnels to every member)"]
-    lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths)))
-    lines += ["  ".join(_fmt(c).ljust(w) for c, w in zip(r, widths)) for r in rows]
-    table = "\n".join(lines)
-    (tmp_path / "recovery.txt").write_text(table + "\n")
-    record_property("recovery", table)
-    with capsys.disabled():
-        print("\n" + table)
-    assert not problems, "\n".join(problems) + "\n" + table
+    lines = ["Recovery after restart, seconds from process start. ready: GET /readyz == 200; first echo: "
+             "first new client served through the restarted gateway's own client port; clients: admitted "
+             "clients until then (1 = the first was served); all covered: every on-prem gateway holds "
+             f"{PER_MEMBER} tunnels to every member again."]
+    lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip())
+    lines += ["  ".join(_fmt(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    return "\n".join(lines)
 
 
 # --- 2. the 4-ha-lb variant ------------------------------------------------------------------
@@ -238,7 +242,7 @@ def test_lb_restarted_member_serves_first_client_and_is_covered(topology, method
     for n in (*CLOUDS, *ONPREMS):
         topo.check_path(n)
 
-    err_mark = topo.lb._error_log_size()
+    err_mark = topo.lb.error_log_path.stat().st_size
     topo.gws["cloud1"].kill()
     for n in ("cloud2", *ONPREMS):
         topo.check_path(n)
@@ -248,7 +252,8 @@ def test_lb_restarted_member_serves_first_client_and_is_covered(topology, method
     c1 = f"{topo.hosts['cloud1'].ip}:{TUNNEL_PORT}"
     wait_until(lambda: c1 in topo.lb.error_log_text(since=err_mark), 10,
                what=f"nginx to record a failed connect to {c1}")
-    assert topo.coverage("onprem1") == {"cloud2": PER_MEMBER}
+    for o in ONPREMS:
+        assert topo.coverage(o) == {"cloud2": PER_MEMBER}, f"{o} does not hold its tunnels to cloud2"
 
     mark = topo.gws["cloud1"].log_mark()
     t0 = time.monotonic()
@@ -298,6 +303,8 @@ def test_partition_detected_by_liveness_and_healed(topology, capsys):
     t0 = time.monotonic()
     topo.hosts["cloud1"].partition()
     topo.check_path("cloud2")  # at once, before anybody noticed
+    with pytest.raises(TimeoutError):  # silent: no RST, no ICMP, just nothing
+        socket.create_connection(topo.client_addr("cloud1"), timeout=0.5).close()
     gone_at: dict[str, float] = {}
 
     def detected() -> bool:
@@ -348,8 +355,7 @@ def test_sigkill_breaks_only_streams_through_the_victim(topology, victim, capsys
     transfers: list[Transfer] = []
     for via in (*CLOUDS, *ONPREMS):
         for i in range(2):
-            tr = Transfer(topo.client_addr(via), SIZE, seed=len(transfers), label=f"{via}#{i}")
-            tr.via = via
+            tr = Transfer(topo.client_addr(via), SIZE, seed=len(transfers), label=f"{via}#{i}", via=via)
             transfers.append(tr)
             tr.start()
     for tr in transfers:
@@ -383,14 +389,14 @@ def test_sigkill_breaks_only_streams_through_the_victim(topology, victim, capsys
     with capsys.disabled():
         print(f"\n[sigkill {victim}] " + "; ".join(
             f"{tr.label} via {'/'.join(sorted(tr.path))}: "
-            + (f"ended {tr.ended_at - t_kill:.2f}s after kill ({tr.error or 'EOF'}, {tr.received} bytes)"
+            + (f"ended {tr.ended_at - t_kill:.2f}s after kill (read: {tr.recv_end}, {tr.received} bytes)"
                if tr in affected else f"intact, done {tr.ended_at - t_kill:.2f}s after kill")
             for tr in transfers))
 
 
 # --- 5. no black holes -----------------------------------------------------------------------
 
-def test_no_route_anywhere_resets_client_after_route_wait(topology):
+def test_no_route_anywhere_resets_client_after_route_wait(topology, capsys):
     """Every on-prem gateway down: a new client on each member's port is reset within
     route_wait (+ slack), and the member logs stream.refused saying there is no route."""
     topo = topology()
@@ -421,6 +427,8 @@ def test_no_route_anywhere_resets_client_after_route_wait(topology):
         assert "ConnectionResetError" in how or how == "EOF after b''", f"client on {c}: {how}"
         rec = topo.gws[c].wait_log(lambda r: r.get("event") == "stream.refused", since=marks[c], timeout=2)
         assert rec["service"] == "serviceA" and "no route" in rec["reason"], rec
+    with capsys.disabled():
+        print("\n[no route] " + "; ".join(f"client on {c}: {how} after {t:.2f}s" for c, (t, how) in sorted(out.items())))
 
 
 # --- 6. allow_members ------------------------------------------------------------------------
@@ -445,7 +453,6 @@ def test_advertised_member_urls_dialed_only_if_allowed(topology, allowed):
     topo.wait_full_coverage()
     # cloud1 dies and returns: the survivors' MEMBERS and the new HELLOs name its advertised URL
     # while it lacks tunnels, so every on-prem gateway must decide whether it may dial that URL.
-    marks = {o: topo.gws[o].log_mark() for o in ONPREMS}
     c1_mark = topo.gws["cloud1"].log_mark()
     topo.gws["cloud1"].kill()
     wait_until(lambda: all("cloud1" not in topo.coverage(o) for o in ONPREMS), 5,
@@ -465,8 +472,7 @@ def test_advertised_member_urls_dialed_only_if_allowed(topology, allowed):
         refusals = [r for r in topo.gws[o].log_lines() if r.get("event") == "tunnel.member_not_allowed"]
         to_c1 = [t for t in topo.status(o)["tunnels"] if t["peer_node"] == "cloud1"]
         if not allowed:
-            assert any(r.get("member") == "cloud1" and r.get("url") == topo.member_url("cloud1")
-                       for r in topo.gws[o].log_lines(since=marks[o]) + refusals), \
+            assert any(r.get("member") == "cloud1" and r.get("url") == topo.member_url("cloud1") for r in refusals), \
                 f"{o} did not log tunnel.member_not_allowed for cloud1's URL: {refusals}"
             assert sum(syns.values()) == 0, f"{o} sent SYNs to members directly: {syns}"
             assert {t["url"] for t in topo.status(o)["tunnels"]} == {topo.lb_url}
@@ -483,7 +489,7 @@ def test_advertised_member_urls_dialed_only_if_allowed(topology, allowed):
 
 # --- 7. everything starts at once ------------------------------------------------------------
 
-@pytest.mark.parametrize("run", range(12))
+@pytest.mark.parametrize("run", range(4))
 def test_simultaneous_start_covers_every_member(topology, run):
     """Members and sites power up together behind the LB: whatever the order in which the
     cluster forms and tunnels arrive, every on-prem gateway ends up with per_member tunnels to

@@ -19,9 +19,10 @@ def status(gw) -> dict:
             "peer_services": peer.services if peer else [],
             "draining": t.conn.goaway_received or t.conn.goaway_sent, "paused": t.paused,
         })
+    for t in gw.all_tunnels():
         for sid, s in t.streams.items():
             streams.append({
-                "id": sid, "tunnel": t.id, "service": s.service, "side": s.side, "client": s.client,
+                "id": sid, "tunnel": t.id, "relay": t.kind == "peer", "service": s.service, "side": s.side, "client": s.client,
                 "target": s.target, "bytes_in": s.bytes_down, "bytes_out": s.bytes_up,
                 "buffered": s.buffered, "send_credit": t.conn.credit(sid), "reading": s.reading,
                 "age": round(time.monotonic() - s.started, 3),

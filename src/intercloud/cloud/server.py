@@ -131,6 +131,7 @@ class CloudGateway(Gateway):
         super().tunnel_ready(tunnel)
         if self.cluster and tunnel.kind != "peer" and tunnel in self.tunnels:
             self.cluster.local_routes_changed()
+            tunnel.send_frame(tunnel.conn.members(self.cluster.onprem_view()))  # may have changed since our HELLO
 
     def tunnel_closed(self, tunnel: Tunnel, reason: str) -> None:
         self._handshakes.discard(tunnel)

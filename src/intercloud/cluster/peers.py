@@ -253,6 +253,8 @@ class Cluster:
             self.gw.routes_changed()
 
     def goaway(self, tunnel: Tunnel) -> None:
+        if tunnel.refused_by_peer is not None:  # a refusal, not the member leaving (protocol §9.1)
+            return
         if self.table.forget(tunnel.peer_node, tunnel.conn.peer.incarnation):
             log.info("member %s left the cluster (GOAWAY)", tunnel.peer_node,
                      extra={"event": "cluster.member_left", "member": tunnel.peer_node})

@@ -738,8 +738,8 @@ class ClusterConfig(_Section):
     #: Names (certificate CN or DNS SAN) a peer-link certificate must carry to be accepted.
     peer_names: list[Name] = Field(default_factory=list)
     #: A member nobody has heard of for this long is forgotten.
-    member_ttl: Duration(gt=0, le=86400) = 15.0
-    #: Tunnel handshakes (TLS + upgrade + HELLO) in progress at once on this member; more wait.
+    member_ttl: Duration(gt=0, le=86400) = 30.0
+    #: Tunnel handshakes (upgrade + HELLO) in progress at once on this member; more get HTTP 503 and redial.
     max_handshakes: BoundedInt(1, 100_000) = 64
 
     @property

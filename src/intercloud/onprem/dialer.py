@@ -96,9 +96,9 @@ class OnpremGateway(Gateway):
             return False
         from urllib.parse import urlsplit
 
-        host = urlsplit(url).hostname or ""
+        host = (urlsplit(url).hostname or "").lower()
         allow = self.config.tunnel.allow_members or [u.host for u in self.config.tunnel.connect]
-        return host in allow
+        return host in {a.lower() for a in allow}
 
     def _choose_target(self, worker: int):
         """Where this worker dials next: an under-covered member's own URL when it advertises one we
@@ -202,7 +202,7 @@ class OnpremGateway(Gateway):
                     last_error = msg
                 else:
                     self.count("reconnects" if self.counters["tunnels_opened"] > 1 else "connects", url=str(url))
-                    self._targets[index] = tunnel.peer_node
+                    self._targets.pop(index, None)  # the live tunnel itself counts in coverage()
                     await tunnel.done
                     if tunnel.refused_by_peer:  # the cloud refused this gateway (tenant, services): say why
                         msg = f"{tunnel.peer_node} refused this gateway: {tunnel.refused_by_peer}"

@@ -116,6 +116,7 @@ class Tunnel(WSListener):
             try:
                 event, reply = self.conn.receive(frame.get_payload_as_memoryview())
             except ProtocolError as exc:
+                self.gateway.counters["protocol_errors"] += 1
                 self.fail(f"protocol error by peer {self.peer_node} ({self.peer_addr}): {exc}")
                 return
             if reply is not None:
