@@ -212,6 +212,11 @@ def create_ca(
     return Issued(cert, key)
 
 
+def tenant_uri(tenant: str) -> str:
+    """The URI SAN that ``certs init --tenant NAME`` writes into on-prem certificates."""
+    return f"urn:intercloud:tenant:{tenant}"
+
+
 def issue(
     ca: Issued,
     common_name: str,
@@ -273,6 +278,9 @@ def issue(
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()), critical=False)
     )
     sans = split_san(dns_names)
+    if organization and client and not server:
+        # A tenant's gateways share this URI SAN, so one [[tenant]] client_san entry maps them all.
+        sans.append(x509.UniformResourceIdentifier(tenant_uri(organization)))
     if sans:
         builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
     return Issued(builder.sign(ca.key, _signature_hash(ca.key)), key)

@@ -67,7 +67,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         metavar="N",
         help=f"validity of the gateway certificates in days (default {DEFAULT_LEAF_DAYS})",
     )
-    init.add_argument("--tenant", metavar="NAME", help="tenant written into the on-prem certificates (O=NAME)")
+    init.add_argument("--tenant", metavar="NAME", help="tenant of the on-prem certificates: written as O=NAME and as the URI SAN "
+                      "urn:intercloud:tenant:NAME, which a cloud [[tenant]] maps with client_san")
     parser.set_defaults(func=run)
     return parser
 
