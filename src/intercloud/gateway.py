@@ -15,7 +15,7 @@ from collections import deque
 from .config import Config
 from .protocol import State
 from .protocol.frames import Reason
-from .tunnel.stream import LocalStream
+from .tunnel.stream import LocalStream, reset
 from .tunnel.tunnel import Tunnel
 
 log = logging.getLogger("intercloud.gateway")
@@ -323,7 +323,7 @@ class Gateway:
     def client_connected(self, stream: LocalStream) -> None:
         """A client connected to an accept listener (called from LocalStream.connection_made)."""
         if self.draining:
-            stream.transport.abort()
+            reset(stream.transport)
             return
         self.tg.create_task(self._route(stream))
 
@@ -395,7 +395,7 @@ class Gateway:
         self._event("stream.refused", service=svc, client=stream.client, reason=why)
         tr = stream.transport
         if tr is not None:
-            tr.abort()
+            reset(tr)
         stream.finished = True
 
     # --- connect side: the peer asks us to dial one of our services ---------------------
@@ -458,7 +458,7 @@ class Gateway:
             return
         if tunnel.conn.state(sid) is not State.OPENING_IN or tunnel.ws is None or tunnel.ws.is_disconnected:
             if stream.transport is not None:
-                stream.transport.abort()
+                reset(stream.transport)
             return
         stream.attach(tunnel, sid)
         tunnel.streams[sid] = stream

@@ -1,7 +1,7 @@
 """The 4-ha picture in network namespaces: one host per box, real processes, real nginx.
 
 Hosts (each its own namespace and IP on one lab bridge; the test process sits at ``lab.root_ip``
-and reaches every host directly, so clients and admin requests run from the root namespace):
+and reaches every host directly, so clients run from the root namespace):
 
 * ``cloud1``, ``cloud2``: cluster members (tunnel listener, peer-link listener, client port of
   service A, admin);
@@ -225,10 +225,12 @@ class Transfer(threading.Thread):
     sent and of what came back. ``local_port`` identifies the stream in the gateways' status."""
 
     def __init__(self, addr: tuple[str, int], size: int, seed: int, *, chunk: int = 32 * 1024,
-                 pause: float = 0.02, label: str = ""):
+                 pause: float = 0.02, label: str = "", via: str = ""):
         super().__init__(daemon=True, name=f"transfer-{label or seed}")
         self.addr = addr
         self.label = label
+        self.via = via  # the gateway whose client port it uses
+        self.path: set[str] = set()  # every gateway its stream passes (filled in by the test)
         self.payload = random.Random(seed).randbytes(size)
         self.sent_digest = hashlib.sha256(self.payload).hexdigest()
         self.chunk = chunk
@@ -236,6 +238,7 @@ class Transfer(threading.Thread):
         self.received = 0
         self.local_port: int | None = None
         self.error: str | None = None
+        self.recv_end: str | None = None  # how reading ended: "EOF" or the exception
         self.recv_digest: str | None = None
         self.ended_at: float | None = None
         self.connected = threading.Event()
@@ -250,12 +253,17 @@ class Transfer(threading.Thread):
             self.connected.set()
             sender = threading.Thread(target=self._send, args=(s,), daemon=True)
             sender.start()
-            while chunk := s.recv(1 << 16):
-                got.update(chunk)
-                self.received += len(chunk)
+            try:
+                while chunk := s.recv(1 << 16):
+                    got.update(chunk)
+                    self.received += len(chunk)
+                self.recv_end = "EOF"
+            except OSError as exc:
+                self.recv_end = repr(exc)
+                raise
             sender.join(scaled(30))
         except OSError as exc:
-            self.error = repr(exc)
+            self.error = self.error or repr(exc)
         finally:
             self.recv_digest = got.hexdigest()
             self.ended_at = time.monotonic()
@@ -278,7 +286,7 @@ class Transfer(threading.Thread):
 
     def describe(self) -> str:
         return (f"{self.label}: port {self.local_port} received {self.received}/{len(self.payload)} "
-                f"error={self.error} intact={self.intact}")
+                f"read ended by {self.recv_end} error={self.error} intact={self.intact}")
 
 
 # --- packet counters ------------------------------------------------------------------------

@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
+import struct
 import time
 from typing import TYPE_CHECKING
 
@@ -24,6 +26,19 @@ if TYPE_CHECKING:
     from .tunnel import Tunnel
 
 log = logging.getLogger("intercloud.stream")
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+def reset(transport) -> None:
+    """Close with a TCP RST, not a FIN: a client must be able to tell a cut stream from a finished one.
+    ``transport.abort()`` alone sends FIN unless unread bytes happen to be queued."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        except OSError:
+            pass
+    transport.abort()
 
 
 class LocalStream(asyncio.BufferedProtocol):
@@ -241,7 +256,7 @@ class LocalStream(asyncio.BufferedProtocol):
                 t.send_frame(frame)
         tr = self.transport
         if tr is not None:
-            tr.abort()
+            reset(tr)
         self.finish(f"reset: {Reason.name_of(code)} {text}")
 
     @property
