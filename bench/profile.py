@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import run  # noqa: E402  (bench/run.py)
+import run  # bench/run.py
 
 LOADS = {"P1": (1, False), "P1R": (1, True), "P8": (8, False), "P8R": (8, True)}
 
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(0.5)
             result: dict = {}
 
-            def drive() -> None:
+            def drive(load: str = load, result: dict = result) -> None:
                 if load == "conns":
                     result["r"] = run.run_async(run._conn_rate(system.echo_port, 32, cfg.seconds))
                 else:

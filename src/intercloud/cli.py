@@ -68,7 +68,22 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
+def _tune_malloc() -> None:
+    """uvloop's SSL transport allocates a ~256 KiB bytes per frame (the ciphertext it reads from the
+    outgoing BIO). With glibc's dynamic thresholds the heap top can be trimmed (brk) after each free
+    and faulted back in for the next frame, doubling the CPU per GB (docs/performance.md, P1)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 16 << 20)  # M_MMAP_THRESHOLD: frame-sized buffers come from the heap
+        libc.mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD: keep up to 64 MiB of free heap
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def _run(args) -> int:
+    _tune_malloc()
     from .config import ConfigError, load_config
 
     import signal

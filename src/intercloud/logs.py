@@ -40,6 +40,12 @@ class TextFormatter(logging.Formatter):
 
 
 def setup(fmt: str = "text", level: str = "info") -> None:
+    # Neither formatter prints the caller, thread or process: don't compute them for every record
+    # (findCaller walks the stack; the per-stream OPENED/CLOSED lines are on the connection path).
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()

@@ -66,7 +66,7 @@ def test_quick_bench_finishes_within_budget(quick_run):
 
 @needs_binary("iperf3")
 def test_quick_bench_numbers_are_sane(quick_run):
-    data, output, _ = quick_run
+    data, _, _ = quick_run
     assert data["config"]["quick"] is True
     assert data["config"]["reps"] == 1
     for name in SYSTEMS:
