@@ -149,13 +149,13 @@ async def _echo_server() -> tuple[asyncio.AbstractServer, int]:
     return srv, srv.sockets[0].getsockname()[1]
 
 
-def _onprem_text(top: Topology, name: str, urls: str) -> str:
-    p, certs = top.ports, top.workdir / "certs"
-    return f"""# {name}: an on-prem gateway. It only dials out; clients of service B connect to port {p[name]}.
-[gateway]
-role = "onprem"
+def _identity(top: Topology, name: str, role: str) -> str:
+    """[gateway] and [tls] of one demo gateway."""
+    certs = top.workdir / "certs"
+    return f"""[gateway]
+role = "{role}"
 node_id = "{name}"
-admin = "{HOST}:{p[f'admin_{name}']}"
+admin = "{HOST}:{top.ports[f'admin_{name}']}"
 route_wait = "3s"
 drain_timeout = "5s"
 
@@ -163,7 +163,13 @@ drain_timeout = "5s"
 cert = "{certs}/{name}.pem"
 key = "{certs}/{name}.key"
 ca = "{certs}/ca.pem"
+"""
 
+
+def _onprem_text(top: Topology, name: str, urls: str) -> str:
+    p = top.ports
+    return f"""# {name}: an on-prem gateway. It only dials out; clients of service B connect to port {p[name]}.
+{_identity(top, name, "onprem")}
 [tunnel]
 connect = [{urls}]
 per_member = 2
@@ -193,18 +199,7 @@ def _write_configs(top: Topology) -> None:
     common_tunnel = 'ping_interval = "1s"\nping_timeout = "3s"\nreconnect_min = "100ms"\nreconnect_max = "1s"\n'
     for name in ("cloud1", "cloud2"):
         text = f"""# {name}: a cloud member. Clients of service A connect to port {p[name]}.
-[gateway]
-role = "cloud"
-node_id = "{name}"
-admin = "{HOST}:{p[f'admin_{name}']}"
-route_wait = "3s"
-drain_timeout = "5s"
-
-[tls]
-cert = "{certs}/{name}.pem"
-key = "{certs}/{name}.key"
-ca = "{certs}/ca.pem"
-
+{_identity(top, name, "cloud")}
 [tunnel]
 listen = "wss://{HOST}:{p[f'tunnel_{name}']}/intercloud"
 {common_tunnel}

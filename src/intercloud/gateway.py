@@ -350,13 +350,7 @@ class Gateway:
                 await self._wait_route_change(left)
                 continue
             fut = tunnel.open(stream)
-            # a timer instead of wait_for(shield(...)): two futures and a task wake-up less per OPEN
-            timer = asyncio.get_running_loop().call_later(
-                self.config.tunnel.connect_timeout + _OPEN_SLACK, _expire, fut)
-            try:
-                result = await fut
-            finally:
-                timer.cancel()
+            result = await _answer(fut, self.config.tunnel.connect_timeout + _OPEN_SLACK)
             if result is _TIMED_OUT:
                 result = (Reason.TIMEOUT, f"no answer to OPEN from {tunnel.peer_node}")
                 frame = tunnel.conn.reset(stream.sid, Reason.TIMEOUT, "OPEN timed out")
@@ -484,9 +478,8 @@ class Gateway:
             if tunnel is None:
                 break
             fut = tunnel.open(outer)
-            try:
-                result = await asyncio.wait_for(asyncio.shield(fut), self.config.tunnel.connect_timeout + 2)
-            except TimeoutError:
+            result = await _answer(fut, self.config.tunnel.connect_timeout + 2)  # before the relaying member gives up
+            if result is _TIMED_OUT:
                 result = (Reason.TIMEOUT, f"no answer to OPEN from {tunnel.peer_node}")
                 frame = tunnel.conn.reset(outer.sid, Reason.TIMEOUT, "OPEN timed out")
                 if frame:
@@ -572,6 +565,16 @@ _TIMED_OUT = object()
 def _expire(fut: asyncio.Future) -> None:
     if not fut.done():
         fut.set_result(_TIMED_OUT)
+
+
+async def _answer(fut: asyncio.Future, timeout: float):
+    """The peer's answer to an OPEN (None or (code, text)), or _TIMED_OUT. A timer rather than
+    wait_for(shield(...)): two futures and a task wake-up less per OPEN (docs/performance.md P3)."""
+    timer = asyncio.get_running_loop().call_later(timeout, _expire, fut)
+    try:
+        return await fut
+    finally:
+        timer.cancel()
 
 
 class _Stop(Exception):

@@ -234,13 +234,13 @@ class OnpremGateway(Gateway):
         cfg = self.config
         proxy = self._proxy_for(url)
         server_name = cfg.tls.server_name or url.host
-        factory = None
-        if proxy is not None:
-            async def factory(_parsed):
-                try:
-                    return await proxymod.open_tunnel(proxy, url.host, url.port, cfg.tunnel.handshake_timeout)
-                except proxymod.ProxyError as exc:
-                    raise DialError(str(exc)) from None
+        async def through_proxy(_parsed):
+            try:
+                return await proxymod.open_tunnel(proxy, url.host, url.port, cfg.tunnel.handshake_timeout)
+            except proxymod.ProxyError as exc:
+                raise DialError(str(exc)) from None
+
+        factory = through_proxy if proxy is not None else None
 
         def make_tunnel():
             t = Tunnel(self, client=True, url=str(url), expected_node=expected_node)
