@@ -225,7 +225,7 @@ class Transfer(threading.Thread):
     sent and of what came back. ``local_port`` identifies the stream in the gateways' status."""
 
     def __init__(self, addr: tuple[str, int], size: int, seed: int, *, chunk: int = 32 * 1024,
-                 pause: float = 0.02, label: str = "", via: str = ""):
+                 gate: threading.Event | None = None, label: str = "", via: str = ""):
         super().__init__(daemon=True, name=f"transfer-{label or seed}")
         self.addr = addr
         self.label = label
@@ -234,7 +234,7 @@ class Transfer(threading.Thread):
         self.payload = random.Random(seed).randbytes(size)
         self.sent_digest = hashlib.sha256(self.payload).hexdigest()
         self.chunk = chunk
-        self.pause = pause
+        self.gate = gate  # the second half waits for it: the test sets it once the failure is injected
         self.received = 0
         self.local_port: int | None = None
         self.error: str | None = None
@@ -273,9 +273,12 @@ class Transfer(threading.Thread):
 
     def _send(self, s: socket.socket) -> None:
         try:
-            for off in range(0, len(self.payload), self.chunk):
+            half = len(self.payload) // 2
+            s.sendall(self.payload[:half])
+            if self.gate is not None:
+                self.gate.wait(scaled(60))  # the transfer must span the failure
+            for off in range(half, len(self.payload), self.chunk):
                 s.sendall(self.payload[off:off + self.chunk])
-                time.sleep(self.pause)  # pace: the transfer must span the failure
             s.shutdown(socket.SHUT_WR)
         except OSError as exc:
             self.error = self.error or f"send: {exc!r}"

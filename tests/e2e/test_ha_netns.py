@@ -342,7 +342,7 @@ def test_partition_detected_by_liveness_and_healed(topology, capsys):
 
 # --- 4. streams not through the failed instance ----------------------------------------------
 
-SIZE = 6 << 20  # per transfer; paced at 32 KiB / 20 ms, so each lasts several seconds
+SIZE = 6 << 20  # per transfer; its second half waits until the failure is injected
 
 
 @pytest.mark.parametrize("victim", ["cloud1", "onprem1"])
@@ -353,9 +353,11 @@ def test_sigkill_breaks_only_streams_through_the_victim(topology, victim, capsys
     topo = topology()
     topo.wait_full_coverage()
     transfers: list[Transfer] = []
+    gate = threading.Event()
     for via in (*CLOUDS, *ONPREMS):
         for i in range(2):
-            tr = Transfer(topo.client_addr(via), SIZE, seed=len(transfers), label=f"{via}#{i}", via=via)
+            tr = Transfer(topo.client_addr(via), SIZE, seed=len(transfers), label=f"{via}#{i}", via=via,
+                          gate=gate)
             transfers.append(tr)
             tr.start()
     for tr in transfers:
@@ -375,6 +377,7 @@ def test_sigkill_breaks_only_streams_through_the_victim(topology, victim, capsys
 
     t_kill = time.monotonic()
     topo.gws[victim].kill()
+    gate.set()
     for tr in affected:
         tr.join(max(0.0, t_kill + scaled(5) - time.monotonic()))
     hung = [tr.describe() for tr in affected if tr.is_alive()]
