@@ -24,6 +24,8 @@ tlog = logging.getLogger("intercloud.tunnel")
 
 # OPEN is answered once the far side has dialed its target; allow its connect_timeout plus slack.
 _OPEN_SLACK = 5.0
+# On shutdown, how long closing tunnels may take to flush their queued frames.
+_FLUSH_GRACE = 5.0
 
 
 class Gateway:
@@ -222,8 +224,14 @@ class Gateway:
         while any(t.streams or t.open_tasks for t in self.all_tunnels()) and time.monotonic() < deadline:
             await self._wait_route_change(min(0.5, deadline - time.monotonic()))
         left = sum(len(t.streams) for t in self.all_tunnels())
-        for t in self.all_tunnels():
+        closing = self.all_tunnels()
+        for t in closing:
             t.close(f"{self.node_id} shut down")
+        # Let every tunnel flush what it still has queued (the last DATA and FIN frames of streams that
+        # just finished here) before the process exits; bounded, a dead peer must not hold us.
+        pending = [t.done for t in closing if not t.done.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=_FLUSH_GRACE)
         log.info("stopped (%d streams cut at drain timeout)", left,
                  extra={"event": "gateway.stopped", "streams_cut": left})
 
