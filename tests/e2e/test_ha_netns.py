@@ -74,14 +74,14 @@ def _assert_down(topo: Topology, name: str) -> None:
 
 def _first_echo(topo: Topology, name: str, t0: float, out: dict) -> None:
     """From t0, connect to ``name``'s client port until a client gets its echo. Refused
-    connects (listener not bound yet) are retried at once and not counted; ``attempts`` counts
+    connects (listener not bound yet) are retried and not counted; ``attempts`` counts
     clients that got in, so 1 means the very first admitted client was served. Failures are
     recorded with start/end time (s after t0) and the client's local port (to find it in logs)."""
     addr = topo.client_addr(name)
-    deadline = t0 + scaled(30)
-    attempts = 0
-    while time.monotonic() < deadline:
-        msg = f"recovery {name} {attempts}\n".encode()
+    state = {"attempts": 0}
+
+    def one_client() -> bool:
+        msg = f"recovery {name} {state['attempts']}\n".encode()
         start = time.monotonic() - t0
         port = None
         try:
@@ -93,33 +93,31 @@ def _first_echo(topo: Topology, name: str, t0: float, out: dict) -> None:
                 while chunk := s.recv(65536):
                     got += chunk
         except ConnectionRefusedError:
-            if port is None:  # the listener is not bound yet
-                time.sleep(0.01)
-                continue
+            if port is None:  # the listener is not bound yet: not a client that got in
+                return False
             got = "ConnectionRefusedError"
         except OSError as exc:
             got = repr(exc)
-        attempts += 1
+        state["attempts"] += 1
         if got == msg:
             out["echo"] = time.monotonic() - t0
-            out["attempts"] = attempts
-            return
+            out["attempts"] = state["attempts"]
+            return True
         out.setdefault("failures", []).append(
             f"client :{port} {start:.2f}s..{time.monotonic() - t0:.2f}s: {bytes(got) if isinstance(got, bytearray) else got!r}")
-        time.sleep(0.02)
+        return False
+
+    with contextlib.suppress(AssertionError):  # no echo within the bound: the caller reports it
+        wait_until(one_client, 30, interval=0.01, what=f"an echo through {name}")
 
 
 def _first_ready(topo: Topology, name: str, t0: float, out: dict) -> None:
     gw = topo.gws[name]
-    deadline = t0 + scaled(30)
-    while time.monotonic() < deadline and gw.running:
-        try:
-            if topo.readyz(name) == 200:
-                out["ready"] = time.monotonic() - t0
-                return
-        except OSError:
-            pass
-        time.sleep(0.01)
+    with contextlib.suppress(AssertionError):  # never ready: the caller reports it
+        wait_until(lambda: not gw.running or topo.readyz(name) == 200, 30, interval=0.01,
+                   ignore=(OSError,), what=f"{name}'s /readyz")
+        if gw.running:
+            out["ready"] = time.monotonic() - t0
 
 
 def _restart_and_measure(topo: Topology, names: tuple[str, ...]) -> dict[str, dict]:
