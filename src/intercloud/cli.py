@@ -141,6 +141,8 @@ def _first_system_exit(exc: BaseException) -> SystemExit | None:
 def _loop_exception(loop, context) -> None:
     """One log line per failed TLS handshake or connection error, never a traceback."""
     exc = context.get("exception")
+    if isinstance(exc, type) and issubclass(exc, BaseException):  # aiofastnet passes some as a class
+        exc = exc()
     msg = context.get("message", "")
     transport = context.get("transport") or context.get("protocol")
     peer = None
@@ -151,14 +153,16 @@ def _loop_exception(loop, context) -> None:
     where = f" from {peer[0]}:{peer[1]}" if peer else ""
     import ssl
 
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        # A peer that went away: whoever owns the connection (tunnel, dialer, TLS listener) logs it
+        # with its context; uvloop does not report these at all, aiofastnet does.
+        log.debug("connection%s failed: %s", where, exc, extra={"event": "connection.failed"})
+        return
     if isinstance(exc, ssl.SSLError) or "SSL" in msg or "handshake" in msg.lower():
         reason = getattr(exc, "verify_message", None) or getattr(exc, "reason", None) or exc or msg
         log.warning("TLS handshake%s failed: %s; a client must present a certificate signed by tls.ca "
                     "and speak TLS 1.2+", where, reason,
                     extra={"event": "tunnel.tls_failed", "peer_addr": f"{peer[0]}:{peer[1]}" if peer else None,
                            "reason": str(reason)})
-        return
-    if isinstance(exc, (ConnectionError, TimeoutError)):
-        log.info("connection%s failed: %s", where, exc, extra={"event": "connection.failed"})
         return
     log.error("unexpected error%s: %s", where, msg, exc_info=exc, extra={"event": "internal.error"})

@@ -216,7 +216,7 @@ class CloudGateway(Gateway):
                     factory, url.host, url.port,
                     websocket_handshake_timeout=cfg.tunnel.handshake_timeout,
                     max_frame_size=cfg.tunnel.max_frame + HEADER_SIZE + 64,
-                    reuse_address=True, backlog=1024, use_aiofastnet=False,
+                    reuse_address=True, backlog=1024, use_aiofastnet=True,
                 )
         except OSError as exc:
             raise SystemExit(f"{cfg.source}: tunnel.listen {url}: cannot listen: {exc.strerror}; "

@@ -108,7 +108,7 @@ class Cluster:
                                                         max_frame_size=t.max_frame + HEADER_SIZE + 64)
             else:
                 server = await ws_create_server(factory, url.host, url.port, reuse_address=True,
-                                                use_aiofastnet=False, websocket_handshake_timeout=t.handshake_timeout,
+                                                use_aiofastnet=True, websocket_handshake_timeout=t.handshake_timeout,
                                                 max_frame_size=t.max_frame + HEADER_SIZE + 64)
         except OSError as exc:
             raise SystemExit(f"{self.gw.config.source}: cluster.listen {url}: cannot listen: {exc.strerror}; "
@@ -159,7 +159,7 @@ class Cluster:
                 lambda: Tunnel(self.gw, client=True, url=str(url), kind="peer"), str(url),
                 ssl_context=self.client_ssl, websocket_handshake_timeout=cfg.handshake_timeout,
                 max_frame_size=cfg.max_frame + HEADER_SIZE + 64,
-                extra_headers={"Sec-WebSocket-Protocol": SUBPROTOCOL}, use_aiofastnet=False)
+                extra_headers={"Sec-WebSocket-Protocol": SUBPROTOCOL}, use_aiofastnet=True)
             if tunnel is None:  # closed before the upgrade answer: TLS 1.3 refusal of our certificate
                 raise ConnectionError(f"{url} closed the connection during the handshake; it most likely "
                                       "refused this member's peer-link certificate (check cluster.cert is "

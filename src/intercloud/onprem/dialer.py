@@ -258,7 +258,7 @@ class OnpremGateway(Gateway):
                     websocket_handshake_timeout=cfg.tunnel.handshake_timeout,
                     max_frame_size=cfg.tunnel.max_frame + HEADER_SIZE + 64,
                     extra_headers={"Sec-WebSocket-Protocol": SUBPROTOCOL},
-                    socket_factory=factory, use_aiofastnet=False, **kwargs)
+                    socket_factory=factory, use_aiofastnet=True, **kwargs)
         except DialError:
             raise
         except ssl.SSLCertVerificationError as exc:

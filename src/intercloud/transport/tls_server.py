@@ -5,8 +5,8 @@ the error unless the loop is in debug mode (an ``ssl.SSLError`` is an ``OSError`
 pass to the loop's exception handler). A client whose certificate is from another CA or has expired,
 a client without a certificate, plain HTTP or garbage on the tunnel port would leave no trace at all.
 
-So this listener accepts TCP itself and hands each socket to ``loop.connect_accepted_socket`` with
-the TLS context: a failed handshake is raised right here, where the peer address is known, and is
+So this listener accepts TCP itself and hands each socket to ``aiofastnet.connect_accepted_socket``
+(the transport picows uses on the dialing side too, docs/performance.md) with the TLS context: a failed handshake is raised right here, where the peer address is known, and is
 logged once (event ``tunnel.tls_failed``), without a traceback. A completed handshake goes to the
 same picows WebSocket protocol that ``picows.ws_create_server`` would have used.
 """
@@ -18,6 +18,7 @@ import logging
 import socket
 import ssl
 
+import aiofastnet
 from picows import WSAutoPingStrategy, ws_create_server
 
 log = logging.getLogger("intercloud.cloud")
@@ -108,8 +109,8 @@ class TlsWsServer:
     async def _handshake(self, sock: socket.socket, addr) -> None:
         peer = f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
         try:
-            await asyncio.get_running_loop().connect_accepted_socket(
-                self._factory, sock, ssl=self._ssl, ssl_handshake_timeout=self._timeout)
+            await aiofastnet.connect_accepted_socket(
+                asyncio.get_running_loop(), self._factory, sock, ssl=self._ssl, ssl_handshake_timeout=self._timeout)
         except asyncio.CancelledError:
             sock.close()
             raise
@@ -129,7 +130,7 @@ async def create_server(listener_factory, host: str, port: int, ssl_ctx: ssl.SSL
                     "not be logged", extra={"event": "tunnel.tls_logging_unavailable"})
         return await ws_create_server(
             listener_factory, host, port, ssl=ssl_ctx, websocket_handshake_timeout=handshake_timeout,
-            max_frame_size=max_frame_size, reuse_address=True, backlog=backlog, use_aiofastnet=False,
+            max_frame_size=max_frame_size, reuse_address=True, backlog=backlog, use_aiofastnet=True,
             ssl_handshake_timeout=handshake_timeout)
     loop = asyncio.get_running_loop()
     infos = await loop.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
