@@ -54,12 +54,14 @@ def make_pair(
     *, client_window: int = 65536, server_window: int = 65536,
     client_max_frame: int = 16384, server_max_frame: int = 16384,
     client_max_streams: int = 100, server_max_streams: int = 100,
+    client_early: int = 1024, server_early: int = 1024,
 ) -> tuple[Connection, Connection]:
-    """A client and a server Connection that have exchanged HELLOs."""
+    """A client and a server Connection that have exchanged HELLOs (each accepting ``*_early``
+    bytes of early data per stream, protocol §4.5)."""
     c = Connection(client=True, window=client_window, max_frame=client_max_frame,
-                   max_streams=client_max_streams)
+                   max_streams=client_max_streams, early_data=client_early)
     s = Connection(client=False, window=server_window, max_frame=server_max_frame,
-                   max_streams=server_max_streams)
+                   max_streams=server_max_streams, early_data=server_early)
     hc = c.hello("onprem-1", "onprem", [], "boot-c")
     hs = s.hello("cloud-1", "cloud", ["svc"], "boot-s", members=[])
     ev, reply = s.receive(hc)
@@ -136,15 +138,19 @@ class Sim:
     def actions(self, *, probes: bool) -> list[tuple]:
         acts: list[tuple] = [("pump", side) for side in (0, 1) if self.wires[side]]
         for key, fl in self.flows.items():
-            snd = self.conns[fl.src]
-            if snd.state(fl.sid) in SENDING and not fl.fin_sent:
+            snd, rcv = self.conns[fl.src], self.conns[1 - fl.src]
+            state = snd.state(fl.sid)
+            if not fl.fin_sent:
                 if fl.sent < len(fl.payload):
-                    if snd.send_limit(fl.sid) > 0:
+                    # before OPEN_OK only as much early data as the peer announced (protocol §4.5)
+                    if (state in SENDING or state is State.OPENING_OUT) and snd.send_limit(fl.sid) > 0:
                         acts.append(("send", key))
-                else:
+                elif state in SENDING:
                     acts.append(("fin", key))
-            if fl.held > 0:
+            if fl.held > 0 and rcv.state(fl.sid) is not State.OPENING_IN:  # early bytes wait for OPEN_OK
                 acts.append(("deliver", key))
+            if rcv.state(fl.sid) is State.OPENING_IN:  # the receiver's target is up: OPEN_OK
+                acts.append(("accept", 1 - fl.src, fl.sid))
             if probes and fl.sid in self.conns[1 - fl.src]._streams:
                 acts.append(("probe_recv", key))
         return acts
@@ -182,6 +188,8 @@ class Sim:
         if kind == "pump":
             side = act[1]
             self._pump(side, self.wires[side].popleft())
+        elif kind == "accept":
+            self._accept(act[1], act[2])
         else:
             fl = self.flows[act[1]]
             getattr(self, "_" + kind)(fl, size_sel)
@@ -193,7 +201,11 @@ class Sim:
         assert limit > 0
         n = limit if size_sel is None else 1 + size_sel % limit
         credit = conn.credit(fl.sid)
-        assert conn.send_limit(fl.sid) == min(credit, conn.peer.max_frame)
+        if conn.state(fl.sid) is State.OPENING_OUT:
+            early_left = conn.peer.early_data - fl.sent
+            assert conn.send_limit(fl.sid) == min(credit, conn.peer.max_frame, early_left)
+        else:
+            assert conn.send_limit(fl.sid) == min(credit, conn.peer.max_frame)
         if self.probe:
             self._probe_send(conn, fl.sid)
         chunk = fl.payload[fl.sent : fl.sent + n]
@@ -237,6 +249,13 @@ class Sim:
         fl.window_frames += 1
         self.wires[1 - fl.src].append(frame)
 
+    def _accept(self, side: int, sid: int) -> None:
+        """Side ``side`` answers the OPEN it received (its target is up): OPEN_OK."""
+        conn = self.conns[side]
+        ok = conn.open_ok(sid)
+        assert header(ok) == (F.OPEN_OK, sid) and conn.state(sid) is State.OPEN
+        self.wires[side].append(ok)
+
     def _probe_recv(self, fl: Flow, size_sel: int | None) -> None:
         """A peer that ignores the credit it was granted is caught, exactly at the boundary."""
         rcv = self.conns[1 - fl.src]
@@ -278,10 +297,7 @@ class Sim:
         if ftype is F.OPEN:
             assert isinstance(ev, StreamOpened) and ev.stream_id == sid
             assert (ev.service, ev.client) == ("svc", "198.51.100.7:4242")
-            assert rcv.state(sid) is State.OPENING_IN
-            ok = rcv.open_ok(sid)
-            assert header(ok) == (F.OPEN_OK, sid) and rcv.state(sid) is State.OPEN
-            self.wires[1 - side].append(ok)
+            assert rcv.state(sid) is State.OPENING_IN  # answered by an "accept" action
         elif ftype is F.OPEN_OK:
             assert isinstance(ev, OpenAccepted) and ev.stream_id == sid
             assert rcv.state(sid) is State.OPEN
@@ -293,6 +309,8 @@ class Sim:
             assert n == len(frame) - HEADER_SIZE
             start = len(fl.received)
             assert chunk == fl.payload[start : start + n], "DATA arrived corrupted or out of order"
+            if rcv.state(sid) is State.OPENING_IN:  # early data (protocol §4.5)
+                assert len(fl.received) + n <= rcv.early_data
             fl.received += chunk
             fl.data_in_flight -= n
             assert fl.held <= rcv.window, "receiver holds more than the window it granted"

@@ -37,10 +37,12 @@ SEND, RECV = "send", "recv"
 _TRANSITIONS: dict[tuple[State, str, FrameType], State] = {
     (S.IDLE, SEND, F.OPEN): S.OPENING_OUT,
     (S.IDLE, RECV, F.OPEN): S.OPENING_IN,
+    (S.OPENING_OUT, SEND, F.DATA): S.OPENING_OUT,  # early data, §4.5: only as much as the peer announced
     (S.OPENING_OUT, RECV, F.OPEN_OK): S.OPEN,
     (S.OPENING_OUT, RECV, F.OPEN_FAIL): S.CLOSED,
     (S.OPENING_OUT, SEND, F.RST): S.CLOSED,
     (S.OPENING_OUT, RECV, F.RST): S.CLOSED,
+    (S.OPENING_IN, RECV, F.DATA): S.OPENING_IN,  # early data, §4.5: only as much as we announced
     (S.OPENING_IN, SEND, F.OPEN_OK): S.OPEN,
     (S.OPENING_IN, SEND, F.OPEN_FAIL): S.CLOSED,
     (S.OPENING_IN, SEND, F.RST): S.CLOSED,
@@ -96,6 +98,7 @@ class Hello:
     max_frame: int
     max_streams: int
     incarnation: str
+    early_data: int = 0  # bytes the peer accepts on a stream before it answers OPEN (§4.5)
     extra: dict = field(default_factory=dict)
 
 
@@ -177,27 +180,30 @@ Event = (
 
 
 class _Stream:
-    __slots__ = ("state", "send_credit", "recv_allowed", "owed")
+    __slots__ = ("state", "send_credit", "recv_allowed", "owed", "early")
 
-    def __init__(self, state: State, send_credit: int, recv_allowed: int):
+    def __init__(self, state: State, send_credit: int, recv_allowed: int, early: int = 0):
         self.state = state
         self.send_credit = send_credit  # bytes we may still send (protocol §6.1)
         self.recv_allowed = recv_allowed  # bytes the peer may still send us
         self.owed = 0  # delivered bytes whose credit we have not returned yet (§6.2)
+        self.early = early  # while opening: early-data bytes still allowed (§4.5)
 
 
 class Connection:
     """Protocol state of one tunnel.
 
     ``client`` is True on the dialing side (odd stream ids, protocol §4.1). ``window``,
-    ``max_frame`` and ``max_streams`` are what *this* side grants the peer (sent in HELLO).
+    ``max_frame``, ``max_streams`` and ``early_data`` are what *this* side grants the peer (sent in
+    HELLO); ``early_data`` 0 means DATA before our OPEN_OK is a protocol error (§4.5).
     """
 
-    def __init__(self, *, client: bool, window: int, max_frame: int, max_streams: int):
+    def __init__(self, *, client: bool, window: int, max_frame: int, max_streams: int, early_data: int = 0):
         self.client = client
         self.window = window
         self.max_frame = max_frame
         self.max_streams = max_streams
+        self.early_data = min(early_data, window)
         self.peer: Hello | None = None
         self.hello_sent = False
         self.goaway_sent = False
@@ -217,10 +223,13 @@ class Connection:
         return st.send_credit if st else 0
 
     def send_limit(self, stream_id: int) -> int:
-        """Largest DATA payload this side may send now: credit capped by the peer's max_frame."""
+        """Largest DATA payload this side may send now: credit capped by the peer's max_frame, and
+        before OPEN_OK by what is left of the early data the peer accepts (§4.5)."""
         st = self._streams.get(stream_id)
         if st is None or self.peer is None:
             return 0
+        if st.state is S.OPENING_OUT:
+            return min(st.send_credit, self.peer.max_frame, st.early)
         return min(st.send_credit, self.peer.max_frame)
 
     @property
@@ -250,6 +259,8 @@ class Connection:
             "incarnation": incarnation,
             **extra,
         }
+        if self.early_data:
+            body["early_data"] = self.early_data
         return frames.encode(F.HELLO, 0, frames.encode_json(body))
 
     def _send(self, sid: int, ftype: FrameType) -> _Stream:
@@ -273,7 +284,8 @@ class Connection:
         if sid > frames.MAX_STREAM_ID:
             raise LocalProtocolError("stream ids exhausted on this tunnel; open a new tunnel")
         self._next_id += 2
-        self._streams[sid] = _Stream(S.OPENING_OUT, self.peer.window, self.window)
+        self._streams[sid] = _Stream(S.OPENING_OUT, self.peer.window, self.window,
+                                     min(self.peer.early_data, self.peer.window))
         flags = frames.FLAG_RELAYED if relayed else 0
         return sid, frames.HEADER.pack(F.OPEN, flags, sid) + frames.encode_open(service, client_addr)
 
@@ -292,6 +304,11 @@ class Connection:
             raise LocalProtocolError(
                 f"DATA of {n} bytes on stream {sid} exceeds credit {st.send_credit}"
             )
+        if st.state is S.OPENING_OUT:
+            if n > st.early:
+                raise LocalProtocolError(
+                    f"early DATA of {n} bytes on stream {sid} exceeds what the peer accepts ({st.early} left)")
+            st.early -= n
         st.send_credit -= n
 
     def data(self, sid: int, payload: bytes | bytearray | memoryview) -> bytes:
@@ -446,7 +463,7 @@ class Connection:
                 F.OPEN_FAIL, sid,
                 frames.encode_reason(Reason.LIMIT, f"tunnel stream limit {self.max_streams} reached"),
             )
-        self._streams[sid] = _Stream(S.OPENING_IN, self.peer.window, self.window)
+        self._streams[sid] = _Stream(S.OPENING_IN, self.peer.window, self.window, self.early_data)
         return StreamOpened(sid, service, client, relayed), None
 
     def _recv_data(self, sid: int, message) -> Data | None:
@@ -455,9 +472,15 @@ class Connection:
             if sid != 0 and self._was_opened(sid):
                 return None  # protocol §4.3
             raise ProtocolError(f"DATA for stream {sid}, which was never opened", sid)
-        if st.state is not S.OPEN and st.state is not S.HALF_CLOSED_LOCAL:
-            raise ProtocolError(f"DATA on stream {sid} in state {st.state.name}", sid)
         n = len(message) - HEADER_SIZE
+        if st.state is not S.OPEN and st.state is not S.HALF_CLOSED_LOCAL:
+            if st.state is not S.OPENING_IN or not self.early_data:
+                raise ProtocolError(f"DATA on stream {sid} in state {st.state.name}", sid)
+            if n > st.early:  # §4.5
+                raise ProtocolError(
+                    f"peer sent {n} bytes of early data on stream {sid} before OPEN_OK with only {st.early} "
+                    f"of the {self.early_data} announced left", sid)
+            st.early -= n
         if n <= 0:
             raise ProtocolError(f"empty DATA on stream {sid}", sid)
         if n > self.max_frame:
@@ -487,15 +510,18 @@ def _parse_hello(payload: bytes) -> Hello:
             max_frame=int(body["max_frame"]),
             max_streams=int(body["max_streams"]),
             incarnation=str(body.get("incarnation", "")),
+            early_data=int(body.get("early_data", 0)),
         )
     except (KeyError, TypeError, ValueError, OverflowError) as exc:  # int(Infinity): OverflowError
         raise ProtocolError(f"HELLO lacks or mangles a field: {exc!r}") from None
     if hello.role not in ("cloud", "onprem"):
         raise ProtocolError(f"HELLO role {hello.role!r} is neither 'cloud' nor 'onprem'")
-    if not (1 <= hello.window <= 2**31 and 1024 <= hello.max_frame <= 16 * 2**20 and hello.max_streams >= 1):
+    if not (1 <= hello.window <= 2**31 and 1024 <= hello.max_frame <= 16 * 2**20 and hello.max_streams >= 1
+            and 0 <= hello.early_data <= 2**31):
         raise ProtocolError(
             f"HELLO limits out of range: window={hello.window} max_frame={hello.max_frame} "
-            f"max_streams={hello.max_streams}")
-    known = {"version", "node_id", "role", "services", "window", "max_frame", "max_streams", "incarnation"}
+            f"max_streams={hello.max_streams} early_data={hello.early_data}")
+    known = {"version", "node_id", "role", "services", "window", "max_frame", "max_streams", "incarnation",
+             "early_data"}
     hello.extra = {k: v for k, v in body.items() if k not in known}
     return hello

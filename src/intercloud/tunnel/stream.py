@@ -1,6 +1,8 @@
 """One proxied TCP connection bound to one stream of one tunnel (docs/protocol.md §4, §6).
 
-Hot path, both directions, per read:
+Before OPEN_OK the stream reads into its park buffer and, where the peer accepts early data
+(protocol §4.5), sends those bytes right after OPEN, keeping them until OPEN_OK in case the gateway
+has to open the stream elsewhere. Hot path, both directions, per read (after OPEN_OK):
 - local socket -> tunnel: asyncio's BufferedProtocol reads straight into the tunnel's send buffer
   behind room for the WebSocket and intercloud headers, capped by the stream's credit, so the
   payload is copied once by the kernel and once more by TLS (``Tunnel.send_data``).
@@ -68,11 +70,15 @@ class LocalStream(asyncio.BufferedProtocol):
         self.local_eof = False
         self.finished = False
         self.connected = asyncio.get_running_loop().create_future()
-        # uvloop reads once after connection_made even though we paused there; such bytes, and any
-        # read while we have no credit, are parked here and sent when the stream starts.
+        # uvloop reads once after connection_made even though we paused there; such bytes, any read
+        # while we have no credit, and everything read before OPEN_OK are parked here. The first
+        # ``_early_sent`` of them already went out as early data (§4.5) on the current OPEN.
         self._park: bytearray | None = None
         self._park_len = 0
         self._parked = False
+        self._early = False  # OPEN sent, peer accepts early data, no answer yet
+        self._early_sent = 0
+        self._early_reading = False  # transport resumed for early data
 
     # --- asyncio protocol --------------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -107,6 +113,12 @@ class LocalStream(asyncio.BufferedProtocol):
         self.bytes_up += nbytes
         if self._parked:
             self._park_len += nbytes
+            if self._early:
+                self._send_early()
+                if self.tunnel.conn.send_limit(self.sid) > 0:
+                    return  # keep reading: the peer still accepts early data
+            self._early_reading = False
+            self.reading = False  # so that _update_reading resumes it
             self.transport.pause_reading()
             return
         self.tunnel.send_data(self, nbytes)
@@ -148,14 +160,52 @@ class LocalStream(asyncio.BufferedProtocol):
     def attach(self, tunnel: Tunnel, sid: int) -> None:
         self.tunnel = tunnel
         self.sid = sid
+        self._early = False
+        self._early_sent = 0  # a new OPEN (maybe on another tunnel): everything parked goes again
+
+    def begin_early(self) -> None:
+        """OPEN is sent: if the peer accepts early data (protocol §4.5), send what is parked now
+        and keep reading into the park buffer while the early-data allowance lasts."""
+        t = self.tunnel
+        if t is None or t.conn.send_limit(self.sid) <= 0:
+            return
+        self._early = True
+        if self._park_len:
+            self._send_early()
+        tr = self.transport
+        if tr is not None and not self.local_eof and t.conn.send_limit(self.sid) > 0 and not self._early_reading:
+            self._early_reading = True
+            tr.resume_reading()
+
+    def _send_early(self) -> None:
+        t = self.tunnel
+        view = memoryview(self._park)
+        while self._early_sent < self._park_len:
+            n = min(self._park_len - self._early_sent, t.conn.send_limit(self.sid))
+            if n <= 0:
+                break
+            t.send_payload(self.sid, view[self._early_sent:self._early_sent + n])
+            self._early_sent += n
+        view.release()
 
     def start(self) -> None:
-        """OPEN succeeded: send what was parked, then read the local socket (credit permitting)."""
+        """OPEN succeeded: send what was parked (less what went early), then read the local socket
+        (credit permitting)."""
         self.credit_paused = False
+        self._early = False
+        if self._early_reading:  # the transport is reading: let _update_reading decide from here
+            self._early_reading = False
+            self.reading = True
+        if self._early_sent:
+            del self._park[:self._early_sent]
+            self._park_len -= self._early_sent
+            self._early_sent = 0
         if self._park_len:
             self._flush_parked()
-        elif self.local_eof:
-            self._send_fin()
+        else:
+            self._park = None
+            if self.local_eof:
+                self._send_fin()
         self._update_reading()
 
     def _flush_parked(self) -> None:

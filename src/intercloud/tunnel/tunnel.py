@@ -35,6 +35,9 @@ _WS_ROOM = 14
 _PAYLOAD_AT = _WS_ROOM + HEADER.size
 _BINARY = WSMsgType.BINARY
 _MAX_SEND_FRAME = 1 << 20  # we never send DATA larger than this, whatever the peer allows
+# Early data we accept per stream before answering OPEN (protocol §4.5): enough for a client's first
+# request or TLS ClientHello; held in memory while the target is dialed, so kept small.
+EARLY_DATA = 64 * 1024
 
 
 class Tunnel(WSListener):
@@ -56,11 +59,12 @@ class Tunnel(WSListener):
         self.url = url
         self.client = client
         self.conn = Connection(client=client, window=t.stream_window, max_frame=t.max_frame,
-                               max_streams=t.max_streams)
+                               max_streams=t.max_streams, early_data=EARLY_DATA if kind == "tunnel" else 0)
         self.ws = None
         self.streams: dict[int, LocalStream] = {}
         self.pending_opens: dict[int, asyncio.Future] = {}
         self.open_tasks: dict[int, asyncio.Task] = {}
+        self.early: dict[int, list[bytes]] = {}  # early data for streams whose target is being dialed
         loop = asyncio.get_running_loop()
         self.ready: asyncio.Future = loop.create_future()  # peer HELLO received
         self.done: asyncio.Future = loop.create_future()  # WebSocket gone
@@ -150,6 +154,7 @@ class Tunnel(WSListener):
         for task in self.open_tasks.values():
             task.cancel()
         self.open_tasks.clear()
+        self.early.clear()
         self.conn.abort_all()
         for stream in list(self.streams.values()):
             stream.abort(Reason.ABORTED, f"tunnel closed: {reason}", tell_peer=False)
@@ -177,6 +182,8 @@ class Tunnel(WSListener):
             s = self.streams.get(ev.stream_id)
             if s is not None:
                 s.deliver(ev.data)
+            elif ev.stream_id in self.open_tasks:  # early data (§4.5): bounded by the Connection
+                self.early.setdefault(ev.stream_id, []).append(bytes(ev.data))
             return
         if type(ev) is CreditAvailable:
             s = self.streams.get(ev.stream_id)
