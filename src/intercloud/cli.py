@@ -124,6 +124,8 @@ def _run(args) -> int:
         raise
     except KeyboardInterrupt:
         return 130
+    finally:
+        logs.flush()  # lines the loop had not written yet (logs.py writes once per iteration)
 
 
 def _first_system_exit(exc: BaseException) -> SystemExit | None:

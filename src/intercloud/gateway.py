@@ -12,6 +12,7 @@ import signal
 import time
 from collections import deque
 
+from . import logs
 from .config import Config
 from .protocol import State
 from .protocol.frames import Reason
@@ -358,6 +359,7 @@ class Gateway:
                 await self._wait_route_change(left)
                 continue
             fut = tunnel.open(stream)
+            stream.begin_early()  # the client's first bytes go right behind the OPEN (protocol §4.5)
             result = await _answer(fut, self.config.tunnel.connect_timeout + _OPEN_SLACK)
             if result is _TIMED_OUT:
                 result = (Reason.TIMEOUT, f"no answer to OPEN from {tunnel.peer_node}")
@@ -436,7 +438,7 @@ class Gateway:
             return
         task = self.tg.create_task(self._dial_target(tunnel, sid, svc, client))
         tunnel.open_tasks[sid] = task
-        task.add_done_callback(lambda _t: tunnel.open_tasks.pop(sid, None))
+        task.add_done_callback(lambda _t: (tunnel.open_tasks.pop(sid, None), tunnel.early.pop(sid, None)))
 
     async def _dial_target(self, tunnel: Tunnel, sid: int, svc, client: str) -> None:
         ep = svc.connect
@@ -469,6 +471,10 @@ class Gateway:
         stream.attach(tunnel, sid)
         tunnel.streams[sid] = stream
         tunnel.send_frame(tunnel.conn.open_ok(sid))
+        for chunk in tunnel.early.pop(sid, ()):  # early data first (protocol §4.5)
+            stream.deliver(memoryview(chunk))
+        if stream.finished:  # the target could not take it
+            return
         stream.start()
         self._stream_opened(tunnel, stream)
 
@@ -524,11 +530,13 @@ class Gateway:
         stream.counted = True
         self.tenant_streams[stream.tenant] = self.tenant_streams.get(stream.tenant, 0) + 1
         relayed = tunnel.kind == "peer"
-        slog.info("[%s] OPENED: stream %d %s -> %s via %s%s (%s)", stream.service, stream.sid, stream.client,
-                  stream.target or tunnel.peer_node, tunnel.peer_node, " (relay)" if relayed else "", stream.side,
-                  extra={"event": "stream.opened", "service": stream.service, "stream": stream.sid,
-                         "tunnel": tunnel.id, "client": stream.client, "target": stream.target,
-                         "peer_node": tunnel.peer_node, "side": stream.side, "relayed": relayed})
+        peer = tunnel.peer_node
+        logs.emit(slog, logging.INFO,
+                  f"[{stream.service}] OPENED: stream {stream.sid} {stream.client} -> {stream.target or peer} "
+                  f"via {peer}{' (relay)' if relayed else ''} ({stream.side})",
+                  {"event": "stream.opened", "service": stream.service, "stream": stream.sid,
+                   "tunnel": tunnel.id, "client": stream.client, "target": stream.target,
+                   "peer_node": peer, "side": stream.side, "relayed": relayed})
 
     def stream_closed(self, tunnel: Tunnel, stream: LocalStream, reason: str) -> None:
         if stream.side == "relay-out":  # a relayed stream is logged and counted once, by its inner end
@@ -542,13 +550,14 @@ class Gateway:
         self.count("bytes_out", stream.bytes_up, service=stream.service, tenant=stream.tenant)
         self.count("bytes_in", stream.bytes_down, service=stream.service, tenant=stream.tenant)
         dur = time.monotonic() - stream.started
-        slog.info("[%s] CLOSED: stream %d %s -> %s via %s, %d bytes out, %d bytes in, %.3fs: %s",
-                  stream.service, stream.sid, stream.client, stream.target or tunnel.peer_node, tunnel.peer_node,
-                  stream.bytes_up, stream.bytes_down, dur, reason,
-                  extra={"event": "stream.closed", "service": stream.service, "stream": stream.sid,
-                         "tunnel": tunnel.id, "client": stream.client, "target": stream.target,
-                         "peer_node": tunnel.peer_node, "bytes_out": stream.bytes_up,
-                         "bytes_in": stream.bytes_down, "duration": round(dur, 6), "reason": reason})
+        peer = tunnel.peer_node
+        logs.emit(slog, logging.INFO,
+                  f"[{stream.service}] CLOSED: stream {stream.sid} {stream.client} -> {stream.target or peer} "
+                  f"via {peer}, {stream.bytes_up} bytes out, {stream.bytes_down} bytes in, {dur:.3f}s: {reason}",
+                  {"event": "stream.closed", "service": stream.service, "stream": stream.sid,
+                   "tunnel": tunnel.id, "client": stream.client, "target": stream.target,
+                   "peer_node": peer, "bytes_out": stream.bytes_up,
+                   "bytes_in": stream.bytes_down, "duration": round(dur, 6), "reason": reason})
         if self.draining:
             self.routes_changed()  # wakes the drain loop
 
