@@ -646,8 +646,9 @@ def measure(system: System, cfg: argparse.Namespace) -> dict:
         fresh = {n: rss_kib(pid) for n, pid in pids.items()}
 
         # 1. throughput and CPU per GB, on fresh processes
-        out["iperf"] = {}
-        for key, streams, rev in IPERF_RUNS:
+        if "iperf" in cfg.measure:
+            out["iperf"] = {}
+        for key, streams, rev in (IPERF_RUNS if "iperf" in cfg.measure else ()):
             bg = Background(system.env.procs)
             cpu0 = {n: cpu_seconds(pid) for n, pid in pids.items()}
             try:
@@ -670,49 +671,60 @@ def measure(system: System, cfg: argparse.Namespace) -> dict:
             system.check_alive()
 
         # 2. latency of new connections, sequential
-        bg = Background(system.env.procs)
-        out["latency"] = latency(system.echo_port, cfg.conns)
-        out["latency"]["background"] = bg.stop()
-        lat = out["latency"]
-        log(f"  {system.name} latency: p50 {lat['p50_ms']:.3f} ms, p99 {lat['p99_ms']:.3f} ms"
-            f" ({lat['errors']} errors)")
+        if "latency" in cfg.measure:
+            bg = Background(system.env.procs)
+            out["latency"] = latency(system.echo_port, cfg.conns)
+            out["latency"]["background"] = bg.stop()
+            lat = out["latency"]
+            log(f"  {system.name} latency: p50 {lat['p50_ms']:.3f} ms, p99 {lat['p99_ms']:.3f} ms"
+                f" ({lat['errors']} errors)")
 
         # 3. sustained new connections per second
         cpids = {n: p.pid for n, p in system.conn_relays.items()} if system.conn_relays else pids
-        cpu0 = {n: cpu_seconds(pid) for n, pid in cpids.items()}
-        bg = Background(system.env.procs)
-        out["rate"] = run_async(_conn_rate(system.echo_port, cfg.concurrency, cfg.rate_seconds))
-        out["rate"]["background"] = bg.stop()
-        time.sleep(0.3)
-        done = max(1, out["rate"]["completed"])
-        out["rate"]["cpu_us_per_conn"] = {n: (cpu_seconds(pid) - cpu0[n]) / done * 1e6
-                                          for n, pid in cpids.items()}
-        log(f"  {system.name} new connections: {out['rate']['conns_per_s']:.0f}/s"
-            f" ({out['rate']['errors']} errors)")
-        system.check_alive()
+        if "rate" in cfg.measure:
+            _rate(system, cfg, cpids, out)
 
         # 4. idle streams last (10,000 open sockets would otherwise shape the heap the throughput runs
         # start from): RSS just before, then with N streams echoed end to end
-        if pids and system.idle_supported and cfg.idle:
-            settle(list(pids.values()), 10)
-            before = {n: rss_kib(pid) for n, pid in pids.items()}
-            socks, failed, took = run_async(_open_idle(system.echo_port, cfg.idle))
-            try:
-                time.sleep(1.0)
-                system.check_alive()
-                during = {n: rss_kib(pid) for n, pid in pids.items()}
-            finally:
-                for s in socks:
-                    s.close()
-            out["idle"] = {"n": cfg.idle, "established": len(socks), "failed": failed, "open_s": round(took, 3),
-                           "rss_fresh_kib": fresh, "rss_before_kib": before, "rss_idle_kib": during,
-                           "per_stream_kib": {n: (during[n] - before[n]) / max(1, len(socks)) for n in pids}}
-            log(f"  {system.name}: {len(socks)}/{cfg.idle} idle streams in {took:.1f}s, RSS "
-                + ", ".join(f"{n} {during[n] / 1024:.1f} MiB" for n in pids))
-
+        if pids and system.idle_supported and cfg.idle and "idle" in cfg.measure:
+            _idle(system, cfg, pids, fresh, out)
     finally:
         system.stop()
     return out
+
+
+def _rate(system: System, cfg: argparse.Namespace, cpids: dict, out: dict) -> None:
+    """Sustained new connections per second, and CPU per connection of each relay process."""
+    cpu0 = {n: cpu_seconds(pid) for n, pid in cpids.items()}
+    bg = Background(system.env.procs)
+    out["rate"] = run_async(_conn_rate(system.echo_port, cfg.concurrency, cfg.rate_seconds))
+    out["rate"]["background"] = bg.stop()
+    time.sleep(0.3)
+    done = max(1, out["rate"]["completed"])
+    out["rate"]["cpu_us_per_conn"] = {n: (cpu_seconds(pid) - cpu0[n]) / done * 1e6
+                                      for n, pid in cpids.items()}
+    log(f"  {system.name} new connections: {out['rate']['conns_per_s']:.0f}/s"
+        f" ({out['rate']['errors']} errors)")
+    system.check_alive()
+
+
+def _idle(system: System, cfg: argparse.Namespace, pids: dict, fresh: dict, out: dict) -> None:
+    """RSS of each relay process before and while holding cfg.idle streams echoed end to end."""
+    settle(list(pids.values()), 10)
+    before = {n: rss_kib(pid) for n, pid in pids.items()}
+    socks, failed, took = run_async(_open_idle(system.echo_port, cfg.idle))
+    try:
+        time.sleep(1.0)
+        system.check_alive()
+        during = {n: rss_kib(pid) for n, pid in pids.items()}
+    finally:
+        for s in socks:
+            s.close()
+    out["idle"] = {"n": cfg.idle, "established": len(socks), "failed": failed, "open_s": round(took, 3),
+                   "rss_fresh_kib": fresh, "rss_before_kib": before, "rss_idle_kib": during,
+                   "per_stream_kib": {n: (during[n] - before[n]) / max(1, len(socks)) for n in pids}}
+    log(f"  {system.name}: {len(socks)}/{cfg.idle} idle streams in {took:.1f}s, RSS "
+        + ", ".join(f"{n} {during[n] / 1024:.1f} MiB" for n in pids))
 
 
 def flatten(rep: dict) -> dict[str, float]:
@@ -908,6 +920,9 @@ def machine_info() -> dict:
     return info
 
 
+MEASUREMENTS = ("iperf", "latency", "rate", "idle")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -928,11 +943,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--intercloud-src", type=Path,
                    help="run the intercloud gateways from this source tree (a dir holding the intercloud package, "
                         "put first on PYTHONPATH), e.g. a patched copy, to measure a change")
+    p.add_argument("--measure", default=",".join(MEASUREMENTS),
+                   help="comma-separated measurements to run: " + ", ".join(MEASUREMENTS) + " (default: all)")
     p.add_argument("--keep", action="store_true", help="keep the temporary work dir (configs, logs)")
     p.add_argument("--wait-idle", type=float,
                    help="before each system run wait up to this many seconds for the machine to be idle "
                         "(< 25%% busy; default 20, --quick 0); the observed load is recorded either way")
     a = p.parse_args(argv)
+    a.measure = [m.strip() for m in a.measure.split(",") if m.strip()]
+    for m in a.measure:
+        if m not in MEASUREMENTS:
+            p.error(f"unknown measurement {m!r}; choose from {', '.join(MEASUREMENTS)}")
     q = a.quick
     a.reps = a.reps or (1 if q else 3)
     a.seconds = a.seconds or (1.0 if q else 5.0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import struct
 import time
 from typing import TYPE_CHECKING
@@ -38,6 +39,35 @@ _MAX_SEND_FRAME = 1 << 20  # we never send DATA larger than this, whatever the p
 # Early data we accept per stream before answering OPEN (protocol §4.5): enough for a client's first
 # request or TLS ClientHello; held in memory while the target is dialed, so kept small.
 EARLY_DATA = 64 * 1024
+# Control frames (OPEN, OPEN_OK, WINDOW, FIN, RST, small early DATA, PING) sent during one event-loop
+# iteration leave as one write: one TLS record and one TCP segment instead of one each, and one wake-up
+# of the peer instead of several (docs/performance.md, P6). Larger frames go through picows directly.
+_CORK_MAX = 4096
+_WS_LEN16 = struct.Struct("!BBH")
+
+
+def ws_frames(frames: list[bytes], client: bool) -> bytes:
+    """RFC 6455 binary frames (FIN set) for ``frames``, masked with a fresh random key each when
+    ``client`` (§5.3). For small frames only: the mask is applied in Python."""
+    out: list[bytes] = []
+    keys = os.urandom(4 * len(frames)) if client else b""
+    bit = 0x80 if client else 0
+    for i, f in enumerate(frames):
+        n = len(f)
+        if n < 126:
+            out.append(bytes((0x82, bit | n)))
+        elif n < 65536:
+            out.append(_WS_LEN16.pack(0x82, bit | 126, n))
+        else:
+            raise ValueError(f"frame of {n} bytes is too large to cork")
+        if client:
+            key = keys[4 * i:4 * i + 4]
+            stream = (key * (n // 4 + 1))[:n]
+            out.append(key)
+            out.append((int.from_bytes(f, "little") ^ int.from_bytes(stream, "little")).to_bytes(n, "little"))
+        else:
+            out.append(f)
+    return b"".join(out)
 
 
 class Tunnel(WSListener):
@@ -79,6 +109,8 @@ class Tunnel(WSListener):
         self.streams_total = 0
         self._buf = bytearray()
         self._buf_mv = memoryview(self._buf)
+        self._loop = loop
+        self._corked: list[bytes] | None = None  # small frames waiting for the end of this iteration
 
     # --- identity for logs -------------------------------------------------------------
     @property
@@ -124,12 +156,13 @@ class Tunnel(WSListener):
                 self.fail(f"protocol error by peer {self.peer_node} ({self.peer_addr}): {exc}")
                 return
             if reply is not None:
-                transport.send(_BINARY, reply)
+                self.send_frame(reply)
             if event is not None:
                 self._dispatch(event)
         elif mt is WSMsgType.CLOSE:
             self.close_reason = self.close_reason or (
                 f"peer closed the WebSocket ({frame.get_close_code()}: {frame.get_close_reason() or 'no reason'})")
+            self.flush()
             transport.send_close(WSCloseCode.OK)
             transport.disconnect()
         elif mt is WSMsgType.PING:
@@ -246,9 +279,37 @@ class Tunnel(WSListener):
 
     # --- sending -----------------------------------------------------------------------
     def send_frame(self, frame: bytes) -> None:
+        """Send one protocol frame. The first in a loop iteration leaves at once (it may be on a
+        client's critical path: an OPEN, an OPEN_OK); small ones after it are held until the end of
+        the iteration and leave together, in order (P6)."""
         ws = self.ws
-        if ws is not None and not ws.is_disconnected:
+        if ws is None or ws.is_disconnected:
+            return
+        q = self._corked
+        if q is None:
             ws.send(_BINARY, frame)
+            self._corked = []
+            self._loop.call_soon(self.flush)
+        elif len(frame) > _CORK_MAX:
+            self.flush()
+            ws.send(_BINARY, frame)
+        else:
+            q.append(frame)
+
+    def flush(self) -> None:
+        """Write the held frames now (before any frame that bypasses send_frame, and at the end of
+        the loop iteration)."""
+        q = self._corked
+        self._corked = None
+        if not q:
+            return
+        ws = self.ws
+        if ws is None or ws.is_disconnected:
+            return
+        if len(q) == 1:
+            ws.send(_BINARY, q[0])
+        else:
+            ws.underlying_transport.write(ws_frames(q, self.client))
 
     def read_buffer(self, sid: int) -> memoryview:
         """Where the next local read for stream ``sid`` lands: behind room for both headers,
@@ -259,6 +320,8 @@ class Tunnel(WSListener):
     def send_data(self, stream: LocalStream, n: int) -> None:
         sid = stream.sid
         self.conn.send_data(sid, n)
+        if self._corked:
+            self.flush()  # frames sent before this DATA go before it
         HEADER.pack_into(self._buf, _WS_ROOM, FrameType.DATA, 0, sid)
         ws = self.ws
         if _PAYLOAD_AT + n == len(self._buf):
@@ -315,6 +378,7 @@ class Tunnel(WSListener):
                                "reason": reason})
         ws = self.ws
         if ws is not None and not ws.is_disconnected:
+            self.flush()
             ws.send_close(code, reason.encode()[:120])
             ws.disconnect(graceful=True)
             asyncio.get_running_loop().call_later(1.0, ws.disconnect, False)
@@ -325,5 +389,6 @@ class Tunnel(WSListener):
             self.close_reason = reason
         ws = self.ws
         if ws is not None and not ws.is_disconnected:
+            self.flush()
             ws.send_close(WSCloseCode.GOING_AWAY, reason.encode()[:120])
             ws.disconnect()
