@@ -334,32 +334,48 @@ class Gateway:
         if self.draining:
             reset(stream.transport)
             return
-        self.tg.create_task(self._route(stream))
-
-    async def _route(self, stream: LocalStream) -> None:
-        """Find a tunnel, OPEN, retry elsewhere on refusal; never leave the client hanging (§3.4)."""
-        svc = stream.service
         limit = self.stream_limit(stream.tenant)
         if limit is not None:
             self._refuse_client(stream, limit)
             return
+        # The first OPEN leaves from this callback when a tunnel is up, not one loop iteration later
+        # from the task: it is on the client's first-byte path (docs/performance.md, P10).
+        tunnel = self._pick_route(stream, _NOT_TRIED)
+        first = (tunnel, self._open(tunnel, stream)) if tunnel is not None else None
+        self.tg.create_task(self._route(stream, first))
+
+    def _pick_route(self, stream: LocalStream, tried: set[str] | frozenset) -> Tunnel | None:
+        return (self.pick_tunnel(stream.service, tried, stream.tenant)
+                or self.relay_link(f"{stream.tenant}/{stream.service}", tried))
+
+    @staticmethod
+    def _open(tunnel: Tunnel, stream: LocalStream) -> asyncio.Future:
+        fut = tunnel.open(stream)
+        stream.begin_early()  # the client's first bytes go right behind the OPEN (protocol §4.5)
+        return fut
+
+    async def _route(self, stream: LocalStream, first: tuple[Tunnel, asyncio.Future] | None) -> None:
+        """Await the answer to the first OPEN (``first``, sent by client_connected) or find a tunnel,
+        OPEN, retry elsewhere on refusal; never leave the client hanging (§3.4)."""
+        svc = stream.service
         wait = self.config.gateway.route_wait
         deadline = time.monotonic() + wait
         tried: set[str] = set()
         last = None
         while not stream.finished:
-            tunnel = (self.pick_tunnel(svc, tried, stream.tenant)
-                      or self.relay_link(f"{stream.tenant}/{svc}", tried))
-            if tunnel is None:
-                if tried:  # every gateway offering the service refused: give up at once
-                    break
-                left = deadline - time.monotonic()
-                if left <= 0 or self.draining:
-                    break
-                await self._wait_route_change(left)
-                continue
-            fut = tunnel.open(stream)
-            stream.begin_early()  # the client's first bytes go right behind the OPEN (protocol §4.5)
+            if first is not None:
+                (tunnel, fut), first = first, None
+            else:
+                tunnel = self._pick_route(stream, tried)
+                if tunnel is None:
+                    if tried:  # every gateway offering the service refused: give up at once
+                        break
+                    left = deadline - time.monotonic()
+                    if left <= 0 or self.draining:
+                        break
+                    await self._wait_route_change(left)
+                    continue
+                fut = self._open(tunnel, stream)
             result = await _answer(fut, self.config.tunnel.connect_timeout + _OPEN_SLACK)
             if result is _TIMED_OUT:
                 result = (Reason.TIMEOUT, f"no answer to OPEN from {tunnel.peer_node}")
@@ -577,6 +593,7 @@ def svc_key(svc) -> tuple[str, str]:
 
 
 _TIMED_OUT = object()
+_NOT_TRIED: frozenset = frozenset()
 
 
 def _expire(fut: asyncio.Future) -> None:
