@@ -486,9 +486,14 @@ class Gateway:
             return
         stream.attach(tunnel, sid)
         tunnel.streams[sid] = stream
-        tunnel.send_frame(tunnel.conn.open_ok(sid))
-        for chunk in tunnel.early.pop(sid, ()):  # early data first (protocol §4.5)
-            stream.deliver(memoryview(chunk))
+        early = tunnel.early.pop(sid, None)
+        if early:  # the early bytes are on the client's path, OPEN_OK is not: write them first (P11)
+            tunnel.hold()
+        tunnel.send_frame(tunnel.conn.open_ok(sid))  # the stream is OPEN from here: early bytes earn credit
+        if early:
+            for chunk in early:  # early data first (protocol §4.5)
+                stream.deliver(memoryview(chunk))
+            tunnel.flush()  # OPEN_OK, then any WINDOW or RST the delivery produced, in that order
         if stream.finished:  # the target could not take it
             return
         stream.start()

@@ -296,6 +296,13 @@ class Tunnel(WSListener):
         else:
             q.append(frame)
 
+    def hold(self) -> None:
+        """Hold every frame sent from now on until flush() or the end of this loop iteration (the
+        caller has something more urgent to do first)."""
+        if self._corked is None:
+            self._corked = []
+            self._loop.call_soon(self.flush)
+
     def flush(self) -> None:
         """Write the held frames now (before any frame that bypasses send_frame, and at the end of
         the loop iteration)."""
