@@ -380,14 +380,22 @@ def run_async(coro):
 class Env:
     """What every system shares: the work dir, certificates, backends (iperf3 and echo servers)."""
 
-    def __init__(self, work: Path, procs: Procs, frp_bin: Path | None, intercloud_src: Path | None = None):
+    def __init__(self, work: Path, procs: Procs, frp_bin: Path | None, intercloud_src: Path | None = None,
+                 pin: bool = False):
         self.work = work
         self.intercloud_src = intercloud_src  # run the gateways from this source tree (A/B experiments)
+        self.pin = pin  # cloud-side relay process on CPU 0, on-prem-side on CPU 1 (--pin)
         self.procs = procs
         self.frp_bin = frp_bin
         self.certs = work / "pki"
         self.iperf_port, self.echo_port = free_ports(2)
         self.iperf_proc: subprocess.Popen | None = None
+
+    def side(self, which: str, argv: list[str]) -> list[str]:
+        """``argv`` of a relay process on the cloud or on-prem side, under taskset with --pin."""
+        if not self.pin:
+            return argv
+        return ["taskset", "-c", "0" if which == "cloud" else "1", *argv]
         self.echo_proc: subprocess.Popen | None = None
 
     def make_certs(self) -> None:
@@ -467,13 +475,13 @@ class Socat(System):
         self.iperf_port, self.echo_port = ports[0], ports[1]
         for i, (front, tls, target) in enumerate(((ports[0], ports[2], self.env.iperf_port),
                                                   (ports[1], ports[3], self.env.echo_port))):
-            s2 = self.env.procs.spawn(f"socat2-{i}", [
+            s2 = self.env.procs.spawn(f"socat2-{i}", self.env.side("cloud", [
                 "socat", f"OPENSSL-LISTEN:{tls},bind=127.0.0.1,reuseaddr,fork,backlog=4096,"
                 f"cert={c}/cloud1.pem,key={c}/cloud1.key,cafile={c}/ca.pem,verify=1,nodelay",
-                f"TCP:127.0.0.1:{target},nodelay"])
-            s1 = self.env.procs.spawn(f"socat1-{i}", [
+                f"TCP:127.0.0.1:{target},nodelay"]))
+            s1 = self.env.procs.spawn(f"socat1-{i}", self.env.side("onprem", [
                 "socat", f"TCP-LISTEN:{front},bind=127.0.0.1,reuseaddr,fork,backlog=4096,nodelay",
-                f"OPENSSL:127.0.0.1:{tls},cert={c}/onprem1.pem,key={c}/onprem1.key,cafile={c}/ca.pem,nodelay"])
+                f"OPENSSL:127.0.0.1:{tls},cert={c}/onprem1.pem,key={c}/onprem1.key,cafile={c}/ca.pem,nodelay"]))
             if i == 0:  # the iperf chain: its CPU is measured over the iperf3 runs
                 self.relays["socat1"], self.relays["socat2"] = s1, s2
             else:  # the echo chain: its CPU is measured over the connections/s run
@@ -503,9 +511,9 @@ class Frp(System):
             f'[[proxies]]\nname = "echo"\ntype = "tcp"\nlocalIP = "127.0.0.1"\nlocalPort = {self.env.echo_port}\n'
             f'remotePort = {self.echo_port}\n')
         b = self.env.frp_bin
-        self.relays["frps"] = self.env.procs.spawn("frps", [str(b / "frps"), "-c", str(d / "frps.toml")])
+        self.relays["frps"] = self.env.procs.spawn("frps", self.env.side("cloud", [str(b / "frps"), "-c", str(d / "frps.toml")]))
         time.sleep(0.2)
-        self.relays["frpc"] = self.env.procs.spawn("frpc", [str(b / "frpc"), "-c", str(d / "frpc.toml")])
+        self.relays["frpc"] = self.env.procs.spawn("frpc", self.env.side("onprem", [str(b / "frpc"), "-c", str(d / "frpc.toml")]))
 
 
 class Intercloud(System):
@@ -552,9 +560,10 @@ class Intercloud(System):
         if e.intercloud_src is not None:
             env = {**os.environ, "PYTHONPATH": os.pathsep.join(
                 [str(e.intercloud_src), *filter(None, [os.environ.get("PYTHONPATH")])])}
-        self.relays["cloud"] = e.procs.spawn(f"{self.name}-cloud", [*py, str(d / "cloud.toml")], cwd=REPO, env=env)
-        self.relays["onprem"] = e.procs.spawn(f"{self.name}-onprem", [*py, str(d / "onprem.toml")], cwd=REPO,
-                                              env=env)
+        self.relays["cloud"] = e.procs.spawn(f"{self.name}-cloud", e.side("cloud", [*py, str(d / "cloud.toml")]),
+                                             cwd=REPO, env=env)
+        self.relays["onprem"] = e.procs.spawn(f"{self.name}-onprem", e.side("onprem", [*py, str(d / "onprem.toml")]),
+                                              cwd=REPO, env=env)
 
     def check_alive(self) -> None:
         for name, p in self.relays.items():
@@ -943,6 +952,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--intercloud-src", type=Path,
                    help="run the intercloud gateways from this source tree (a dir holding the intercloud package, "
                         "put first on PYTHONPATH), e.g. a patched copy, to measure a change")
+    p.add_argument("--pin", action="store_true",
+                   help="pin every relay's cloud-side process to CPU 0 and its on-prem-side process to CPU 1 "
+                        "(taskset; as if on two hosts: the two never share a CPU); clients and servers stay unpinned")
     p.add_argument("--measure", default=",".join(MEASUREMENTS),
                    help="comma-separated measurements to run: " + ", ".join(MEASUREMENTS) + " (default: all)")
     p.add_argument("--keep", action="store_true", help="keep the temporary work dir (configs, logs)")
@@ -970,6 +982,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             if e not in names:
                 names.append(e)
     a.systems = [s for s in ALL_SYSTEMS if s in names]
+    if a.pin and (shutil.which("taskset") is None or not {0, 1} <= os.sched_getaffinity(0)):
+        p.error("--pin needs taskset (util-linux) and CPUs 0 and 1 available to this process")
     return a
 
 
@@ -1019,7 +1033,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{cfg.conns} latency connections; {cfg.idle} idle streams; work dir {work}")
     reps: dict[str, list[dict]] = {s: [] for s in cfg.systems}
     try:
-        env = Env(work, procs, frp_bin, cfg.intercloud_src)
+        env = Env(work, procs, frp_bin, cfg.intercloud_src, cfg.pin)
         env.make_certs()
         env.start_backends()
         for rep in range(cfg.reps):
