@@ -145,7 +145,7 @@ class Gateway:
     async def _listen(self, svc) -> None:
         ep = svc.accept
         server = await asyncio.get_running_loop().create_server(
-            lambda: LocalStream(svc.name, "accept", on_accept=self.client_connected, tenant=svc.tenant or DEFAULT_TENANT),
+            lambda: LocalStream(svc.name, "accept", on_connected=self.client_connected, tenant=svc.tenant or DEFAULT_TENANT),
             ep.host, ep.port, reuse_address=True, backlog=1024)
         self.service_listeners[svc_key(svc)] = server
         log.info("service %s listening on %s", svc.name, ep,
@@ -458,7 +458,8 @@ class Gateway:
 
     async def _dial_target(self, tunnel: Tunnel, sid: int, svc, client: str) -> None:
         ep = svc.connect
-        stream = LocalStream(svc.name, "connect", client=client, target=f"{ep.host}:{ep.port}", tenant=tunnel.tenant)
+        stream = LocalStream(svc.name, "connect", client=client, target=f"{ep.host}:{ep.port}", tenant=tunnel.tenant,
+                             on_connected=lambda s: self._target_connected(tunnel, sid, s))
         loop = asyncio.get_running_loop()
         code = None
         try:
@@ -471,18 +472,21 @@ class Gateway:
                                               f"{self.config.tunnel.connect_timeout:g}s (tunnel.connect_timeout)")
         except OSError as exc:
             code, text = Reason.UNREACHABLE, f"{ep.host}:{ep.port} unreachable: {exc.strerror or exc}"
-        if code is not None:
-            if tunnel.conn.state(sid) is State.OPENING_IN:
-                tunnel.send_frame(tunnel.conn.open_fail(sid, code, text))
-            self.counters["open_failures"] += 1
-            self.count("open_failures", service=svc.name, tenant=tunnel.tenant, reason=Reason.name_of(code))
-            slog.warning("[%s] target failed for client %s via %s: %s", svc.name, client, tunnel.peer_node, text,
-                         extra={"event": "stream.target_failed", "service": svc.name, "client": client,
-                                "target": stream.target, "reason": Reason.name_of(code), "detail": text})
-            return
+        if code is None or stream.sid:  # connected: _target_connected took it from there
+            return  # (a timeout that fired after it did closes the socket; the stream reports that itself)
+        if tunnel.conn.state(sid) is State.OPENING_IN:
+            tunnel.send_frame(tunnel.conn.open_fail(sid, code, text))
+        self.counters["open_failures"] += 1
+        self.count("open_failures", service=svc.name, tenant=tunnel.tenant, reason=Reason.name_of(code))
+        slog.warning("[%s] target failed for client %s via %s: %s", svc.name, client, tunnel.peer_node, text,
+                     extra={"event": "stream.target_failed", "service": svc.name, "client": client,
+                            "target": stream.target, "reason": Reason.name_of(code), "detail": text})
+
+    def _target_connected(self, tunnel: Tunnel, sid: int, stream: LocalStream) -> None:
+        """The target accepted: answer OPEN_OK and hand it the early bytes from connection_made,
+        one loop iteration before the dial task would resume (docs/performance.md, P12)."""
         if tunnel.conn.state(sid) is not State.OPENING_IN or tunnel.ws is None or tunnel.ws.is_disconnected:
-            if stream.transport is not None:
-                reset(stream.transport)
+            reset(stream.transport)  # the peer gave up (RST) or the tunnel is gone meanwhile
             return
         stream.attach(tunnel, sid)
         tunnel.streams[sid] = stream

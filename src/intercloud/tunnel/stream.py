@@ -47,12 +47,12 @@ class LocalStream(asyncio.BufferedProtocol):
     """The local TCP side of a stream. ``side`` is "accept" (a client came to our listener) or
     "connect" (we dialed a target for the peer)."""
 
-    def __init__(self, service: str, side: str, client: str = "", target: str = "", on_accept=None,
+    def __init__(self, service: str, side: str, client: str = "", target: str = "", on_connected=None,
                  tenant: str = "default"):
         self.service = service
         self.tenant = tenant
         self.counted = False
-        self.on_accept = on_accept
+        self.on_connected = on_connected  # called from connection_made (both sides)
         self.side = side
         self.client = client
         self.target = target
@@ -69,7 +69,6 @@ class LocalStream(asyncio.BufferedProtocol):
         self.reading = False
         self.local_eof = False
         self.finished = False
-        self.connected = asyncio.get_running_loop().create_future()
         # uvloop reads once after connection_made even though we paused there; such bytes, any read
         # while we have no credit, and everything read before OPEN_OK are parked here. The first
         # ``_early_sent`` of them already went out as early data (§4.5) on the current OPEN.
@@ -90,10 +89,8 @@ class LocalStream(asyncio.BufferedProtocol):
         if not self.client:
             peer = transport.get_extra_info("peername")
             self.client = f"{peer[0]}:{peer[1]}" if peer else "?"
-        if not self.connected.done():
-            self.connected.set_result(True)
-        if self.on_accept is not None:
-            self.on_accept(self)
+        if self.on_connected is not None:
+            self.on_connected(self)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         t = self.tunnel
@@ -153,8 +150,6 @@ class LocalStream(asyncio.BufferedProtocol):
             self.finish("aborted by local peer" if exc else "local close")
         else:
             self.finish(None)
-        if not self.connected.done():
-            self.connected.set_result(False)
 
     # --- driven by the tunnel ----------------------------------------------------------
     def attach(self, tunnel: Tunnel, sid: int) -> None:
