@@ -288,8 +288,7 @@ class Tunnel(WSListener):
         q = self._corked
         if q is None:
             ws.send(_BINARY, frame)
-            self._corked = []
-            self._loop.call_soon(self.flush)
+            self.hold()  # what follows in this iteration waits for its end
         elif len(frame) > _CORK_MAX:
             self.flush()
             ws.send(_BINARY, frame)
