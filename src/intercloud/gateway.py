@@ -350,8 +350,11 @@ class Gateway:
 
     @staticmethod
     def _open(tunnel: Tunnel, stream: LocalStream) -> asyncio.Future:
+        stream.take_sent()  # what the client has sent already leaves in the OPEN's write (P13)
+        tunnel.hold()
         fut = tunnel.open(stream)
         stream.begin_early()  # the client's first bytes go right behind the OPEN (protocol §4.5)
+        tunnel.flush()
         return fut
 
     async def _route(self, stream: LocalStream, first: tuple[Tunnel, asyncio.Future] | None) -> None:
