@@ -158,13 +158,16 @@ def echo_exchange(addr: tuple[str, int], data: bytes, timeout: float = 5.0) -> b
 def build(stack: contextlib.ExitStack, lab: Lab, tmp_path: Path, gateways: Callable[..., Gateway], *,
           lb_method: str | None = None, fail_timeout: str = "2s", onprems_reach_only_lb: bool = False,
           advertise: bool = False, extra_onprem_tunnel: str | Callable[[list[str]], str] = "",
-          before_start: Callable[[dict[str, Host]], None] | None = None, stagger: bool = True) -> Topology:
+          before_start: Callable[[dict[str, Host]], None] | None = None, stagger: bool = True,
+          connect_name: str | None = None) -> Topology:
     """Create the hosts, certificates, echo servers, (nginx,) and start and ready all four
     gateways. Everything started is torn down by ``stack`` (servers, nginx) or the ``gateways``
     fixture (gateways) or the lab (namespaces).
 
     ``extra_onprem_tunnel`` may be a function of the members' IPs (known only once the hosts
     exist); ``before_start(hosts)`` runs before any gateway starts (packet counters, ...).
+    With ``connect_name`` the on-prem gateways dial that one host name, which their hosts' resolver
+    answers with both members' addresses (DNS round robin, no load balancer).
     With ``stagger`` the on-prem gateways start once both members have formed the cluster;
     without it all four start at once."""
     hosts = {n: lab.host(n) for n in (*CLOUDS, *ONPREMS, "servera", "serverb", "lb")}
@@ -174,7 +177,8 @@ def build(stack: contextlib.ExitStack, lab: Lab, tmp_path: Path, gateways: Calla
         echo_b = stack.enter_context(EchoServer(hosts["serverb"].ip))
     cloud_ips = [hosts[c].ip for c in CLOUDS]
     lb_ip = hosts["lb"].ip
-    certs = make_certs(tmp_path / "certs", list(CLOUDS), list(ONPREMS), sans=[*cloud_ips, lb_ip])
+    certs = make_certs(tmp_path / "certs", list(CLOUDS), list(ONPREMS),
+                       sans=[*cloud_ips, lb_ip, *([connect_name] if connect_name else [])])
     clouds = {c: {"tunnel": Addr(hosts[c].ip, TUNNEL_PORT), "peer": Addr(hosts[c].ip, PEER_PORT),
                   "client": Addr(hosts[c].ip, CLIENT_A_PORT), "admin": Addr("127.0.0.1", ADMIN_PORT)}
               for c in CLOUDS}
@@ -187,6 +191,10 @@ def build(stack: contextlib.ExitStack, lab: Lab, tmp_path: Path, gateways: Calla
         lb = NginxLB(tmp_path, hosts["lb"], LB_PORT, [(ip, TUNNEL_PORT) for ip in cloud_ips],
                      method=lb_method, fail_timeout=fail_timeout)
         stack.enter_context(lb)
+    elif connect_name:
+        connect_urls = [f"wss://{connect_name}:{TUNNEL_PORT}/intercloud"]
+        for o in ONPREMS:
+            hosts[o].set_hosts_file({connect_name: cloud_ips})
     else:
         connect_urls = [f"wss://{ip}:{TUNNEL_PORT}/intercloud" for ip in cloud_ips]
     if onprems_reach_only_lb:

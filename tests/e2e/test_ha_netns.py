@@ -14,7 +14,8 @@ What is shown (DESIGN §3):
 * a silent partition is detected by liveness, and healed;
 * streams that do not pass through a failed instance lose no byte; the others end, never hang;
 * no black holes: with no route anywhere a client is reset after route_wait, with a log line;
-* advertised member URLs are dialed only if tunnel.allow_members allows them.
+* advertised member URLs are dialed only if tunnel.allow_members allows them;
+* one tunnel.connect name that resolves to both members (DNS round robin) covers each of them.
 """
 
 from __future__ import annotations
@@ -498,3 +499,32 @@ def test_simultaneous_start_covers_every_member(topology, run):
     topo = topology(lb_method="least_conn", fail_timeout=f"{FAIL_TIMEOUT:g}s", onprems_reach_only_lb=True,
                     stagger=False, advertise=bool(run % 2))
     topo.wait_full_coverage(timeout=15)
+
+
+# --- 8. one name, several members --------------------------------------------------------------
+
+def test_a_name_with_several_addresses_counts_as_several_members(topology):
+    """DESIGN §3.1: the on-prem gateways dial one host name, which their resolver answers with both
+    members' addresses (DNS round robin; no load balancer, members advertise no URL of their own).
+    Dialing the name as the OS would reaches only the address listed first; the gateways must keep
+    per_member tunnels to each address, and cover a member again when it dies and comes back."""
+    name = "cloud.test"
+    topo = topology(connect_name=name)
+    topo.wait_full_coverage(timeout=20)
+    url = f"wss://{name}:{TUNNEL_PORT}/intercloud"
+    for o in ONPREMS:
+        assert {t["url"] for t in topo.status(o)["tunnels"]} == {url}
+        resolved = [r for r in topo.gws[o].log_lines() if r.get("event") == "tunnel.resolved"]
+        assert resolved and sorted(resolved[0]["addresses"]) == sorted(topo.cloud_ips), resolved
+    victim = "cloud1"  # listed first for the name: where the OS alone would send every dial
+    topo.gws[victim].kill()
+    wait_until(lambda: all(victim not in topo.coverage(o) for o in ONPREMS), 5,
+               what=f"on-prem gateways to drop {victim}'s tunnels")
+    for n in (*CLOUDS, *ONPREMS):
+        if n != victim:
+            topo.check_path(n)
+    topo.gws[victim].start()
+    topo.wait_ready(victim)
+    topo.wait_full_coverage(timeout=20)
+    for n in (*CLOUDS, *ONPREMS):
+        topo.check_path(n)

@@ -38,6 +38,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -52,6 +53,7 @@ from .timeouts import scaled, wait_until
 __all__ = ["Lab", "Host", "LabUnavailable", "CommandFailed", "lab_fixture", "cleanup_stale_labs"]
 
 STATE_DIR = Path("/run/intercloud-netns")
+NETNS_ETC = Path("/etc/netns")  # per-namespace /etc files that `ip netns exec` mounts
 _LOCK_FILE = STATE_DIR / ".lock"
 IP = find_binary("ip") or "/usr/sbin/ip"
 IPTABLES = find_binary("iptables") or "/usr/sbin/iptables"
@@ -178,6 +180,12 @@ def _destroy(state: dict) -> list[str]:
         res = _ip("netns", "del", ns, check=False)
         if res.returncode != 0 and "No such file" not in res.stderr:
             errors.append(f"ip netns del {ns}: {res.stderr.strip()}")
+        etc = NETNS_ETC / ns  # Host.set_hosts_file; `ip netns del` leaves it
+        try:
+            if etc.is_dir():
+                shutil.rmtree(etc)
+        except OSError as exc:
+            errors.append(f"removing {etc}: {exc}")
     bridge = state.get("bridge")
     if bridge:
         res = _ip("link", "del", bridge, check=False)
@@ -312,6 +320,17 @@ class Host:
         """Start a tracked background process inside the host (see ``procs.spawn``)."""
         return procs.spawn([*self.argv_prefix, *argv], title=title or f"{self.name}: {argv[0]}",
                            **popen_kwargs)
+
+    def set_hosts_file(self, entries: dict[str, list[str]]) -> None:
+        """Give processes started in this host (``ip netns exec``) their own /etc/hosts:
+        ``{name: [ip, ...]}``, one line per address (so a name can resolve to several, like DNS
+        round robin). ``ip netns exec`` bind-mounts /etc/netns/NS/hosts over /etc/hosts; threads
+        switched in with :meth:`entered` still see the machine's file. Removed with the lab."""
+        etc = NETNS_ETC / self.ns
+        etc.mkdir(parents=True, exist_ok=True)
+        lines = ["127.0.0.1 localhost", "::1 localhost"]
+        lines += [f"{ip} {name}" for name, ips in entries.items() for ip in ips]
+        (etc / "hosts").write_text("\n".join(lines) + "\n")
 
     def pids(self) -> list[int]:
         """Processes currently running in this host's namespace."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import socket
 import ssl
 import time
 
@@ -17,6 +18,7 @@ from ..protocol.frames import HEADER_SIZE
 from ..transport import proxy as proxymod
 from ..transport.tls import client_context, describe_peer_cert
 from ..tunnel.tunnel import Tunnel
+from .targets import ConnectError, DialTarget, DialTargets, connect_in_order
 
 log = logging.getLogger("intercloud.onprem")
 SUBPROTOCOL = "intercloud.v1"
@@ -26,19 +28,8 @@ STABLE_AFTER = 10.0
 WAKE_JITTER = 0.5
 
 
-class _MemberUrl(str):
-    """A member's advertised URL, parsed just enough for dialing (host, port, path like WsUrl)."""
-
-    def __new__(cls, url: str):
-        from urllib.parse import urlsplit
-
-        self = super().__new__(cls, url)
-        parts = urlsplit(url)
-        self.scheme = parts.scheme
-        self.host = parts.hostname or ""
-        self.port = parts.port or (443 if parts.scheme == "wss" else 80)
-        self.path = parts.path or "/"
-        return self
+async def _lookup(host: str, port: int) -> list:
+    return await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
 
 
 class DialError(Exception):
@@ -57,6 +48,7 @@ class OnpremGateway(Gateway):
         self._wake = asyncio.Event()
         self._member_key: frozenset = frozenset()
         self._warned_urls: set[str] = set()
+        self._dial_targets = DialTargets(config.tunnel.connect, by_name=self._dial_by_name, lookup=_lookup)
 
     def is_ready(self) -> bool:
         return bool(self.tunnels) and not self.draining
@@ -89,7 +81,14 @@ class OnpremGateway(Gateway):
 
     def _wanted_workers(self) -> int:
         per = self.config.tunnel.per_member
-        return per * max(len(self.known_members()), len(self.config.tunnel.connect))
+        return per * max(len(self.known_members()), len(self._dial_targets.targets))
+
+    def _dial_by_name(self, host: str) -> bool:
+        """Through a forward proxy the proxy resolves the name (the on-prem network often cannot)."""
+        try:
+            return self.config.tunnel.effective_proxy(host) is not None
+        except ValueError:  # a malformed HTTPS_PROXY: the dial reports it
+            return True
 
     def _allowed(self, url: str | None) -> bool:
         if not url:
@@ -108,14 +107,14 @@ class OnpremGateway(Gateway):
         for node, m in sorted(self.known_members().items()):
             need = per - cov.get(node, 0) - sum(1 for w in self._targets.values() if w == node)
             if need > 0 and self._allowed(m.get("url")):
-                return _MemberUrl(m["url"]), node
+                return DialTarget(m["url"]), node
             if need > 0 and m.get("url") and node not in self._warned_urls:
                 self._warned_urls.add(node)
                 log.warning("member %s advertises %s, whose host is not in tunnel.allow_members; not dialing it "
                             "directly", node, m["url"], extra={"event": "tunnel.member_not_allowed",
                                                                "member": node, "url": m["url"]})
-        urls = self.config.tunnel.connect
-        return urls[worker % len(urls)], None
+        targets = self._dial_targets.targets  # a name with several addresses is several (targets.py)
+        return targets[worker % len(targets)], None
 
     def admit(self, tunnel: Tunnel) -> str | None:
         refusal = super().admit(tunnel)
@@ -187,6 +186,9 @@ class OnpremGateway(Gateway):
         try:
             while not self.draining and index < self._wanted_workers():
                 started = time.monotonic()
+                self._dial_targets.use(self.config.tunnel.connect)  # SIGHUP may have changed it
+                if self._dial_targets.due() and await self._dial_targets.refresh(cfg.handshake_timeout):
+                    self._spawn_workers()  # the names now resolve to more (or fewer) members
                 url, node = self._choose_target(index)
                 self._targets[index] = node
                 try:
@@ -230,8 +232,10 @@ class OnpremGateway(Gateway):
         finally:
             self._workers.pop(index, None)
 
-    async def _dial(self, url, expected_node: str | None = None) -> Tunnel:
+    async def _dial(self, url: DialTarget, expected_node: str | None = None) -> Tunnel:
         cfg = self.config
+        if url.error:
+            raise DialError(url.error)  # its name never resolved
         proxy = self._proxy_for(url)
         server_name = cfg.tls.server_name or url.host
         async def through_proxy(_parsed):
@@ -240,7 +244,16 @@ class OnpremGateway(Gateway):
             except proxymod.ProxyError as exc:
                 raise DialError(str(exc)) from None
 
-        factory = through_proxy if proxy is not None else None
+        where = url.where  # host:port, and the address when the host is a name (error messages)
+
+        async def to_addresses(_parsed):  # this member's address first, then the name's other answers
+            nonlocal where
+            attempt = max(1.0, cfg.tunnel.handshake_timeout / len(url.addresses))
+            sock = await connect_in_order(url, attempt)
+            where = url.at(sock.getpeername()[0])
+            return sock
+
+        factory = through_proxy if proxy is not None else to_addresses if url.addresses else None
 
         def make_tunnel():
             t = Tunnel(self, client=True, url=str(url), expected_node=expected_node)
@@ -264,7 +277,7 @@ class OnpremGateway(Gateway):
         except ssl.SSLCertVerificationError as exc:
             raise DialError(await self._explain_verify_failure(url, proxy, server_name, exc)) from None
         except ssl.SSLError as exc:
-            raise DialError(f"TLS handshake with {url.host}:{url.port} failed: {exc.reason or exc}; "
+            raise DialError(f"TLS handshake with {where} failed: {exc.reason or exc}; "
                             "the cloud may have refused this gateway's client certificate "
                             "(check tls.cert is signed by the CA the cloud trusts)") from None
         except TimeoutError:
@@ -273,18 +286,20 @@ class OnpremGateway(Gateway):
         except WSError as exc:
             raise DialError(f"WebSocket upgrade at {url} refused: {exc}; check the URL path and that "
                             "it is an intercloud cloud gateway") from None
+        except ConnectError as exc:  # every address of the name failed; the message names each
+            raise DialError(f"{exc}; is the cloud gateway running and tunnel.connect right?") from None
         except ConnectionRefusedError:
-            raise DialError(f"{url.host}:{url.port} refused the connection; is the cloud gateway running "
+            raise DialError(f"{where} refused the connection; is the cloud gateway running "
                             "and tunnel.connect right?") from None
         except OSError as exc:
-            raise DialError(f"cannot reach {url.host}:{url.port}: {exc.strerror or exc}") from None
+            raise DialError(f"cannot reach {where}: {exc.strerror or exc}") from None
         finally:
             self._dialing = {t for t in self._dialing if t.ws is None or not t.ws.is_disconnected}
         if tunnel is None:
             # picows returns no listener when the connection closes before the upgrade answer. With
             # TLS 1.3 that is how the cloud refuses a client certificate: its alert comes after our
             # side of the handshake has completed, and picows drops the error.
-            raise DialError(f"TLS handshake with {url.host}:{url.port} failed: the cloud closed the connection "
+            raise DialError(f"TLS handshake with {where} failed: the cloud closed the connection "
                             "before answering the WebSocket upgrade; it most likely refused this gateway's "
                             "client certificate (check tls.cert is signed by the CA the cloud trusts, "
                             "has not expired and allows clientAuth)")

@@ -1,0 +1,216 @@
+"""Where an on-prem gateway dials (DESIGN §3.1): every ``tunnel.connect`` URL, expanded into one dial
+target per cloud member that its host name resolves to.
+
+A name with three A records is three members (DNS round robin in front of a cluster), so the gateway
+keeps ``per_member`` tunnels to each address, not ``per_member`` tunnels to whichever address the
+resolver happens to list first. A dual-stack member has an IPv4 and an IPv6 address; it must count
+once, so the number of targets is the larger of the two families' address counts, and each target
+tries "its" address of each family first, then every other answer (the same fallback the OS gives
+a plain ``connect`` to a name). Not expanded: URLs dialed through a forward proxy (the proxy resolves,
+and the on-prem network often cannot) and IP literals.
+
+Names are resolved again every ``RESOLVE_EVERY`` seconds; a failed lookup keeps the last answer. A name
+that never resolved is one target whose dial fails with the resolver's error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+import socket
+import time
+from typing import Awaitable, Callable, Sequence
+from urllib.parse import urlsplit
+
+log = logging.getLogger("intercloud.onprem")
+
+RESOLVE_EVERY = 30.0  # seconds: how soon a member added to (or removed from) DNS is dialed (or not)
+RETRY_FAILED = 1.0  # seconds: a name that never resolved is looked up again at most this often
+
+Address = tuple[int, tuple]  # (family, sockaddr) as getaddrinfo returns them
+Lookup = Callable[[str, int], Awaitable[list]]  # loop.getaddrinfo(host, port, type=SOCK_STREAM)
+
+
+class DialTarget(str):
+    """A URL to dial. As a ``str`` it is the URL (logs, metrics labels, the WebSocket request);
+    ``host``, ``port``, ``path`` are parsed from it; ``addresses`` are the (family, sockaddr) pairs to
+    connect to, in order; empty means by name (through a proxy, or the name did not resolve:
+    ``error`` says why)."""
+
+    scheme: str
+    host: str
+    port: int
+    path: str
+    addresses: tuple[Address, ...]
+    error: str | None
+
+    def __new__(cls, url: str, addresses: Sequence[Address] = (), error: str | None = None):
+        self = super().__new__(cls, url)
+        parts = urlsplit(url)
+        self.scheme = parts.scheme
+        self.host = parts.hostname or ""
+        self.port = parts.port or (443 if parts.scheme == "wss" else 80)
+        self.path = parts.path or "/"
+        self.addresses = tuple(addresses)
+        self.error = error
+        return self
+
+    @property
+    def where(self) -> str:
+        """host:port, and the address dialed first when the host is a name: for error messages."""
+        return self.at(self.addresses[0][1][0] if self.addresses else None)
+
+    def at(self, ip: str | None) -> str:
+        """host:port, and ``ip`` when it is not the host itself."""
+        return f"{_host(self.host)}:{self.port}" + (f" ({ip})" if ip and ip != self.host else "")
+
+
+def _host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def member_orders(infos: Sequence[tuple]) -> list[tuple[Address, ...]]:
+    """getaddrinfo answers -> one address order per member (see the module docstring).
+
+    >>> v4 = lambda ip: (socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, 1))
+    >>> [[a[1][0] for a in o] for o in member_orders([v4("10.0.0.1"), v4("10.0.0.2")])]
+    [['10.0.0.1', '10.0.0.2'], ['10.0.0.2', '10.0.0.1']]
+    """
+    answers: list[Address] = []
+    by_family: dict[int, list[Address]] = {}
+    for family, _type, _proto, _canon, sockaddr in infos:
+        addr = (int(family), tuple(sockaddr))
+        if addr in answers:
+            continue
+        answers.append(addr)
+        by_family.setdefault(addr[0], []).append(addr)
+    count = max((len(v) for v in by_family.values()), default=0)
+    orders = []
+    for i in range(count):
+        own = [addrs[i] for addrs in by_family.values() if i < len(addrs)]  # first-answered family first
+        orders.append(tuple(own + [a for a in answers if a not in own]))
+    return orders
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+class DialTargets:
+    """The configured URLs as dial targets, re-resolved every ``RESOLVE_EVERY`` seconds."""
+
+    def __init__(self, urls: Sequence, *, by_name: Callable[[str], bool], lookup: Lookup,
+                 clock: Callable[[], float] = time.monotonic, every: float = RESOLVE_EVERY):
+        self._urls = [str(u) for u in urls]
+        self._by_name = by_name  # host -> dial it by name (a forward proxy resolves it)
+        self._lookup = lookup
+        self._clock = clock
+        self._every = every
+        self._answers: dict[str, list[tuple[Address, ...]]] = {}  # url -> member orders (last good)
+        self._errors: dict[str, str] = {}  # url -> why it never resolved
+        self._resolved_at: float | None = None
+        self._lock = asyncio.Lock()
+        self.targets: list[DialTarget] = [DialTarget(u) for u in self._urls]
+
+    def use(self, urls: Sequence) -> None:
+        """The configured URLs (again: SIGHUP may have changed them); a change starts over."""
+        urls = [str(u) for u in urls]
+        if urls != self._urls:
+            self._urls = urls
+            self._answers = {u: a for u, a in self._answers.items() if u in urls}
+            self._errors.clear()
+            self._resolved_at = None
+            self.targets = self._build()
+
+    def due(self) -> bool:
+        if self._resolved_at is None:
+            return True
+        age = self._clock() - self._resolved_at
+        return age >= self._every or (bool(self._errors) and age >= RETRY_FAILED)
+
+    async def refresh(self, timeout: float) -> bool:
+        """Resolve the names if due; True when the targets changed."""
+        async with self._lock:  # many workers ask at once: one of them resolves
+            if not self.due():
+                return False
+            names = [u for u in self._urls if self._wants_lookup(DialTarget(u))]
+            results = await asyncio.gather(*(self._resolve(u, timeout) for u in names))
+            self._resolved_at = self._clock()  # after the answer: until then, workers wait for it here
+            for url, (orders, error) in zip(names, results):
+                if orders:
+                    if orders != self._answers.get(url):
+                        self._log_answer(url, orders)
+                    self._answers[url] = orders
+                    self._errors.pop(url, None)
+                elif url not in self._answers:  # never resolved: dial by name, fail with why
+                    self._errors[url] = error
+                else:  # keep the last answer through a resolver outage
+                    log.warning("resolving %s failed (%s); dialing its last known addresses", url, error,
+                                extra={"event": "tunnel.resolve_failed", "url": url, "reason": error})
+            old, self.targets = self.targets, self._build()
+            return [(t, t.addresses, t.error) for t in old] != [(t, t.addresses, t.error) for t in self.targets]
+
+    def _wants_lookup(self, t: DialTarget) -> bool:
+        return bool(t.host) and not _is_ip(t.host) and not self._by_name(t.host)
+
+    async def _resolve(self, url: str, timeout: float) -> tuple[list[tuple[Address, ...]], str]:
+        t = DialTarget(url)
+        try:
+            async with asyncio.timeout(timeout):
+                infos = await self._lookup(t.host, t.port)
+        except TimeoutError:
+            return [], f"cannot resolve {t.host}: no answer within {timeout:g}s; check DNS and tunnel.connect"
+        except OSError as exc:
+            return [], f"cannot resolve {t.host}: {exc.strerror or exc}; check DNS and tunnel.connect"
+        return member_orders(infos), ""
+
+    def _log_answer(self, url: str, orders: list[tuple[Address, ...]]) -> None:
+        if len(orders) < 2 and url not in self._answers:
+            return  # one member behind the name, as most configs have: nothing worth a line
+        firsts = ", ".join(o[0][1][0] for o in orders)
+        log.info("%s resolves to %d member address(es): %s; keeping tunnels to each", url, len(orders), firsts,
+                 extra={"event": "tunnel.resolved", "url": url, "addresses": [o[0][1][0] for o in orders]})
+
+    def _build(self) -> list[DialTarget]:
+        out = []
+        for url in self._urls:
+            orders = self._answers.get(url)
+            if orders:
+                out.extend(DialTarget(url, order) for order in orders)
+            else:
+                out.append(DialTarget(url, error=self._errors.get(url)))
+        return out
+
+
+async def connect_in_order(target: DialTarget, attempt_timeout: float) -> socket.socket:
+    """A connected non-blocking socket to the first of ``target.addresses`` that answers. Each
+    address gets ``attempt_timeout``; the error names every address tried."""
+    loop = asyncio.get_running_loop()
+    errors = []
+    for family, sockaddr in target.addresses:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            async with asyncio.timeout(attempt_timeout):
+                await loop.sock_connect(sock, sockaddr)
+            return sock
+        except TimeoutError:
+            sock.close()
+            errors.append(f"{sockaddr[0]}: no answer within {attempt_timeout:g}s")
+        except OSError as exc:  # asyncio's strerror is "Connect call failed (...)": say the errno's
+            sock.close()
+            errors.append(f"{sockaddr[0]}: {os.strerror(exc.errno) if exc.errno else exc}")
+        except BaseException:
+            sock.close()
+            raise
+    raise ConnectError(f"cannot reach {_host(target.host)}:{target.port} at " + "; ".join(errors))
+
+
+class ConnectError(OSError):
+    """No address of a dial target answered; the message lists each address and its error."""

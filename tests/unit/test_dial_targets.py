@@ -1,0 +1,193 @@
+"""DESIGN §3.1: a tunnel.connect host name that resolves to several addresses counts as several
+members (intercloud.onprem.targets)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from intercloud.onprem.targets import ConnectError, DialTarget, DialTargets, connect_in_order, member_orders
+
+V4, V6 = socket.AF_INET, socket.AF_INET6
+
+
+def v4(ip: str, port: int = 8443) -> tuple:
+    return (V4, socket.SOCK_STREAM, 6, "", (ip, port))
+
+
+def v6(ip: str, port: int = 8443) -> tuple:
+    return (V6, socket.SOCK_STREAM, 6, "", (ip, port, 0, 0))
+
+
+def ips(order) -> list[str]:
+    return [a[1][0] for a in order]
+
+
+def test_each_address_of_a_round_robin_name_is_a_member() -> None:
+    orders = member_orders([v4("10.0.0.1"), v4("10.0.0.2"), v4("10.0.0.3")])
+    assert [ips(o) for o in orders] == [
+        ["10.0.0.1", "10.0.0.2", "10.0.0.3"],
+        ["10.0.0.2", "10.0.0.1", "10.0.0.3"],
+        ["10.0.0.3", "10.0.0.1", "10.0.0.2"],
+    ]
+
+
+def test_a_dual_stack_host_is_one_member_that_falls_back_to_its_other_family() -> None:
+    """localhost answers ::1 then 127.0.0.1: one member; a cloud listening on IPv4 only is still reached."""
+    assert [ips(o) for o in member_orders([v6("::1"), v4("127.0.0.1")])] == [["::1", "127.0.0.1"]]
+
+
+def test_dual_stack_members_pair_their_families_and_repeats_are_dropped() -> None:
+    infos = [v6("2001:db8::1"), v6("2001:db8::2"), v4("10.0.0.1"), v4("10.0.0.2"), v4("10.0.0.1")]
+    assert [ips(o) for o in member_orders(infos)] == [
+        ["2001:db8::1", "10.0.0.1", "2001:db8::2", "10.0.0.2"],
+        ["2001:db8::2", "10.0.0.2", "2001:db8::1", "10.0.0.1"],
+    ]
+
+
+addresses = st.lists(st.one_of(st.integers(1, 20).map(lambda i: v4(f"10.0.0.{i}")),
+                               st.integers(1, 20).map(lambda i: v6(f"2001:db8::{i}"))), max_size=12)
+
+
+@given(addresses)
+def test_every_member_order_tries_every_answer_once(infos) -> None:
+    distinct = list(dict.fromkeys((f, s) for f, _t, _p, _c, s in infos))
+    orders = member_orders(infos)
+    per_family = [sum(1 for f, _ in distinct if f == fam) for fam in (V4, V6)]
+    assert len(orders) == max(per_family, default=0)
+    for order in orders:
+        assert sorted(order) == sorted(distinct)
+    firsts = [o[0] for o in orders]
+    assert len(set(firsts)) == len(firsts), "no two members start at the same address"
+
+
+class FakeDNS:
+    def __init__(self, answers: dict[str, list | Exception]) -> None:
+        self.answers = answers
+        self.asked: list[str] = []
+
+    async def __call__(self, host: str, port: int) -> list:
+        self.asked.append(host)
+        a = self.answers[host]
+        if isinstance(a, Exception):
+            raise a
+        if a == "hang":
+            await asyncio.sleep(3600)
+        return [(f, t, p, c, (s[0], port, *s[2:])) for f, t, p, c, s in a]
+
+
+def make(urls, dns, *, proxied=(), every=30.0):
+    now = [0.0]
+    targets = DialTargets(urls, by_name=lambda h: h in proxied, lookup=dns, clock=lambda: now[0], every=every)
+    return targets, now
+
+
+async def test_names_expand_ip_literals_and_proxied_names_do_not() -> None:
+    dns = FakeDNS({"cloud.test": [v4("10.0.0.1"), v4("10.0.0.2")], "proxied.test": [v4("10.9.9.9")]})
+    targets, _ = make(["wss://cloud.test:8443/intercloud", "wss://192.0.2.7/intercloud",
+                       "wss://proxied.test/intercloud"], dns, proxied={"proxied.test"})
+    assert await targets.refresh(5) is True
+    got = [(str(t), ips(t.addresses)) for t in targets.targets]
+    assert got == [
+        ("wss://cloud.test:8443/intercloud", ["10.0.0.1", "10.0.0.2"]),
+        ("wss://cloud.test:8443/intercloud", ["10.0.0.2", "10.0.0.1"]),
+        ("wss://192.0.2.7/intercloud", []),  # the OS connects to a literal; nothing to expand
+        ("wss://proxied.test/intercloud", []),  # the proxy resolves it
+    ]
+    assert dns.asked == ["cloud.test"]
+    assert targets.targets[0].addresses[0][1] == ("10.0.0.1", 8443)
+    assert targets.targets[1].where == "cloud.test:8443 (10.0.0.2)"
+
+
+async def test_names_are_looked_up_again_only_when_due_and_changes_are_reported() -> None:
+    dns = FakeDNS({"cloud.test": [v4("10.0.0.1")]})
+    targets, now = make(["wss://cloud.test/intercloud"], dns, every=30)
+    assert await targets.refresh(5) is True
+    now[0] = 29
+    assert not targets.due() and await targets.refresh(5) is False and len(dns.asked) == 1
+    now[0] = 30
+    assert await targets.refresh(5) is False, "same answer: nothing changed"
+    dns.answers["cloud.test"] = [v4("10.0.0.1"), v4("10.0.0.3")]  # a member joined the name
+    now[0] = 60
+    assert await targets.refresh(5) is True and len(targets.targets) == 2
+
+
+async def test_a_resolver_outage_keeps_the_last_answer() -> None:
+    dns = FakeDNS({"cloud.test": [v4("10.0.0.1"), v4("10.0.0.2")]})
+    targets, now = make(["wss://cloud.test/intercloud"], dns)
+    await targets.refresh(5)
+    dns.answers["cloud.test"] = socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+    now[0] = 100
+    assert await targets.refresh(5) is False
+    assert [ips(t.addresses)[0] for t in targets.targets] == ["10.0.0.1", "10.0.0.2"]
+
+
+async def test_a_name_that_never_resolved_fails_its_dial_with_the_reason_and_is_retried() -> None:
+    dns = FakeDNS({"nowhere.test": socket.gaierror(socket.EAI_NONAME, "Name or service not known")})
+    targets, now = make(["wss://nowhere.test/intercloud"], dns)
+    await targets.refresh(5)
+    [t] = targets.targets
+    assert t.addresses == () and t.error == ("cannot resolve nowhere.test: Name or service not known; "
+                                             "check DNS and tunnel.connect")
+    assert not targets.due(), "not looked up again at once (many workers ask)"
+    now[0] = 1.0
+    assert targets.due()
+    dns.answers["nowhere.test"] = [v4("10.0.0.5")]
+    assert await targets.refresh(5) is True and targets.targets[0].error is None
+
+
+async def test_a_resolver_that_hangs_is_bounded() -> None:
+    targets, _ = make(["wss://slow.test/intercloud"], FakeDNS({"slow.test": "hang"}))
+    await targets.refresh(0.05)
+    assert "no answer within 0.05s" in targets.targets[0].error
+
+
+async def test_connect_falls_back_to_the_next_address_and_names_every_failure() -> None:
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        dead = closed.getsockname()[1]  # bound, not listening: refused
+        with socket.create_server(("127.0.0.1", 0)) as srv:
+            live = srv.getsockname()[1]
+            t = DialTarget("wss://cloud.test/intercloud", [(V4, ("127.0.0.1", dead)), (V4, ("127.0.0.1", live))])
+            sock = await connect_in_order(t, 2.0)
+            with sock:
+                assert sock.getpeername()[1] == live
+        t = DialTarget("wss://cloud.test/intercloud", [(V4, ("127.0.0.1", dead)), (V4, ("127.0.0.2", dead))])
+        with pytest.raises(ConnectError) as err:
+            await connect_in_order(t, 2.0)
+    assert str(err.value) == ("cannot reach cloud.test:443 at 127.0.0.1: Connection refused; "
+                              "127.0.0.2: Connection refused")
+
+
+async def test_changed_urls_start_over_and_keep_answers_of_urls_still_listed() -> None:
+    dns = FakeDNS({"a.test": [v4("10.0.0.1"), v4("10.0.0.2")], "b.test": [v4("10.0.1.1")]})
+    targets, _ = make(["wss://a.test/intercloud"], dns)
+    await targets.refresh(5)
+    targets.use(["wss://a.test/intercloud"])
+    assert not targets.due(), "the same list changes nothing"
+    targets.use(["wss://a.test/intercloud", "wss://b.test/intercloud"])  # SIGHUP added a URL
+    assert targets.due() and len(targets.targets) == 3, "a.test's answer is kept until the lookup"
+    await targets.refresh(5)
+    assert [ips(t.addresses)[0] for t in targets.targets] == ["10.0.0.1", "10.0.0.2", "10.0.1.1"]
+
+
+async def test_workers_that_ask_during_the_first_lookup_wait_for_its_answer() -> None:
+    gate = asyncio.Event()
+
+    async def slow(host, port):
+        await gate.wait()
+        return [v4("10.0.0.1", port), v4("10.0.0.2", port)]
+
+    targets, _ = make(["wss://cloud.test/intercloud"], slow)
+    first = asyncio.create_task(targets.refresh(5))
+    await asyncio.sleep(0)
+    assert targets.due(), "a second worker must not dial the unexpanded name meanwhile"
+    second = asyncio.create_task(targets.refresh(5))
+    await asyncio.sleep(0)
+    gate.set()
+    assert await first is True and await second is False
+    assert len(targets.targets) == 2
