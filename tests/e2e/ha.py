@@ -30,10 +30,13 @@ class HA:
     ping: tuple[str, str] = ("500ms", "2s")
     drain_timeout: str = "10s"
     extra_onprem_tunnel: str = ""
+    peers_name: str | None = None  # cluster.peers is this one name (it resolves to every member)
 
     def cloud_config(self, name: str, peer_names: list[str] | None = None) -> str:
         c = self.clouds[name]
         peers = ", ".join(f'"wss://{o["peer"].ip}:{o["peer"].port}/cluster"' for o in self.clouds.values())
+        if self.peers_name:
+            peers = f'"wss://{self.peers_name}:{c["peer"].port}/cluster"'  # every member: the same port
         adv = f'advertise = "wss://{c["tunnel"].ip}:{c["tunnel"].port}/intercloud"\n' if self.advertise else ""
         names = ", ".join(f'"{n}"' for n in (peer_names or list(self.clouds)))
         return f"""[gateway]

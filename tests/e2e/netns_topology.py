@@ -159,7 +159,7 @@ def build(stack: contextlib.ExitStack, lab: Lab, tmp_path: Path, gateways: Calla
           lb_method: str | None = None, fail_timeout: str = "2s", onprems_reach_only_lb: bool = False,
           advertise: bool = False, extra_onprem_tunnel: str | Callable[[list[str]], str] = "",
           before_start: Callable[[dict[str, Host]], None] | None = None, stagger: bool = True,
-          connect_name: str | None = None) -> Topology:
+          connect_name: str | None = None, peers_name: str | None = None) -> Topology:
     """Create the hosts, certificates, echo servers, (nginx,) and start and ready all four
     gateways. Everything started is torn down by ``stack`` (servers, nginx) or the ``gateways``
     fixture (gateways) or the lab (namespaces).
@@ -167,7 +167,9 @@ def build(stack: contextlib.ExitStack, lab: Lab, tmp_path: Path, gateways: Calla
     ``extra_onprem_tunnel`` may be a function of the members' IPs (known only once the hosts
     exist); ``before_start(hosts)`` runs before any gateway starts (packet counters, ...).
     With ``connect_name`` the on-prem gateways dial that one host name, which their hosts' resolver
-    answers with both members' addresses (DNS round robin, no load balancer).
+    answers with both members' addresses (DNS round robin, no load balancer). With ``peers_name``
+    the members' cluster.peers is that one name, which each member's resolver answers with its own
+    address first, then the other's.
     With ``stagger`` the on-prem gateways start once both members have formed the cluster;
     without it all four start at once."""
     hosts = {n: lab.host(n) for n in (*CLOUDS, *ONPREMS, "servera", "serverb", "lb")}
@@ -197,6 +199,10 @@ def build(stack: contextlib.ExitStack, lab: Lab, tmp_path: Path, gateways: Calla
             hosts[o].set_hosts_file({connect_name: cloud_ips})
     else:
         connect_urls = [f"wss://{ip}:{TUNNEL_PORT}/intercloud" for ip in cloud_ips]
+    if peers_name:
+        for c in CLOUDS:
+            own = hosts[c].ip
+            hosts[c].set_hosts_file({peers_name: [own, *(ip for ip in cloud_ips if ip != own)]})
     if onprems_reach_only_lb:
         for o in ONPREMS:
             for ip in cloud_ips:
@@ -207,7 +213,7 @@ def build(stack: contextlib.ExitStack, lab: Lab, tmp_path: Path, gateways: Calla
         before_start(hosts)
     ha = HA(certs, clouds, onprems, Addr(hosts["servera"].ip, echo_a.port), Addr(hosts["serverb"].ip, echo_b.port),
             connect_urls=connect_urls, advertise=advertise, per_member=PER_MEMBER,
-            extra_onprem_tunnel=extra_onprem_tunnel)
+            extra_onprem_tunnel=extra_onprem_tunnel, peers_name=peers_name)
     gws: dict[str, Gateway] = {}
     topo = Topology(lab, ha, hosts, gws, echo_a, echo_b, lb, lb_url, cloud_ips)
     for c in CLOUDS:

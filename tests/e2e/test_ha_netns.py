@@ -15,7 +15,8 @@ What is shown (DESIGN §3):
 * streams that do not pass through a failed instance lose no byte; the others end, never hang;
 * no black holes: with no route anywhere a client is reset after route_wait, with a log line;
 * advertised member URLs are dialed only if tunnel.allow_members allows them;
-* one tunnel.connect name that resolves to both members (DNS round robin) covers each of them.
+* one tunnel.connect name that resolves to both members (DNS round robin) covers each of them;
+* cluster.peers as one name that resolves to every member links every member.
 """
 
 from __future__ import annotations
@@ -514,7 +515,7 @@ def test_a_name_with_several_addresses_counts_as_several_members(topology):
     url = f"wss://{name}:{TUNNEL_PORT}/intercloud"
     for o in ONPREMS:
         assert {t["url"] for t in topo.status(o)["tunnels"]} == {url}
-        resolved = [r for r in topo.gws[o].log_lines() if r.get("event") == "tunnel.resolved"]
+        resolved = [r for r in topo.gws[o].log_lines() if r.get("event") == "dial.resolved"]
         assert resolved and sorted(resolved[0]["addresses"]) == sorted(topo.cloud_ips), resolved
     victim = "cloud1"  # listed first for the name: where the OS alone would send every dial
     topo.gws[victim].kill()
@@ -526,5 +527,22 @@ def test_a_name_with_several_addresses_counts_as_several_members(topology):
     topo.gws[victim].start()
     topo.wait_ready(victim)
     topo.wait_full_coverage(timeout=20)
+    for n in (*CLOUDS, *ONPREMS):
+        topo.check_path(n)
+
+
+def test_cluster_peers_by_one_name_link_every_member(topology):
+    """DESIGN §3.2: cluster.peers is one host name that resolves to every member (as a headless
+    service would), and each member's resolver lists its own address first. Dialing the name as the
+    OS would, each member reaches only itself and the cluster never forms; dialing each address, each
+    member recognises its own and links with the other. build() waits for both members to list both."""
+    topo = topology(peers_name="cluster.test")
+    for c in CLOUDS:
+        recs = topo.gws[c].log_lines()
+        own = [r for r in recs if r.get("event") == "cluster.self_peer"]
+        assert own and topo.hosts[c].ip in own[0]["msg"], f"{c} did not recognise its own address: {own}"
+        links = {r["member"] for r in recs if r.get("event") == "cluster.link_up"}
+        assert links == set(CLOUDS) - {c}, f"{c} linked with {links}"
+    topo.wait_full_coverage()
     for n in (*CLOUDS, *ONPREMS):
         topo.check_path(n)

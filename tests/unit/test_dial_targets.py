@@ -1,5 +1,5 @@
 """DESIGN §3.1: a tunnel.connect host name that resolves to several addresses counts as several
-members (intercloud.onprem.targets)."""
+members (intercloud.transport.targets)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from intercloud.onprem.targets import ConnectError, DialTarget, DialTargets, connect_in_order, member_orders
+from intercloud.transport.targets import ConnectError, DialTarget, DialTargets, connect_in_order, member_orders
 
 V4, V6 = socket.AF_INET, socket.AF_INET6
 
@@ -191,3 +191,10 @@ async def test_workers_that_ask_during_the_first_lookup_wait_for_its_answer() ->
     gate.set()
     assert await first is True and await second is False
     assert len(targets.targets) == 2
+
+
+def test_without_fallback_a_member_is_only_its_own_addresses() -> None:
+    """Peer links (one per member): landing on another member would only duplicate its link."""
+    infos = [v6("2001:db8::1"), v6("2001:db8::2"), v4("10.0.0.1"), v4("10.0.0.2")]
+    assert [ips(o) for o in member_orders(infos, fallback=False)] == [
+        ["2001:db8::1", "10.0.0.1"], ["2001:db8::2", "10.0.0.2"]]

@@ -1,6 +1,7 @@
 """Peer links between the members of a cloud cluster (DESIGN §3.2, docs/ha.md).
 
-Every member dials every URL in ``cluster.peers`` and accepts peer links on ``cluster.listen``.
+Every member dials every URL in ``cluster.peers`` (a host name that resolves to several addresses, e.g. a
+headless service listing every member, is dialed at each) and accepts peer links on ``cluster.listen``.
 A peer link is an ordinary tunnel (same protocol) whose both ends are cloud members; it is mutual TLS
 with the cluster's own CA, and the peer's certificate must carry a name in ``cluster.peer_names``, so a
 tenant certificate can never pose as a member. Over peer links members exchange MEMBERS (who is in the
@@ -22,6 +23,7 @@ from picows import WSError, WSUpgradeResponse, WSUpgradeResponseWithListener, ws
 from ..backoff import backoff
 from ..protocol.frames import HEADER_SIZE
 from ..transport import tls_server
+from ..transport.targets import RESOLVE_EVERY, RETRY_FAILED, DialTarget, DialTargets, connect_in_order
 from ..transport.tls import client_context, server_context
 from ..tunnel.tunnel import Tunnel
 from .members import MemberTable
@@ -53,7 +55,8 @@ class Cluster:
         self.cfg = gw.config.cluster
         self.table = MemberTable(gw.node_id, self.cfg.member_ttl)
         self.links: set[Tunnel] = set()
-        self.dials_done = 0  # peer URLs whose first dial attempt finished (readiness)
+        self.dials_done = 0  # dial targets whose first dial attempt finished (readiness)
+        self.dial_targets = len(self.cfg.peers)  # one per peers entry, one per member address of a name
         self._pushed: tuple = ()
         self._self_url = str(self.cfg.advertise) if self.cfg.advertise else None
         self.table.set_self(gw.incarnation, self._self_url, frozenset(), time.monotonic())
@@ -76,16 +79,34 @@ class Cluster:
     # --- readiness ---------------------------------------------------------------------
     def ready(self) -> bool:
         """Relay is possible, or every peer was tried once (a lone survivor must still serve)."""
-        return bool(self.links) or self.dials_done >= len(self.cfg.peers)
+        return bool(self.links) or self.dials_done >= self.dial_targets
 
     # --- lifecycle ---------------------------------------------------------------------
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tg:
             if self.cfg.listen is not None:
                 await self._serve()
-            for url in self.cfg.peers:
-                tg.create_task(self._keep_dialing(url))
+            if self.cfg.peers:
+                tg.create_task(self._dial_peers(tg))
             tg.create_task(self._housekeeping())
+
+    async def _dial_peers(self, tg: asyncio.TaskGroup) -> None:
+        """One dial loop per peers entry, or per member address when an entry's host name resolves to
+        several (transport/targets.py; no fallback to another member's address: that member has a loop
+        of its own). Names are looked up again every RESOLVE_EVERY seconds; an address that left the
+        name stops being redialed (a link to it stays until it ends)."""
+        targets = DialTargets(self.cfg.peers, by_name=lambda _host: False, fallback=False)
+        loops: dict[tuple, asyncio.Task] = {}
+        while not self.gw.draining:
+            await targets.refresh(self.gw.config.tunnel.handshake_timeout)
+            wanted = {(str(t), t.addresses): t for t in targets.targets}
+            self.dial_targets = len(wanted)
+            for key, target in wanted.items():
+                if key not in loops:
+                    loops[key] = tg.create_task(self._keep_dialing(target))
+            for key in [k for k in loops if k not in wanted]:
+                loops.pop(key).cancel()
+            await asyncio.sleep(RETRY_FAILED if any(t.error for t in targets.targets) else RESOLVE_EVERY)
 
     async def _serve(self) -> None:
         url = self.cfg.listen
@@ -117,25 +138,26 @@ class Cluster:
         self._server = server
         log.info("peer-link endpoint listening on %s", url, extra={"event": "cluster.listening", "url": str(url)})
 
-    async def _keep_dialing(self, url) -> None:
+    async def _keep_dialing(self, url: DialTarget) -> None:
         t = self.gw.config.tunnel
         delays = backoff(t.reconnect_min, min(t.reconnect_max, 5.0))
         last_error = None
         first = True
+        label = f"{url} at {url.addresses[0][1][0]}" if url.addresses else str(url)
         while not self.gw.draining:
             started = time.monotonic()
             try:
                 tunnel = await self._dial(url)
             except _Self:
-                log.info("cluster.peers entry %s is this member itself; not dialing it", url,
+                log.info("cluster.peers entry %s is this member itself; not dialing it", label,
                          extra={"event": "cluster.self_peer", "url": str(url)})
                 if first:
                     self.dials_done += 1
                 return
             except (OSError, WSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
-                msg = f"{type(exc).__name__}: {exc}"
+                msg = str(url.error) if url.error else f"{type(exc).__name__}: {exc}"
                 if msg != last_error:
-                    log.warning("peer link to %s failed: %s", url, msg,
+                    log.warning("peer link to %s failed: %s", label, msg,
                                 extra={"event": "cluster.dial_failed", "url": str(url), "reason": msg})
                 last_error = msg
             else:
@@ -152,14 +174,21 @@ class Cluster:
                 self.gw.routes_changed()
             await asyncio.sleep(next(delays))
 
-    async def _dial(self, url) -> Tunnel:
+    async def _dial(self, url: DialTarget) -> Tunnel:
         cfg = self.gw.config.tunnel
+        if url.error:  # its name never resolved
+            raise ConnectionError(url.error)
+
+        async def to_address(_parsed):
+            return await connect_in_order(url, cfg.handshake_timeout)
+
         async with asyncio.timeout(cfg.handshake_timeout * 2):
             _tr, tunnel = await ws_connect(
                 lambda: Tunnel(self.gw, client=True, url=str(url), kind="peer"), str(url),
                 ssl_context=self.client_ssl, websocket_handshake_timeout=cfg.handshake_timeout,
                 max_frame_size=cfg.max_frame + HEADER_SIZE + 64,
-                extra_headers={"Sec-WebSocket-Protocol": SUBPROTOCOL}, use_aiofastnet=True)
+                extra_headers={"Sec-WebSocket-Protocol": SUBPROTOCOL}, use_aiofastnet=True,
+                socket_factory=to_address if url.addresses else None)
             if tunnel is None:  # closed before the upgrade answer: TLS 1.3 refusal of our certificate
                 raise ConnectionError(f"{url} closed the connection during the handshake; it most likely "
                                       "refused this member's peer-link certificate (check cluster.cert is "

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import socket
 import ssl
 import time
 
@@ -16,9 +15,9 @@ from ..backoff import backoff
 from ..gateway import Gateway
 from ..protocol.frames import HEADER_SIZE
 from ..transport import proxy as proxymod
+from ..transport.targets import ConnectError, DialTarget, DialTargets, connect_in_order
 from ..transport.tls import client_context, describe_peer_cert
 from ..tunnel.tunnel import Tunnel
-from .targets import ConnectError, DialTarget, DialTargets, connect_in_order
 
 log = logging.getLogger("intercloud.onprem")
 SUBPROTOCOL = "intercloud.v1"
@@ -26,10 +25,6 @@ SUBPROTOCOL = "intercloud.v1"
 STABLE_AFTER = 10.0
 # Waiting workers wake within this many seconds of hearing that a member joined or came back.
 WAKE_JITTER = 0.5
-
-
-async def _lookup(host: str, port: int) -> list:
-    return await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
 
 
 class DialError(Exception):
@@ -48,7 +43,7 @@ class OnpremGateway(Gateway):
         self._wake = asyncio.Event()
         self._member_key: frozenset = frozenset()
         self._warned_urls: set[str] = set()
-        self._dial_targets = DialTargets(config.tunnel.connect, by_name=self._dial_by_name, lookup=_lookup)
+        self._dial_targets = DialTargets(config.tunnel.connect, by_name=self._dial_by_name)
 
     def is_ready(self) -> bool:
         return bool(self.tunnels) and not self.draining
@@ -113,7 +108,7 @@ class OnpremGateway(Gateway):
                 log.warning("member %s advertises %s, whose host is not in tunnel.allow_members; not dialing it "
                             "directly", node, m["url"], extra={"event": "tunnel.member_not_allowed",
                                                                "member": node, "url": m["url"]})
-        targets = self._dial_targets.targets  # a name with several addresses is several (targets.py)
+        targets = self._dial_targets.targets  # a name with several addresses is several (transport/targets.py)
         return targets[worker % len(targets)], None
 
     def admit(self, tunnel: Tunnel) -> str | None:

@@ -1,13 +1,14 @@
-"""Where an on-prem gateway dials (DESIGN §3.1): every ``tunnel.connect`` URL, expanded into one dial
-target per cloud member that its host name resolves to.
+"""Where a gateway dials a ``wss://`` URL whose host may be a name for several members (DESIGN §3.1,
+§3.2): one dial target per member address the name resolves to.
 
-A name with three A records is three members (DNS round robin in front of a cluster), so the gateway
-keeps ``per_member`` tunnels to each address, not ``per_member`` tunnels to whichever address the
-resolver happens to list first. A dual-stack member has an IPv4 and an IPv6 address; it must count
-once, so the number of targets is the larger of the two families' address counts, and each target
-tries "its" address of each family first, then every other answer (the same fallback the OS gives
-a plain ``connect`` to a name). Not expanded: URLs dialed through a forward proxy (the proxy resolves,
-and the on-prem network often cannot) and IP literals.
+A name with three A records is three members (DNS round robin in front of a cluster, a headless
+service listing every member), so an on-prem gateway keeps ``per_member`` tunnels to each address and
+a member keeps a peer link to each, not to whichever address the resolver happens to list first. A
+dual-stack member has an IPv4 and an IPv6 address; it must count once, so the number of targets is
+the larger of the two families' address counts, and each target tries "its" address of each family
+first; with ``fallback`` (tunnels: any member will do) then every other answer, the same fallback the
+OS gives a plain ``connect`` to a name. Not expanded: hosts the caller dials by name (through a
+forward proxy, which resolves them; the on-prem network often cannot) and IP literals.
 
 Names are resolved again every ``RESOLVE_EVERY`` seconds; a failed lookup keeps the last answer. A name
 that never resolved is one target whose dial fails with the resolver's error.
@@ -24,7 +25,7 @@ import time
 from typing import Awaitable, Callable, Sequence
 from urllib.parse import urlsplit
 
-log = logging.getLogger("intercloud.onprem")
+log = logging.getLogger("intercloud.targets")
 
 RESOLVE_EVERY = 30.0  # seconds: how soon a member added to (or removed from) DNS is dialed (or not)
 RETRY_FAILED = 1.0  # seconds: a name that never resolved is looked up again at most this often
@@ -71,8 +72,9 @@ def _host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def member_orders(infos: Sequence[tuple]) -> list[tuple[Address, ...]]:
-    """getaddrinfo answers -> one address order per member (see the module docstring).
+def member_orders(infos: Sequence[tuple], fallback: bool = True) -> list[tuple[Address, ...]]:
+    """getaddrinfo answers -> one address order per member (see the module docstring): the member's
+    own address of each family, then (``fallback``) the name's other answers.
 
     >>> v4 = lambda ip: (socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, 1))
     >>> [[a[1][0] for a in o] for o in member_orders([v4("10.0.0.1"), v4("10.0.0.2")])]
@@ -90,7 +92,7 @@ def member_orders(infos: Sequence[tuple]) -> list[tuple[Address, ...]]:
     orders = []
     for i in range(count):
         own = [addrs[i] for addrs in by_family.values() if i < len(addrs)]  # first-answered family first
-        orders.append(tuple(own + [a for a in answers if a not in own]))
+        orders.append(tuple(own + [a for a in answers if a not in own] if fallback else own))
     return orders
 
 
@@ -102,14 +104,19 @@ def _is_ip(host: str) -> bool:
     return True
 
 
+async def getaddrinfo(host: str, port: int) -> list:
+    return await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+
+
 class DialTargets:
     """The configured URLs as dial targets, re-resolved every ``RESOLVE_EVERY`` seconds."""
 
-    def __init__(self, urls: Sequence, *, by_name: Callable[[str], bool], lookup: Lookup,
-                 clock: Callable[[], float] = time.monotonic, every: float = RESOLVE_EVERY):
+    def __init__(self, urls: Sequence, *, by_name: Callable[[str], bool], lookup: Lookup | None = None,
+                 fallback: bool = True, clock: Callable[[], float] = time.monotonic, every: float = RESOLVE_EVERY):
         self._urls = [str(u) for u in urls]
+        self._fallback = fallback
         self._by_name = by_name  # host -> dial it by name (a forward proxy resolves it)
-        self._lookup = lookup
+        self._lookup = lookup or getaddrinfo
         self._clock = clock
         self._every = every
         self._answers: dict[str, list[tuple[Address, ...]]] = {}  # url -> member orders (last good)
@@ -152,7 +159,7 @@ class DialTargets:
                     self._errors[url] = error
                 else:  # keep the last answer through a resolver outage
                     log.warning("resolving %s failed (%s); dialing its last known addresses", url, error,
-                                extra={"event": "tunnel.resolve_failed", "url": url, "reason": error})
+                                extra={"event": "dial.resolve_failed", "url": url, "reason": error})
             old, self.targets = self.targets, self._build()
             return [(t, t.addresses, t.error) for t in old] != [(t, t.addresses, t.error) for t in self.targets]
 
@@ -168,14 +175,14 @@ class DialTargets:
             return [], f"cannot resolve {t.host}: no answer within {timeout:g}s; check DNS and tunnel.connect"
         except OSError as exc:
             return [], f"cannot resolve {t.host}: {exc.strerror or exc}; check DNS and tunnel.connect"
-        return member_orders(infos), ""
+        return member_orders(infos, self._fallback), ""
 
     def _log_answer(self, url: str, orders: list[tuple[Address, ...]]) -> None:
         if len(orders) < 2 and url not in self._answers:
             return  # one member behind the name, as most configs have: nothing worth a line
         firsts = ", ".join(o[0][1][0] for o in orders)
-        log.info("%s resolves to %d member address(es): %s; keeping tunnels to each", url, len(orders), firsts,
-                 extra={"event": "tunnel.resolved", "url": url, "addresses": [o[0][1][0] for o in orders]})
+        log.info("%s resolves to %d member address(es): %s; dialing each", url, len(orders), firsts,
+                 extra={"event": "dial.resolved", "url": url, "addresses": [o[0][1][0] for o in orders]})
 
     def _build(self) -> list[DialTarget]:
         out = []
