@@ -35,7 +35,6 @@ Bad input (malformed XML, an unknown ``${property}``, a missing keystore, a wron
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import re
@@ -52,7 +51,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ..certs import _atomic_write, public_key_matches
-from .model import NAME_PATTERN
+from .model import NAME_PATTERN, is_ip_literal
 from .units import format_duration
 
 __all__ = [
@@ -450,14 +449,6 @@ def _interface_address(name: str) -> str | None:
         return socket.inet_ntoa(packed[20:24])
     except (OSError, ImportError):
         return None
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 def _fmt_host(host: str) -> str:
@@ -933,7 +924,7 @@ class _Importer:
             return mapped, f"{uri_host} rewritten by --rewrite-host"
         if not uri_host:
             return "0.0.0.0", "no host given"
-        if _is_ip(uri_host):
+        if is_ip_literal(uri_host):
             return uri_host, ""
         if uri_host.lower() == "localhost":
             return "127.0.0.1", ""
@@ -1023,7 +1014,7 @@ class _Importer:
             cert, key, ca = f"{pki}/{name}.pem", f"{pki}/{name}.key", f"{pki}/ca.pem"
             flag = "--cloud" if role == "cloud" else "--onprem"
             cmd = f"intercloud certs init {self._cmd_dir(pki)} {flag} {name}"
-            if role == "cloud" and tunnel_host and tunnel_host != name and not _is_ip(tunnel_host):
+            if role == "cloud" and tunnel_host and tunnel_host != name and not is_ip_literal(tunnel_host):
                 cmd += f" --san {tunnel_host}"
             self.to_create += [(cert, cmd), (key, cmd), (ca, cmd)]
             src = security if security is not None else root
@@ -1318,7 +1309,7 @@ class _Importer:
             if node is None:
                 continue
             uri = parse_uri(node.text)
-            if uri.host and NAME_PATTERN.fullmatch(uri.host) and not _is_ip(uri.host):
+            if uri.host and NAME_PATTERN.fullmatch(uri.host) and not is_ip_literal(uri.host):
                 self.report("note", node, f"gateway.node_id = {uri.host!r} is the host of the tunnel URL; every "
                             "cloud member needs its own node_id: if several members run this file, give each "
                             "one --node-id (or -D the property that names the member)")
@@ -1660,7 +1651,7 @@ class _Importer:
                         "cluster.peer_names keeps tenant certificates out, but a separate cluster CA "
                         "(`intercloud certs init pki/cluster --cloud MEMBERS`) is safer")
             names = [n for n in _cert_names(tls.leaf)
-                     if NAME_PATTERN.fullmatch(n) and not _is_ip(n) and n.lower() != "localhost"]
+                     if NAME_PATTERN.fullmatch(n) and not is_ip_literal(n) and n.lower() != "localhost"]
             usages = getattr(self, "leaf_usages", None)
             if usages is not None and ExtendedKeyUsageOID.CLIENT_AUTH not in usages:
                 self.report("note", cluster, "the member certificate is not allowed as a TLS client (clientAuth); "
@@ -1670,7 +1661,7 @@ class _Importer:
             pki = (self.opts.pki.rstrip("/") or ".") + "/cluster"
             member = node_id or "cloud"
             members = ",".join(dict.fromkeys([member] + [h for h in peer_hosts if NAME_PATTERN.fullmatch(h)
-                                                         and not _is_ip(h)]))
+                                                         and not is_ip_literal(h)]))
             cmd = f"intercloud certs init {self._cmd_dir(pki)} --cloud {members}"
             out.key("ca", f"{pki}/ca.pem", f"the members' own CA (not the tenants'): {cmd}")
             out.key("cert", f"{pki}/{member}.pem")
@@ -1678,7 +1669,7 @@ class _Importer:
             self.to_create += [(f"{pki}/ca.pem", cmd), (f"{pki}/{member}.pem", cmd), (f"{pki}/{member}.key", cmd)]
         if node_id:
             names.append(node_id)
-        names += [h for h in peer_hosts if NAME_PATTERN.fullmatch(h) and not _is_ip(h)]
+        names += [h for h in peer_hosts if NAME_PATTERN.fullmatch(h) and not is_ip_literal(h)]
         names = list(dict.fromkeys(names))
         if not names:
             raise KaazingImportError(f"{self.source}: cannot tell which certificate names the cluster members have "

@@ -200,6 +200,15 @@ class _Parsed:
 _LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
 
 
+def is_ip_literal(host: str) -> bool:
+    """An IPv4 or IPv6 address (without brackets), not a name to resolve."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def _check_host(host: str, text: str) -> str:
     """Validate a host name or IP literal (without brackets); return it in canonical form."""
     if not host:

@@ -17,13 +17,14 @@ that never resolved is one target whose dial fails with the resolver's error.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import os
 import socket
 import time
 from typing import Awaitable, Callable, Sequence
 from urllib.parse import urlsplit
+
+from ..config.model import is_ip_literal
 
 log = logging.getLogger("intercloud.targets")
 
@@ -96,14 +97,6 @@ def member_orders(infos: Sequence[tuple], fallback: bool = True) -> list[tuple[A
     return orders
 
 
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
 async def getaddrinfo(host: str, port: int) -> list:
     return await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
 
@@ -164,7 +157,7 @@ class DialTargets:
             return [(t, t.addresses, t.error) for t in old] != [(t, t.addresses, t.error) for t in self.targets]
 
     def _wants_lookup(self, t: DialTarget) -> bool:
-        return bool(t.host) and not _is_ip(t.host) and not self._by_name(t.host)
+        return bool(t.host) and not is_ip_literal(t.host) and not self._by_name(t.host)
 
     async def _resolve(self, url: str, timeout: float) -> tuple[list[tuple[Address, ...]], str]:
         t = DialTarget(url)
