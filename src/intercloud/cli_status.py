@@ -52,6 +52,11 @@ def render(st: dict) -> str:
         parts.append(_table("Cloud members", ["member", "state", "tunnels", "url"], [
             [m["node_id"], "up" if m["up"] else "DOWN", f"{m.get('tunnels', 0)}/{m.get('wanted', '?')}", m.get("url")]
             for m in st.get("members", [])]))
+    targets = st.get("dial_targets", [])
+    if any(t.get("address") or t.get("error") for t in targets):  # only when a name was looked up
+        parts.append("")
+        parts.append(_table("Dial targets" if st["role"] != "cloud" else "Peer dial targets", ["url", "address", "error"],
+                            [[t["url"], t.get("address"), t.get("error")] for t in targets]))
     parts.append("")
     parts.append(_table("Tunnels", ["id", "peer", "tenant", "address", "age", "rtt ms", "streams", "tls"], [
         [t["id"], t["peer_node"], t.get("tenant"), t["peer_addr"], f"{t['age']:.0f}s", t.get("rtt_ms"), t["streams"],

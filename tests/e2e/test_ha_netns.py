@@ -517,6 +517,8 @@ def test_a_name_with_several_addresses_counts_as_several_members(topology):
         assert {t["url"] for t in topo.status(o)["tunnels"]} == {url}
         resolved = [r for r in topo.gws[o].log_lines() if r.get("event") == "dial.resolved"]
         assert resolved and sorted(resolved[0]["addresses"]) == sorted(topo.cloud_ips), resolved
+        targets = topo.status(o)["dial_targets"]
+        assert [(t["url"], t["address"], t["error"]) for t in targets] == [(url, ip, None) for ip in topo.cloud_ips]
     victim = "cloud1"  # listed first for the name: where the OS alone would send every dial
     topo.gws[victim].kill()
     wait_until(lambda: all(victim not in topo.coverage(o) for o in ONPREMS), 5,
@@ -543,6 +545,7 @@ def test_cluster_peers_by_one_name_link_every_member(topology):
         assert own and topo.hosts[c].ip in own[0]["msg"], f"{c} did not recognise its own address: {own}"
         links = {r["member"] for r in recs if r.get("event") == "cluster.link_up"}
         assert links == set(CLOUDS) - {c}, f"{c} linked with {links}"
+        assert sorted(t["address"] for t in topo.status(c)["dial_targets"]) == sorted(topo.cloud_ips)
     topo.wait_full_coverage()
     for n in (*CLOUDS, *ONPREMS):
         topo.check_path(n)

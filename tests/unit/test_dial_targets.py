@@ -99,6 +99,8 @@ async def test_names_expand_ip_literals_and_proxied_names_do_not() -> None:
         ("wss://proxied.test/intercloud", []),  # the proxy resolves it
     ]
     assert dns.asked == ["cloud.test"]
+    assert targets.view()[1] == {"url": "wss://cloud.test:8443/intercloud", "address": "10.0.0.2", "error": None}
+    assert targets.view()[2]["address"] is None
     assert targets.targets[0].addresses[0][1] == ("10.0.0.1", 8443)
     assert targets.targets[1].where == "cloud.test:8443 (10.0.0.2)"
 

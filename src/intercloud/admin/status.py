@@ -41,8 +41,13 @@ def status(gw) -> dict:
         tenants.append({"name": spec.name, "tunnels": sum(1 for t in gw.tunnels if t.tenant == spec.name),
                         "streams": gw.tenant_streams.get(spec.name, 0), "max_tunnels": spec.max_tunnels,
                         "max_streams": spec.max_streams})
+    cluster = getattr(gw, "cluster", None)
+    if hasattr(gw, "dial_targets_view"):
+        dial_targets = gw.dial_targets_view()
+    else:
+        dial_targets = cluster.peer_targets.view() if cluster is not None else []
     return {
-        "node_id": gw.node_id, "members": members, "tenants": tenants, "role": gw.role, "incarnation": gw.incarnation,
+        "node_id": gw.node_id, "members": members, "dial_targets": dial_targets, "tenants": tenants, "role": gw.role, "incarnation": gw.incarnation,
         "uptime": round(now - gw.started, 3), "ready": gw.is_ready(), "draining": gw.draining,
         "tunnels": tunnels, "streams": streams, "services": services,
         "counters": dict(gw.counters), "events": list(gw.events)[-50:],

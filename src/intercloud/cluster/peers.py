@@ -56,7 +56,7 @@ class Cluster:
         self.table = MemberTable(gw.node_id, self.cfg.member_ttl)
         self.links: set[Tunnel] = set()
         self.dials_done = 0  # dial targets whose first dial attempt finished (readiness)
-        self.dial_targets = len(self.cfg.peers)  # one per peers entry, one per member address of a name
+        self.peer_targets = DialTargets(self.cfg.peers, by_name=lambda _host: False, fallback=False)
         self._pushed: tuple = ()
         self._self_url = str(self.cfg.advertise) if self.cfg.advertise else None
         self.table.set_self(gw.incarnation, self._self_url, frozenset(), time.monotonic())
@@ -79,7 +79,7 @@ class Cluster:
     # --- readiness ---------------------------------------------------------------------
     def ready(self) -> bool:
         """Relay is possible, or every peer was tried once (a lone survivor must still serve)."""
-        return bool(self.links) or self.dials_done >= self.dial_targets
+        return bool(self.links) or self.dials_done >= len(self.peer_targets.targets)
 
     # --- lifecycle ---------------------------------------------------------------------
     async def run(self) -> None:
@@ -95,12 +95,11 @@ class Cluster:
         several (transport/targets.py; no fallback to another member's address: that member has a loop
         of its own). Names are looked up again every RESOLVE_EVERY seconds; an address that left the
         name stops being redialed (a link to it stays until it ends)."""
-        targets = DialTargets(self.cfg.peers, by_name=lambda _host: False, fallback=False)
+        targets = self.peer_targets
         loops: dict[tuple, asyncio.Task] = {}
         while not self.gw.draining:
             await targets.refresh(self.gw.config.tunnel.handshake_timeout)
             wanted = {(str(t), t.addresses): t for t in targets.targets}
-            self.dial_targets = len(wanted)
             for key, target in wanted.items():
                 if key not in loops:
                     loops[key] = tg.create_task(self._keep_dialing(target))

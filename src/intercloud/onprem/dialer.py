@@ -78,6 +78,9 @@ class OnpremGateway(Gateway):
         per = self.config.tunnel.per_member
         return per * max(len(self.known_members()), len(self._dial_targets.targets))
 
+    def dial_targets_view(self) -> list[dict]:
+        return self._dial_targets.view()
+
     def _dial_by_name(self, host: str) -> bool:
         """Through a forward proxy the proxy resolves the name (the on-prem network often cannot)."""
         try:

@@ -118,6 +118,12 @@ class DialTargets:
         self._lock = asyncio.Lock()
         self.targets: list[DialTarget] = [DialTarget(u) for u in self._urls]
 
+    def view(self) -> list[dict]:
+        """For /api/status: each target's URL, the address it dials first (null: by name) and why a
+        name never resolved."""
+        return [{"url": str(t), "address": t.addresses[0][1][0] if t.addresses else None, "error": t.error}
+                for t in self.targets]
+
     def use(self, urls: Sequence) -> None:
         """The configured URLs (again: SIGHUP may have changed them); a change starts over."""
         urls = [str(u) for u in urls]
