@@ -351,6 +351,10 @@ class Gateway:
     @staticmethod
     def _open(tunnel: Tunnel, stream: LocalStream) -> asyncio.Future:
         stream.take_sent()  # what the client has sent already leaves in the OPEN's write (P13)
+        if stream.finished:  # it reset the connection instead
+            fut = asyncio.get_running_loop().create_future()
+            fut.set_result((Reason.ABORTED, "client left before the stream opened"))
+            return fut
         tunnel.hold()
         fut = tunnel.open(stream)
         stream.begin_early()  # the client's first bytes go right behind the OPEN (protocol §4.5)

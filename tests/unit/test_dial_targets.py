@@ -200,3 +200,87 @@ def test_without_fallback_a_member_is_only_its_own_addresses() -> None:
     infos = [v6("2001:db8::1"), v6("2001:db8::2"), v4("10.0.0.1"), v4("10.0.0.2")]
     assert [ips(o) for o in member_orders(infos, fallback=False)] == [
         ["2001:db8::1", "10.0.0.1"], ["2001:db8::2", "10.0.0.2"]]
+
+
+def test_a_rotating_resolver_keeps_every_member_on_its_target() -> None:
+    """Round-robin DNS answers in a different order each time; target i must stay member i."""
+    a, b, c = v4("10.0.0.9"), v4("10.0.0.10"), v4("10.0.0.2")
+    assert member_orders([a, b, c]) == member_orders([b, c, a]) == member_orders([c, a, b])
+    assert [ips(o)[0] for o in member_orders([a, b, c])] == ["10.0.0.2", "10.0.0.9", "10.0.0.10"]
+
+
+async def test_wait_time_says_when_the_next_lookup_is_due() -> None:
+    dns = FakeDNS({"cloud.test": [v4("10.0.0.1")], "nowhere.test": socket.gaierror(-2, "Name or service not known")})
+    targets, now = make(["wss://cloud.test/intercloud"], dns, every=30)
+    assert targets.wait_time() == 0
+    await targets.refresh(5)
+    now[0] = 10
+    assert targets.wait_time() == 20
+    failing, now2 = make(["wss://nowhere.test/intercloud"], dns)
+    await failing.refresh(5)
+    assert failing.wait_time() == 1.0, "a name that never resolved is retried within a second"
+
+
+async def test_a_hung_resolver_gets_one_lookup_per_name_at_a_time() -> None:
+    dns = FakeDNS({"slow.test": "hang"})
+    targets, now = make(["wss://slow.test/intercloud"], dns)
+    await targets.refresh(0.01)
+    now[0] = 5
+    await targets.refresh(0.01)
+    assert dns.asked == ["slow.test"], "the first lookup is still running: waited on, not repeated"
+
+
+# --- the on-prem gateway keeps resolving while its tunnels are up (DESIGN §3.1) -----------------
+
+def onprem_gateway(connect: list[str]):
+    from intercloud.config import parse_config
+    from intercloud.onprem.dialer import OnpremGateway
+
+    config = parse_config({
+        "gateway": {"role": "onprem", "node_id": "onprem1"},
+        "tls": {"insecure": True},
+        "tunnel": {"connect": connect, "per_member": 2},
+        "service": [{"name": "svc", "connect": "tcp://127.0.0.1:9"}],
+    })
+    return OnpremGateway(config)
+
+
+async def test_a_member_added_to_the_name_gets_workers_without_any_dial_ending() -> None:
+    gw = onprem_gateway(["ws://cloud.test:8443/intercloud"])
+    dns = FakeDNS({"cloud.test": [v4("10.0.0.1")]})
+    clock = [0.0]
+    gw._dial_targets = DialTargets(gw.config.tunnel.connect, by_name=lambda h: False, lookup=dns,
+                                   clock=lambda: clock[0], every=30)
+    spawned = []
+    gw._spawn_workers = lambda: spawned.append(gw._wanted_workers())
+    task = asyncio.create_task(gw._keep_resolving())
+    try:
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert gw._wanted_workers() == 2 and dns.asked == ["cloud.test"]
+        dns.answers["cloud.test"] = [v4("10.0.0.1"), v4("10.0.0.2")]  # a second member joins the name
+        clock[0] = 31
+        gw._reloaded.set()  # stands in for the 30 s timer (and is what SIGHUP does)
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert gw._wanted_workers() == 4 and spawned[-1] == 4
+    finally:
+        task.cancel()
+
+
+async def test_sighup_that_changes_tunnel_connect_applies_at_once() -> None:
+    gw = onprem_gateway(["ws://a.test:8443/intercloud"])
+    dns = FakeDNS({"a.test": [v4("10.0.0.1")], "b.test": [v4("10.0.1.1"), v4("10.0.1.2")]})
+    gw._dial_targets = DialTargets(gw.config.tunnel.connect, by_name=lambda h: False, lookup=dns)
+    gw._spawn_workers = lambda: None
+    task = asyncio.create_task(gw._keep_resolving())
+    try:
+        for _ in range(20):
+            await asyncio.sleep(0)
+        gw.config = onprem_gateway(["ws://b.test:8443/intercloud"]).config  # what reload() installs
+        gw._reloaded.set()
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert [t["address"] for t in gw.dial_targets_view()] == ["10.0.1.1", "10.0.1.2"]
+    finally:
+        task.cancel()

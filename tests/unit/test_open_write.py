@@ -14,10 +14,34 @@ from ..protocol.sim import hello_frame
 from .test_ws_frames import make_tunnel
 
 
+class FakeTransport:
+    """What LocalStream asks of its transport here: reading is resumed for more early data."""
+
+    def __init__(self) -> None:
+        self.reading = False
+        self.aborted = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def get_extra_info(self, _name):
+        return None
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    def close(self) -> None:
+        pass
+
+
 def accepted_stream(client: socket.socket, server: socket.socket) -> LocalStream:
     stream = LocalStream("svc", "accept", client="192.0.2.1:1")
     server.setblocking(False)
-    stream.fd = server.fileno()  # as connection_made sets it; no transport: nothing resumes reading
+    stream.fd = server.fileno()  # as connection_made sets it
+    stream.transport = FakeTransport()
     return stream
 
 
@@ -65,3 +89,22 @@ async def test_more_than_a_small_frame_still_goes_whole_and_in_order() -> None:
         got = [frames.decode(f) for f in tunnel.ws.frames()]
     assert [f.type for f in got] == [FrameType.OPEN, FrameType.DATA]
     assert bytes(got[1].payload) == payload
+
+
+async def test_a_client_that_reset_gets_no_open_and_its_stream_ends() -> None:
+    """ECONNRESET is reported once: read here, it must end the stream, not become an EOF later."""
+    import struct
+
+    tunnel, _ = make_tunnel(client=False)
+    tunnel.conn.receive(hello_frame(early_data=65536))
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+        client = socket.create_connection(srv.getsockname())
+        server, _ = srv.accept()
+        with server:
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            client.close()  # RST
+            stream = accepted_stream(client, server)
+            fut = Gateway._open(tunnel, stream)
+            assert fut.done() and fut.result()[0] == frames.Reason.ABORTED
+            assert stream.finished and stream.transport.aborted
+            assert tunnel.ws.wire == [], "no OPEN for a client that is gone"

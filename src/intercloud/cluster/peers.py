@@ -23,7 +23,7 @@ from picows import WSError, WSUpgradeResponse, WSUpgradeResponseWithListener, ws
 from ..backoff import backoff
 from ..protocol.frames import HEADER_SIZE
 from ..transport import tls_server
-from ..transport.targets import RESOLVE_EVERY, RETRY_FAILED, DialTarget, DialTargets, connect_in_order
+from ..transport.targets import DialTarget, DialTargets, connect_in_order
 from ..transport.tls import client_context, server_context
 from ..tunnel.tunnel import Tunnel
 from .members import MemberTable
@@ -55,8 +55,9 @@ class Cluster:
         self.cfg = gw.config.cluster
         self.table = MemberTable(gw.node_id, self.cfg.member_ttl)
         self.links: set[Tunnel] = set()
-        self.dials_done = 0  # dial targets whose first dial attempt finished (readiness)
         self.peer_targets = DialTargets(self.cfg.peers, by_name=lambda _host: False, fallback=False)
+        self._wanted = {_key(t) for t in self.peer_targets.targets}  # the current dial targets
+        self._tried: set[tuple] = set()  # dial targets whose first dial attempt finished (readiness)
         self._pushed: tuple = ()
         self._self_url = str(self.cfg.advertise) if self.cfg.advertise else None
         self.table.set_self(gw.incarnation, self._self_url, frozenset(), time.monotonic())
@@ -79,7 +80,7 @@ class Cluster:
     # --- readiness ---------------------------------------------------------------------
     def ready(self) -> bool:
         """Relay is possible, or every peer was tried once (a lone survivor must still serve)."""
-        return bool(self.links) or self.dials_done >= len(self.peer_targets.targets)
+        return bool(self.links) or self._wanted <= self._tried
 
     # --- lifecycle ---------------------------------------------------------------------
     async def run(self) -> None:
@@ -93,19 +94,20 @@ class Cluster:
     async def _dial_peers(self, tg: asyncio.TaskGroup) -> None:
         """One dial loop per peers entry, or per member address when an entry's host name resolves to
         several (transport/targets.py; no fallback to another member's address: that member has a loop
-        of its own). Names are looked up again every RESOLVE_EVERY seconds; an address that left the
-        name stops being redialed (a link to it stays until it ends)."""
+        of its own). Names are looked up again every RESOLVE_EVERY seconds; the loop of an address that
+        left the name retires before its next dial (never cancelled: a live link to it stays until it
+        ends, and ends like any link)."""
         targets = self.peer_targets
         loops: dict[tuple, asyncio.Task] = {}
         while not self.gw.draining:
             await targets.refresh(self.gw.config.tunnel.handshake_timeout)
-            wanted = {(str(t), t.addresses): t for t in targets.targets}
+            wanted = {_key(t): t for t in targets.targets}
+            self._wanted = set(wanted)
             for key, target in wanted.items():
                 if key not in loops:
-                    loops[key] = tg.create_task(self._keep_dialing(target))
-            for key in [k for k in loops if k not in wanted]:
-                loops.pop(key).cancel()
-            await asyncio.sleep(RETRY_FAILED if any(t.error for t in targets.targets) else RESOLVE_EVERY)
+                    loops[key] = tg.create_task(self._keep_dialing(target, key))
+                    loops[key].add_done_callback(lambda _t, k=key: loops.pop(k, None))
+            await asyncio.sleep(targets.wait_time())
 
     async def _serve(self) -> None:
         url = self.cfg.listen
@@ -137,21 +139,20 @@ class Cluster:
         self._server = server
         log.info("peer-link endpoint listening on %s", url, extra={"event": "cluster.listening", "url": str(url)})
 
-    async def _keep_dialing(self, url: DialTarget) -> None:
+    async def _keep_dialing(self, url: DialTarget, key: tuple) -> None:
         t = self.gw.config.tunnel
         delays = backoff(t.reconnect_min, min(t.reconnect_max, 5.0))
         last_error = None
         first = True
         label = f"{url} at {url.addresses[0][1][0]}" if url.addresses else str(url)
-        while not self.gw.draining:
+        while not self.gw.draining and key in self._wanted:
             started = time.monotonic()
             try:
                 tunnel = await self._dial(url)
             except _Self:
                 log.info("cluster.peers entry %s is this member itself; not dialing it", label,
                          extra={"event": "cluster.self_peer", "url": str(url)})
-                if first:
-                    self.dials_done += 1
+                self._tried.add(key)
                 return
             except (OSError, WSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
                 msg = str(url.error) if url.error else f"{type(exc).__name__}: {exc}"
@@ -162,13 +163,13 @@ class Cluster:
             else:
                 last_error = None
                 if first:
-                    self.dials_done += 1
+                    self._tried.add(key)
                     first = False
                 await tunnel.done
                 if time.monotonic() - started > 10:
                     delays = backoff(t.reconnect_min, min(t.reconnect_max, 5.0))
             if first:
-                self.dials_done += 1
+                self._tried.add(key)
                 first = False
                 self.gw.routes_changed()
             await asyncio.sleep(next(delays))
@@ -178,8 +179,8 @@ class Cluster:
         if url.error:  # its name never resolved
             raise ConnectionError(url.error)
 
-        async def to_address(_parsed):
-            return await connect_in_order(url, cfg.handshake_timeout)
+        async def to_address(_parsed):  # a dual-stack member: leave time for its second family
+            return await connect_in_order(url, max(1.0, cfg.handshake_timeout / len(url.addresses)))
 
         async with asyncio.timeout(cfg.handshake_timeout * 2):
             _tr, tunnel = await ws_connect(
@@ -327,6 +328,11 @@ class Cluster:
         for t in self.gw.tunnels:
             t.send_frame(t.conn.members(view))
         self._push_links()
+
+
+def _key(target: DialTarget) -> tuple:
+    """One dial loop per (URL, member address); the same URL listed twice is dialed once."""
+    return (str(target), target.addresses)
 
 
 class _Self(Exception):

@@ -44,6 +44,7 @@ class OnpremGateway(Gateway):
         self._member_key: frozenset = frozenset()
         self._warned_urls: set[str] = set()
         self._dial_targets = DialTargets(config.tunnel.connect, by_name=self._dial_by_name)
+        self._reloaded = asyncio.Event()
 
     def is_ready(self) -> bool:
         return bool(self.tunnels) and not self.draining
@@ -165,7 +166,24 @@ class OnpremGateway(Gateway):
     async def run_role(self) -> None:
         self.serving.set()
         self._spawn_workers()
-        await asyncio.Event().wait()
+        await self._keep_resolving()
+
+    async def _keep_resolving(self) -> None:
+        """Look the tunnel.connect names up again when due, even while every tunnel is up, so that a
+        member added to a name gets its tunnels (transport/targets.py); at once after a SIGHUP."""
+        while True:
+            self._dial_targets.use(self.config.tunnel.connect)
+            if self._dial_targets.due() and await self._dial_targets.refresh(self.config.tunnel.handshake_timeout):
+                self._spawn_workers()
+            self._reloaded.clear()
+            try:
+                await asyncio.wait_for(self._reloaded.wait(), max(0.1, self._dial_targets.wait_time()))
+            except TimeoutError:
+                pass
+
+    async def reload(self) -> None:
+        await super().reload()
+        self._reloaded.set()  # tunnel.connect may have changed
 
     def _proxy_for(self, url):
         # tunnel.proxy, else HTTPS_PROXY unless proxy = "none" or NO_PROXY covers the host. A malformed

@@ -11,12 +11,14 @@ OS gives a plain ``connect`` to a name. Not expanded: hosts the caller dials by 
 forward proxy, which resolves them; the on-prem network often cannot) and IP literals.
 
 Names are resolved again every ``RESOLVE_EVERY`` seconds; a failed lookup keeps the last answer. A name
-that never resolved is one target whose dial fails with the resolver's error.
+that never resolved is one target whose dial fails with the resolver's error. Addresses are sorted
+within a family, so a resolver that rotates its answers keeps each member on the same target.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 import socket
@@ -81,18 +83,20 @@ def member_orders(infos: Sequence[tuple], fallback: bool = True) -> list[tuple[A
     >>> [[a[1][0] for a in o] for o in member_orders([v4("10.0.0.1"), v4("10.0.0.2")])]
     [['10.0.0.1', '10.0.0.2'], ['10.0.0.2', '10.0.0.1']]
     """
-    answers: list[Address] = []
-    by_family: dict[int, list[Address]] = {}
+    by_family: dict[int, list[Address]] = {}  # in the order the resolver prefers the families (RFC 6724)
     for family, _type, _proto, _canon, sockaddr in infos:
         addr = (int(family), tuple(sockaddr))
-        if addr in answers:
-            continue
-        answers.append(addr)
-        by_family.setdefault(addr[0], []).append(addr)
+        if addr not in by_family.setdefault(addr[0], []):
+            by_family[addr[0]].append(addr)
+    # Sorted within a family: a resolver that rotates its answers (round robin) must not move the
+    # members between targets at every lookup.
+    for addrs in by_family.values():
+        addrs.sort(key=lambda a: ipaddress.ip_address(a[1][0]))
+    answers = [a for addrs in by_family.values() for a in addrs]
     count = max((len(v) for v in by_family.values()), default=0)
     orders = []
     for i in range(count):
-        own = [addrs[i] for addrs in by_family.values() if i < len(addrs)]  # first-answered family first
+        own = [addrs[i] for addrs in by_family.values() if i < len(addrs)]
         orders.append(tuple(own + [a for a in answers if a not in own] if fallback else own))
     return orders
 
@@ -115,6 +119,8 @@ class DialTargets:
         self._answers: dict[str, list[tuple[Address, ...]]] = {}  # url -> member orders (last good)
         self._errors: dict[str, str] = {}  # url -> why it never resolved
         self._resolved_at: float | None = None
+        self._generation = 0  # bumped by use(): a lookup started before a SIGHUP does not count
+        self._inflight: dict[str, asyncio.Future] = {}  # a lookup the resolver has not answered yet
         self._lock = asyncio.Lock()
         self.targets: list[DialTarget] = [DialTarget(u) for u in self._urls]
 
@@ -129,10 +135,18 @@ class DialTargets:
         urls = [str(u) for u in urls]
         if urls != self._urls:
             self._urls = urls
+            self._generation += 1
             self._answers = {u: a for u, a in self._answers.items() if u in urls}
             self._errors.clear()
             self._resolved_at = None
             self.targets = self._build()
+
+    def wait_time(self) -> float:
+        """Seconds until the names are due for another lookup."""
+        if self._resolved_at is None:
+            return 0.0
+        left = (RETRY_FAILED if self._errors else self._every) - (self._clock() - self._resolved_at)
+        return max(0.0, left)
 
     def due(self) -> bool:
         if self._resolved_at is None:
@@ -145,10 +159,14 @@ class DialTargets:
         async with self._lock:  # many workers ask at once: one of them resolves
             if not self.due():
                 return False
+            generation = self._generation
             names = [u for u in self._urls if self._wants_lookup(DialTarget(u))]
             results = await asyncio.gather(*(self._resolve(u, timeout) for u in names))
-            self._resolved_at = self._clock()  # after the answer: until then, workers wait for it here
+            if generation == self._generation:  # else the URLs changed meanwhile: look up again soon
+                self._resolved_at = self._clock()  # after the answer: until then, workers wait here
             for url, (orders, error) in zip(names, results):
+                if url not in self._urls:
+                    continue
                 if orders:
                     if orders != self._answers.get(url):
                         self._log_answer(url, orders)
@@ -167,9 +185,13 @@ class DialTargets:
 
     async def _resolve(self, url: str, timeout: float) -> tuple[list[tuple[Address, ...]], str]:
         t = DialTarget(url)
+        pending = self._inflight.get(url)
+        if pending is None or pending.done():  # a hung resolver: never more than one lookup per name
+            pending = self._inflight[url] = asyncio.ensure_future(self._lookup(t.host, t.port))
+            pending.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved, even if late
         try:
             async with asyncio.timeout(timeout):
-                infos = await self._lookup(t.host, t.port)
+                infos = await asyncio.shield(pending)
         except TimeoutError:
             return [], f"cannot resolve {t.host}: no answer within {timeout:g}s; check DNS and tunnel.connect"
         except OSError as exc:
@@ -200,9 +222,10 @@ async def connect_in_order(target: DialTarget, attempt_timeout: float) -> socket
     loop = asyncio.get_running_loop()
     errors = []
     for family, sockaddr in target.addresses:
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setblocking(False)
+        sock = None
         try:
+            sock = socket.socket(family, socket.SOCK_STREAM)  # fails for a family the host lacks
+            sock.setblocking(False)
             async with asyncio.timeout(attempt_timeout):
                 await loop.sock_connect(sock, sockaddr)
             return sock
@@ -210,10 +233,12 @@ async def connect_in_order(target: DialTarget, attempt_timeout: float) -> socket
             sock.close()
             errors.append(f"{sockaddr[0]}: no answer within {attempt_timeout:g}s")
         except OSError as exc:  # asyncio's strerror is "Connect call failed (...)": say the errno's
-            sock.close()
+            if sock is not None:
+                sock.close()
             errors.append(f"{sockaddr[0]}: {os.strerror(exc.errno) if exc.errno else exc}")
         except BaseException:
-            sock.close()
+            if sock is not None:
+                sock.close()
             raise
     raise ConnectError(f"cannot reach {_host(target.host)}:{target.port} at " + "; ".join(errors))
 

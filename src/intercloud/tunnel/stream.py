@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("intercloud.stream")
 _LINGER_RESET = struct.pack("ii", 1, 0)
+_SCRATCH = bytearray(16384)  # LocalStream.take_sent reads here first (single-threaded event loop)
 
 
 def reset(transport) -> None:
@@ -161,19 +162,23 @@ class LocalStream(asyncio.BufferedProtocol):
     def take_sent(self) -> None:
         """Read, once and without waiting, what the client sent before we accepted it (an HTTP request,
         a TLS ClientHello), so that it leaves in the same write as the OPEN instead of one loop
-        iteration and one TLS record later (docs/performance.md, P13). Nothing there yet, EOF or an
-        error: leave it to the transport, which sees the same socket state when it reads."""
-        if self.fd < 0 or self._park_len or self.local_eof:
+        iteration and one TLS record later (docs/performance.md, P13). Nothing there yet (the usual
+        case when the server speaks first) or EOF: leave it to the transport, which sees the same
+        socket state when it reads. A reset: the stream ends here, as the transport would end it."""
+        if self.fd < 0 or self.transport is None or self._park_len or self.local_eof or self.finished:
             return
-        if self._park is None:
-            self._park = bytearray(16384)
-        with memoryview(self._park) as view:
-            try:
-                n = os.readv(self.fd, [view])
-            except OSError:  # BlockingIOError (the usual case when the server speaks first) or a reset
-                return
-        self.bytes_up += n
-        self._park_len = n
+        try:
+            n = os.readv(self.fd, [_SCRATCH])  # no park buffer for a client that has sent nothing
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:  # e.g. ECONNRESET, reported once: the transport would then see EOF
+            self.abort(Reason.ABORTED, f"read from {self.peer_label} failed: {exc.strerror or exc}")
+            return
+        if n:
+            self._park = bytearray(max(n, 16384))
+            self._park[:n] = _SCRATCH[:n]
+            self._park_len = n
+            self.bytes_up += n
 
     def begin_early(self) -> None:
         """OPEN is sent: if the peer accepts early data (protocol §4.5), send what is parked now
