@@ -527,6 +527,11 @@ def test_a_name_with_several_addresses_counts_as_several_members(topology):
     for n in (*CLOUDS, *ONPREMS):
         if n != victim:
             topo.check_path(n)
+    # the victim's targets fall back to the other address, land on a covered member, and say why
+    dead = f"after {topo.hosts[victim].ip}: Connection refused"
+    wait_until(lambda: all(any(dead in r.get("reason", "") for r in topo.gws[o].log_lines()
+                               if r.get("event") == "tunnel.dial_failed") for o in ONPREMS), 10,
+               what=f"a tunnel.dial_failed line naming {victim}'s refused address")
     topo.gws[victim].start()
     topo.wait_ready(victim)
     topo.wait_full_coverage(timeout=20)

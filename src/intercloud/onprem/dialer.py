@@ -265,9 +265,11 @@ class OnpremGateway(Gateway):
         async def to_addresses(_parsed):  # this member's address first, then the name's other answers
             nonlocal where
             attempt = max(1.0, cfg.tunnel.handshake_timeout / len(url.addresses))
-            sock = await connect_in_order(url, attempt)
+            sock = await connect_in_order(url, attempt, skipped)
             where = url.at(sock.getpeername()[0])
             return sock
+
+        skipped: list[str] = []  # this member's own address failed and another one answered
 
         factory = through_proxy if proxy is not None else to_addresses if url.addresses else None
 
@@ -324,7 +326,8 @@ class OnpremGateway(Gateway):
                 await asyncio.shield(tunnel.ready)
         except (TimeoutError, ConnectionError) as exc:
             if tunnel.refused:
-                raise DialError(tunnel.close_reason) from None
+                why = f" (after {'; '.join(skipped)}, the name's next address answered)" if skipped else ""
+                raise DialError(tunnel.close_reason + why) from None
             tunnel.fail(f"no HELLO from the cloud within {cfg.tunnel.handshake_timeout:g}s", code=1002)
             raise DialError(f"{url}: the cloud did not complete the intercloud handshake: {exc or 'timeout'}") from None
         finally:

@@ -216,11 +216,13 @@ class DialTargets:
         return out
 
 
-async def connect_in_order(target: DialTarget, attempt_timeout: float) -> socket.socket:
+async def connect_in_order(target: DialTarget, attempt_timeout: float,
+                           skipped: list[str] | None = None) -> socket.socket:
     """A connected non-blocking socket to the first of ``target.addresses`` that answers. Each
-    address gets ``attempt_timeout``; the error names every address tried."""
+    address gets ``attempt_timeout``; the error names every address tried. ``skipped`` receives
+    "address: error" for the addresses that failed before one answered."""
     loop = asyncio.get_running_loop()
-    errors = []
+    errors = skipped if skipped is not None else []
     for family, sockaddr in target.addresses:
         sock = None
         try:
