@@ -58,6 +58,7 @@ class Cluster:
         self.peer_targets = DialTargets(self.cfg.peers, by_name=lambda _host: False, fallback=False)
         self._wanted = {_key(t) for t in self.peer_targets.targets}  # the current dial targets
         self._tried: set[tuple] = set()  # dial targets whose first dial attempt finished (readiness)
+        self._loops: dict[tuple, asyncio.Task] = {}  # the dial loop of each target (_dial_peers)
         self._pushed: tuple = ()
         self._self_url = str(self.cfg.advertise) if self.cfg.advertise else None
         self.table.set_self(gw.incarnation, self._self_url, frozenset(), time.monotonic())
@@ -98,7 +99,7 @@ class Cluster:
         left the name retires before its next dial (never cancelled: a live link to it stays until it
         ends, and ends like any link)."""
         targets = self.peer_targets
-        loops: dict[tuple, asyncio.Task] = {}
+        loops = self._loops
         while not self.gw.draining:
             await targets.refresh(self.gw.config.tunnel.handshake_timeout)
             wanted = {_key(t): t for t in targets.targets}
