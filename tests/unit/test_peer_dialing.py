@@ -67,7 +67,7 @@ async def test_an_address_that_leaves_the_name_is_not_redialed_and_its_link_is_n
         await asyncio.sleep(0.1)
         assert dialed.count("10.0.0.1") == 2, dialed
         supervisor.cancel()
-        for task in tg._tasks.copy():
+        for task in list(cl._loops.values()):
             task.cancel()
 
 
@@ -87,6 +87,6 @@ async def test_the_same_url_listed_twice_is_one_loop_and_does_not_block_readines
         await spin()
         assert cl.ready(), "a lone survivor serves once every distinct peer was tried"
         supervisor.cancel()
-        for task in tg._tasks.copy():
+        for task in list(cl._loops.values()):
             task.cancel()
     assert len(set(calls)) == 1
