@@ -11,6 +11,8 @@ from intercloud.cloud.server import CloudGateway
 from intercloud.config import parse_config
 from intercloud.transport.targets import DialTargets
 
+from tests.support.timeouts import async_wait_until
+
 from .test_dial_targets import FakeDNS, v4
 
 
@@ -58,14 +60,15 @@ async def test_an_address_that_leaves_the_name_is_not_redialed_and_its_link_is_n
         await spin()
         assert sorted(dialed) == ["10.0.0.1", "10.0.0.2"] and cl.ready()
         dns.answers["cluster.test"] = [v4("10.0.0.1", 9443)]  # 10.0.0.2 left the name
-        await asyncio.sleep(0.1)  # several lookups later
+        asked = len(dns.asked)
+        await async_wait_until(lambda: len(dns.asked) >= asked + 2, 5, what="two more lookups")
         assert not links["10.0.0.2"].done.done(), "the live link to the departed address is not cut"
+        departed = next(k for k in cl._loops if k[1] and k[1][0][1][0] == "10.0.0.2")
         links["10.0.0.2"].done.set_result(None)  # that link ends on its own
-        await asyncio.sleep(0.1)  # longer than the loop's backoff
+        await async_wait_until(lambda: departed not in cl._loops, 5, what="the departed address's loop to retire")
         assert dialed.count("10.0.0.2") == 1, f"the departed address was redialed: {dialed}"
         links["10.0.0.1"].done.set_result(None)  # a link to a listed address ends: redialed once
-        await asyncio.sleep(0.1)
-        assert dialed.count("10.0.0.1") == 2, dialed
+        await async_wait_until(lambda: dialed.count("10.0.0.1") == 2, 5, what="10.0.0.1 redialed")
         supervisor.cancel()
         for task in list(cl._loops.values()):
             task.cancel()
