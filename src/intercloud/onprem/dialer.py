@@ -172,14 +172,18 @@ class OnpremGateway(Gateway):
         """Look the tunnel.connect names up again when due, even while every tunnel is up, so that a
         member added to a name gets its tunnels (transport/targets.py); at once after a SIGHUP."""
         while True:
-            self._dial_targets.use(self.config.tunnel.connect)
-            if self._dial_targets.due() and await self._dial_targets.refresh(self.config.tunnel.handshake_timeout):
-                self._spawn_workers()
+            await self._refresh_targets()
             self._reloaded.clear()
             try:
                 await asyncio.wait_for(self._reloaded.wait(), max(0.1, self._dial_targets.wait_time()))
             except TimeoutError:
                 pass
+
+    async def _refresh_targets(self) -> None:
+        """Apply a changed tunnel.connect (SIGHUP) and look its names up again when due."""
+        self._dial_targets.use(self.config.tunnel.connect)
+        if self._dial_targets.due() and await self._dial_targets.refresh(self.config.tunnel.handshake_timeout):
+            self._spawn_workers()  # the names now resolve to more (or fewer) members
 
     async def reload(self) -> None:
         await super().reload()
@@ -202,9 +206,7 @@ class OnpremGateway(Gateway):
         try:
             while not self.draining and index < self._wanted_workers():
                 started = time.monotonic()
-                self._dial_targets.use(self.config.tunnel.connect)  # SIGHUP may have changed it
-                if self._dial_targets.due() and await self._dial_targets.refresh(cfg.handshake_timeout):
-                    self._spawn_workers()  # the names now resolve to more (or fewer) members
+                await self._refresh_targets()  # the first dial waits for the first lookup
                 url, node = self._choose_target(index)
                 self._targets[index] = node
                 try:
@@ -261,6 +263,7 @@ class OnpremGateway(Gateway):
                 raise DialError(str(exc)) from None
 
         where = url.where  # host:port, and the address when the host is a name (error messages)
+        skipped: list[str] = []  # this member's own address failed and another one answered
 
         async def to_addresses(_parsed):  # this member's address first, then the name's other answers
             nonlocal where
@@ -268,8 +271,6 @@ class OnpremGateway(Gateway):
             sock = await connect_in_order(url, attempt, skipped)
             where = url.at(sock.getpeername()[0])
             return sock
-
-        skipped: list[str] = []  # this member's own address failed and another one answered
 
         factory = through_proxy if proxy is not None else to_addresses if url.addresses else None
 
