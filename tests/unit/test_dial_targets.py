@@ -76,7 +76,7 @@ class FakeDNS:
         if isinstance(a, Exception):
             raise a
         if a == "hang":
-            await asyncio.sleep(3600)
+            await asyncio.Event().wait()  # a resolver that never answers
         return [(f, t, p, c, (s[0], port, *s[2:])) for f, t, p, c, s in a]
 
 
