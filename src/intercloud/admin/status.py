@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 
@@ -51,6 +52,7 @@ def status(gw) -> dict:
         "uptime": round(now - gw.started, 3), "ready": gw.is_ready(), "draining": gw.draining,
         "tunnels": tunnels, "streams": streams, "services": services,
         "counters": dict(gw.counters), "events": list(gw.events)[-50:],
+        "tasks": len(asyncio.all_tasks()),  # asyncio tasks of the process (the chaos soak checks it stays flat)
     }
 
 
