@@ -1023,6 +1023,8 @@ class Soak:
                  f"never killed (resource controls): {', '.join(sorted(self.controls))}")
         try:
             self.build()
+        except LabUnavailable:
+            raise
         except Exception:
             self.harness_errors.append(f"building the topology failed:\n{traceback.format_exc()}")
             return self.report()
