@@ -68,7 +68,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 from tests.e2e.ha import HA, Addr, make_certs
 from tests.support.gateway import Gateway
@@ -146,7 +146,7 @@ class Transfer(threading.Thread):
     (any socket error, refused connect included), corrupt (ended cleanly with wrong or missing
     bytes), hang (no progress for the stall bound; the watchdog aborts it)."""
 
-    def __init__(self, soak: "Soak", index: int, service: str, mode: str, entry: str, size: int, seed: int):
+    def __init__(self, soak: Soak, index: int, service: str, mode: str, entry: str, size: int, seed: int):
         super().__init__(daemon=True, name=f"transfer-{index}")
         self.soak = soak
         self.index = index
@@ -160,6 +160,7 @@ class Transfer(threading.Thread):
         self.t_start = soak.now()
         self.t_end: float | None = None
         self.last_progress = time.monotonic()
+        self.max_pause = 0.0  # longest time without progress (the stall bound's margin)
         self.outcome: str | None = None
         self.error: str | None = None
         self.bytes = 0  # bytes verified (received, or sent for a sink)
@@ -170,8 +171,10 @@ class Transfer(threading.Thread):
         self.done = threading.Event()
 
     # progress + watchdog
-    def progress(self, n: int = 0) -> None:
-        self.last_progress = time.monotonic()
+    def progress(self) -> None:
+        now = time.monotonic()
+        self.max_pause = max(self.max_pause, now - self.last_progress)
+        self.last_progress = now
 
     def abort_hung(self) -> None:
         self.hung = True
@@ -182,12 +185,14 @@ class Transfer(threading.Thread):
     def run(self) -> None:
         try:
             self._run()
-        except Exception as exc:  # noqa: BLE001 - a harness error must show, not vanish in a thread
+        except Exception as exc:
             self.outcome, self.error = "reset", f"harness: {exc!r}"
             self.soak.harness_errors.append(f"{self.label}: {traceback.format_exc()}")
         finally:
             if self.hung:
                 self.outcome = "hang"
+            if self.sock is not None:  # the time from the last byte to the end counts too (a reset after a stall)
+                self.progress()
             self.t_end = self.soak.now()
             if self.sock is not None:
                 with contextlib.suppress(OSError):
@@ -448,10 +453,11 @@ class Soak:
 
         for c in CLOUDS:
             ip = self.hosts[c].ip
-            text = ha.cloud_config(c).replace(f'ping_timeout = "{PING_TIMEOUT:g}s"\n',
-                                              f'ping_timeout = "{PING_TIMEOUT:g}s"\nhandshake_timeout = "{HANDSHAKE_TIMEOUT:g}s"\n')
+            pt = f'ping_timeout = "{PING_TIMEOUT:g}s"\n'
+            text = ha.cloud_config(c).replace(pt, f'{pt}handshake_timeout = "{HANDSHAKE_TIMEOUT:g}s"\n')
             assert "handshake_timeout" in text, "tests/e2e/ha.py changed its ping_timeout line"
-            text += (svc("sinkA", "accept", f"{ip}:{A_PORTS['sink']}") + svc("sourceA", "accept", f"{ip}:{A_PORTS['source']}")
+            text += (svc("sinkA", "accept", f"{ip}:{A_PORTS['sink']}")
+                     + svc("sourceA", "accept", f"{ip}:{A_PORTS['source']}")
                      + svc("sinkB", "connect", f"{b_ip}:{targets['B']['sink']}")
                      + svc("sourceB", "connect", f"{b_ip}:{targets['B']['source']}"))
             self.valid_config[c] = text
@@ -460,10 +466,12 @@ class Soak:
             text = ha.onprem_config(o)
             text += (svc("sinkA", "connect", f"{a_ip}:{targets['A']['sink']}")
                      + svc("sourceA", "connect", f"{a_ip}:{targets['A']['source']}")
-                     + svc("sinkB", "accept", f"{ip}:{B_PORTS['sink']}") + svc("sourceB", "accept", f"{ip}:{B_PORTS['source']}"))
+                     + svc("sinkB", "accept", f"{ip}:{B_PORTS['sink']}")
+                     + svc("sourceB", "accept", f"{ip}:{B_PORTS['source']}"))
             self.valid_config[o] = text
         for name in GATEWAYS:
-            self.gws[name] = Gateway(self.workdir, name, self.valid_config[name], argv_prefix=self.hosts[name].argv_prefix)
+            self.gws[name] = Gateway(self.workdir, name, self.valid_config[name],
+                                     argv_prefix=self.hosts[name].argv_prefix)
         for c in CLOUDS:  # the cluster first, then the sites (as tests/e2e/netns_topology.py does)
             self.gws[c].start()
         for c in CLOUDS:
@@ -612,7 +620,8 @@ class Soak:
                     buf = bytearray()
                     while chunk := s.recv(65536):
                         buf += chunk
-                ok, err = bytes(buf) == msg, ("" if bytes(buf) == msg else f"echo mismatch: {len(buf)} of {len(msg)} bytes")
+                ok = bytes(buf) == msg
+                err = "" if ok else f"echo mismatch: {len(buf)} of {len(msg)} bytes"
             except OSError as exc:
                 ok, err = False, repr(exc)
             self.echoes.append(ShortEcho(entry, start, self.now(), ok, err, port))
@@ -702,7 +711,8 @@ class Soak:
         missing = [e for e in GATEWAYS if e not in first]
         if missing:
             f.violations.append(f"no echo through {', '.join(missing)} within {self.recovery_bound:g}s after "
-                                f"the fault ended (t={f.t_end:.1f}s, {self.wall(f.t_end)}); coverage {self.coverage_table()}")
+                                f"the fault ended (t={f.t_end:.1f}s, {self.wall(f.t_end)}); "
+                                f"coverage {self.coverage_table()}")
         else:
             f.recovery_s = max(first.values()) - f.t_end
         if not self.wait_coverage(max(1.0, deadline - time.monotonic())):
@@ -902,7 +912,8 @@ class Soak:
             while (n := self._close_wait(m)) and time.monotonic() < deadline:
                 time.sleep(0.2)
             if n:
-                f.violations.append(f"{m} still holds {n} CLOSE-WAIT sockets on its tunnel port 10s after the flood ended")
+                f.violations.append(f"{m} still holds {n} CLOSE-WAIT sockets on its tunnel port "
+                                    f"10s after the flood ended")
 
     def _fault_flood_tcp(self) -> Fault:
         where, addr, members = self._flood_target()
@@ -926,6 +937,7 @@ class Soak:
         # Every one of them must be closed by the far end within handshake_timeout (+ slack).
         bound = HANDSHAKE_TIMEOUT + 4.0
         still_open: dict[str, int] = {}
+        closed_after: dict[str, float] = {}  # per kind, the latest close seen (s after the flood opened)
         for kind, s in socks:
             remaining = max(0.05, opened + bound - self.now())
             s.settimeout(remaining)
@@ -934,14 +946,18 @@ class Soak:
                     pass
             except TimeoutError:
                 still_open[kind] = still_open.get(kind, 0) + 1
+                continue
             except OSError:
                 pass  # reset: closed
+            closed_after[kind] = max(closed_after.get(kind, 0.0), self.now() - opened)
         for _, s in socks:
             s.close()
-        f.detail = f"{len(socks)} connections at {where} (idle/http/garbage), {refused} refused"
+        f.detail = (f"{len(socks)} connections at {where}, {refused} refused; all closed by the far end within "
+                    + ", ".join(f"{k} {v:.1f}s" for k, v in sorted(closed_after.items())))
         if still_open:
             f.violations.append(f"{sum(still_open.values())} unauthenticated connections at {where} still open "
-                                f"{bound:g}s after connecting (tunnel.handshake_timeout {HANDSHAKE_TIMEOUT:g}s): {still_open}")
+                                f"{bound:g}s after connecting (tunnel.handshake_timeout {HANDSHAKE_TIMEOUT:g}s): "
+                                f"{still_open}")
         f.t_end = self.now()
         self._after_flood(f, members)
         self.recover(f)
@@ -963,15 +979,15 @@ class Soak:
         def one(i: int) -> None:
             result = "?"
             try:
-                with socket.create_connection(addr, timeout=HANDSHAKE_TIMEOUT + 4) as raw:
-                    with ctx.wrap_socket(raw, server_hostname="cloud1") as s:
-                        s.sendall(req)
-                        data = s.recv(4096)
-                        if data.startswith(b"HTTP/1.1 101"):
-                            upgraded.append(f"connection {i}: {data[:60]!r}")
-                            result = "UPGRADED"
-                        else:
-                            result = "closed" if not data else f"answered {data[:12]!r}"
+                with (socket.create_connection(addr, timeout=HANDSHAKE_TIMEOUT + 4) as raw,
+                      ctx.wrap_socket(raw, server_hostname="cloud1") as s):
+                    s.sendall(req)
+                    data = s.recv(4096)
+                    if data.startswith(b"HTTP/1.1 101"):
+                        upgraded.append(f"connection {i}: {data[:60]!r}")
+                        result = "UPGRADED"
+                    else:
+                        result = "closed" if not data else f"answered {data[:12]!r}"
             except ssl.SSLError as exc:
                 result = f"tls: {exc.reason or type(exc).__name__}"
             except TimeoutError:
@@ -992,7 +1008,8 @@ class Soak:
         if upgraded:
             f.violations.append(f"WebSocket upgrade accepted without a client certificate at {where}: {upgraded[:3]}")
         if outcomes.get("timeout"):
-            f.violations.append(f"{outcomes['timeout']} certificate-less TLS connections at {where} neither refused nor "
+            f.violations.append(f"{outcomes['timeout']} certificate-less TLS connections at {where} "
+                                f"neither refused nor "
                                 f"closed within {HANDSHAKE_TIMEOUT + 4:g}s")
         f.t_end = self.now()
         self._after_flood(f, members)
@@ -1018,7 +1035,7 @@ class Soak:
                                    min((s.streams for s in ss if s.streams is not None), default=None))
         return out
 
-    def run(self) -> "Report":
+    def run(self) -> Report:
         self.log(f"seed {self.seed}, {self.minutes:g} min of faults, workdir {self.workdir}; "
                  f"never killed (resource controls): {', '.join(sorted(self.controls))}")
         try:
@@ -1118,7 +1135,7 @@ class Soak:
 
     # -- analysis -------------------------------------------------------------------------
 
-    def report(self) -> "Report":
+    def report(self) -> Report:
         return Report(self)
 
 
@@ -1191,7 +1208,8 @@ class Report:
         self.short_total, self.short_failed, self.short_unexplained = len(s.echoes), len(short_failed), unexplained
         for e in unexplained[:10]:
             self.violations.append(f"short connection via {e.entry} failed outside any disruptive fault: "
-                                   f"t={e.t_start:.1f}..{e.t_end:.1f}s ({s.wall(e.t_start)}), client port {e.local_port}: {e.error}")
+                                   f"t={e.t_start:.1f}..{e.t_end:.1f}s ({s.wall(e.t_start)}), "
+                                   f"client port {e.local_port}: {e.error}")
         if len(unexplained) > 10:
             self.violations.append(f"... and {len(unexplained) - 10} more short connections failed outside faults")
         self.violations += [f"harness error: {h}" for h in s.harness_errors]
@@ -1228,6 +1246,10 @@ class Report:
                  f"completed {c['ok']} ({self.verified / 2**20:.0f} MiB verified), reset {c['reset']}, "
                  f"truncated {c['truncated']} ({self.excused} of these on a faulted path), corrupted {c['corrupt']}, "
                  f"hung {c['hang']}")
+        pauses = {o: max((t.max_pause for t in s.transfers if t.outcome == o), default=0.0) for o in ("ok", "reset")}
+        L.append(f"longest pause in a transfer: {pauses['ok']:.1f}s in a completed one, "
+                 f"{pauses['reset']:.1f}s in a reset "
+                 f"one (hung beyond {s.stall:g}s)")
         known = [t for t in s.transfers if t.path is not None]
         relayed = sum(1 for t in known if t.service == "A" and CLOUDS[0] in t.path and CLOUDS[1] in t.path)
         L.append(f"paths from /api/status: known for {len(known)} of {len(s.transfers)} transfers "
@@ -1242,7 +1264,8 @@ class Report:
             note = "restarted during the run, not compared" if name in s.restarted else "compared"
             note += ", control" if name in s.controls else ""
             if b and e:
-                L.append(f"  {name:8} rss {b.rss_kib / 1024:6.1f} -> {e.rss_kib / 1024:6.1f} MiB (peak {peak / 1024:.1f})"
+                L.append(f"  {name:8} rss {b.rss_kib / 1024:6.1f} -> {e.rss_kib / 1024:6.1f} MiB "
+                         f"(peak {peak / 1024:.1f})"
                          f"  fds {b.fds:4} -> {e.fds:4}  tasks {b.tasks} -> {e.tasks}  [{note}]")
             else:
                 L.append(f"  {name:8} no samples  [{note}]")
@@ -1311,7 +1334,8 @@ def main(argv: list[str] | None = None) -> int:
     lo, _, hi = args.size.partition("-")
     try:
         report = run(args.minutes, args.seed, args.workdir, concurrency=args.concurrency,
-                     size_mib=(int(lo), int(hi or lo)), stall=args.stall, rate_mib=args.rate, recovery_bound=args.recovery_bound)
+                     size_mib=(int(lo), int(hi or lo)), stall=args.stall, rate_mib=args.rate,
+                     recovery_bound=args.recovery_bound)
     except LabUnavailable as exc:
         print(f"scripts/soak: {exc}", file=sys.stderr)
         return 2
