@@ -329,6 +329,7 @@ class ShortEcho:
     ok: bool
     error: str = ""
     local_port: int | None = None
+    kind: str = "error"  # ok, error (refused, reset, timeout), truncated (clean EOF, a prefix), corrupt
 
 
 @dataclass
@@ -620,11 +621,14 @@ class Soak:
                     buf = bytearray()
                     while chunk := s.recv(65536):
                         buf += chunk
-                ok = bytes(buf) == msg
-                err = "" if ok else f"echo mismatch: {len(buf)} of {len(msg)} bytes"
+                ok, kind = bytes(buf) == msg, "ok"
+                if not ok:
+                    kind = "truncated" if msg.startswith(bytes(buf)) else "corrupt"
+                    err = f"clean EOF after {len(buf)} of {len(msg)} bytes" + (
+                        ", other bytes than were sent" if kind == "corrupt" else "")
             except OSError as exc:
-                ok, err = False, repr(exc)
-            self.echoes.append(ShortEcho(entry, start, self.now(), ok, err, port))
+                ok, kind, err = False, "error", repr(exc)
+            self.echoes.append(ShortEcho(entry, start, self.now(), ok, err if not ok else "", port, kind))
             self.stop_all.wait(rng.uniform(0.02, 0.1))
 
     def _transfer_manager(self) -> None:
@@ -1203,11 +1207,21 @@ class Report:
                                            f"overlapping faults: {near}\n{self._client_log(t)}")
         self.transfer_counts, self.excused, self.verified = counts, excused, verified
         short_failed = [e for e in s.echoes if not e.ok]
-        unexplained = [e for e in short_failed
-                       if not any(f.disruptive and f.overlaps(e.t_start, e.t_end) for f in faults)]
+
+        def explained(e: ShortEcho) -> bool:
+            if e.kind == "corrupt":
+                return False
+            if e.kind == "truncated":  # as for long transfers: only a killed entry gateway may do that
+                return any(f.kind == "sigkill" and f.target == e.entry and f.overlaps(e.t_start, e.t_end)
+                           for f in faults)
+            return any(f.disruptive and f.overlaps(e.t_start, e.t_end) for f in faults)
+
+        unexplained = [e for e in short_failed if not explained(e)]
         self.short_total, self.short_failed, self.short_unexplained = len(s.echoes), len(short_failed), unexplained
         for e in unexplained[:10]:
-            self.violations.append(f"short connection via {e.entry} failed outside any disruptive fault: "
+            what = {"corrupt": "got other bytes back", "truncated": "was truncated (clean EOF) by a live gateway"}.get(
+                e.kind, "failed outside any disruptive fault")
+            self.violations.append(f"short connection via {e.entry} {what}: "
                                    f"t={e.t_start:.1f}..{e.t_end:.1f}s ({s.wall(e.t_start)}), "
                                    f"client port {e.local_port}: {e.error}")
         if len(unexplained) > 10:

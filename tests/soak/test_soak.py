@@ -81,6 +81,14 @@ def test_short_connections_fail_only_during_disruptive_faults(tmp_path):
     assert _verdict(tmp_path, echoes=[bad], faults=[flood])
 
 
+def test_short_connections_never_get_other_bytes_and_truncate_only_with_a_killed_entry(tmp_path):
+    corrupt = ShortEcho("cloud1", 12.5, 13.0, ok=False, error="other bytes", kind="corrupt")
+    truncated = ShortEcho("cloud1", 12.5, 13.0, ok=False, error="clean EOF", kind="truncated")
+    assert _verdict(tmp_path, echoes=[corrupt], faults=[_kill("cloud1")])
+    assert _verdict(tmp_path, echoes=[truncated], faults=[_kill("cloud1")]) == []
+    assert _verdict(tmp_path, echoes=[truncated], faults=[_kill("onprem1")])
+
+
 def test_fault_violations_and_harness_errors_fail_the_run(tmp_path):
     f = _kill("cloud1")
     f.violations.append("no echo through cloud1 within 30s")
