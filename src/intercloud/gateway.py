@@ -16,6 +16,7 @@ from . import logs
 from .config import Config
 from .protocol import State
 from .protocol.frames import Reason
+from .tunnel.budget import BufferBudget
 from .tunnel.stream import LocalStream, reset
 from .tunnel.tunnel import Tunnel
 
@@ -36,6 +37,7 @@ class Gateway:
         self.node_id = config.gateway.node_id
         self.incarnation = secrets.token_hex(8)
         self.tunnels: set[Tunnel] = set()  # HELLO exchanged, not closed
+        self.budget = BufferBudget(config.gateway.max_buffered)  # protocol §6.4, shared by all tunnels
         # services are keyed by (tenant, name): two tenants may both have a "serviceA" (issue 3)
         self.accept_services = {svc_key(s): s for s in config.services if s.accept}
         self.connect_services = {svc_key(s): s for s in config.services if s.connect}
@@ -176,6 +178,7 @@ class Gateway:
                                            "max_frame": old.tunnel.max_frame, "per_member": old.tunnel.per_member}),
                                  "cluster": old.cluster})
         self.config = new
+        self.budget.set_limit(new.gateway.max_buffered)
         try:
             self.reload_tls()
         except (OSError, ValueError) as exc:

@@ -55,6 +55,20 @@ class _Collector:
             fam.add_metric([str(v) for _, v in labels], value)
         yield from families.values()
         yield GaugeMetricFamily("intercloud_ready", "1 when /readyz is 200", value=1 if gw.is_ready() else 0)
+        b = getattr(gw, "budget", None)
+        if b is not None:  # protocol §6.4
+            yield GaugeMetricFamily("intercloud_buffered_bytes",
+                                    "Bytes received from tunnels and queued in user space toward local sockets",
+                                    value=b.buffered)
+            yield GaugeMetricFamily("intercloud_buffer_committed_bytes",
+                                    "Credit granted beyond the streams' initial windows (counts against the budget)",
+                                    value=b.committed)
+            yield GaugeMetricFamily("intercloud_buffer_budget_bytes", "[gateway] max_buffered", value=b.limit)
+            yield GaugeMetricFamily("intercloud_buffer_waiting_streams",
+                                    "Streams waiting for budget to grow their window", value=len(b.waiting))
+            yield CounterMetricFamily("intercloud_buffer_budget_exhausted",
+                                      "Times a stream wanted a larger window and the budget was spent",
+                                      value=b.exhausted)
 
 
 def render(gw) -> bytes:

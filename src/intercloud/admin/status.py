@@ -52,8 +52,18 @@ def status(gw) -> dict:
         "uptime": round(now - gw.started, 3), "ready": gw.is_ready(), "draining": gw.draining,
         "tunnels": tunnels, "streams": streams, "services": services,
         "counters": dict(gw.counters), "events": list(gw.events)[-50:],
+        "buffers": _buffers(gw),  # protocol §6.4
         "tasks": len(asyncio.all_tasks()),  # asyncio tasks of the process (the chaos soak checks it stays flat)
     }
+
+
+def _buffers(gw) -> dict | None:
+    """The process-wide buffer budget (protocol §6.4)."""
+    b = getattr(gw, "budget", None)
+    if b is None:
+        return None
+    return {"buffered": b.buffered, "committed": b.committed, "budget": b.limit, "holders": b.holders,
+            "waiting": len(b.waiting), "exhausted": b.exhausted}
 
 
 def _members(gw, now: float) -> list[dict]:

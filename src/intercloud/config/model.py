@@ -604,6 +604,9 @@ class GatewayConfig(_Section):
     route_wait: Duration(ge=0, le=3600) = 5.0
     #: On SIGTERM, how long open streams may run to completion before the process exits.
     drain_timeout: Duration(ge=0, le=86400) = 30.0
+    #: Process-wide budget for credit granted beyond each stream's initial 64 KiB window, which bounds
+    #: the bytes received from tunnels and held in user space (docs/protocol.md §6.4).
+    max_buffered: Size(ge=1 * MiB, le=64 * GiB) = 256 * MiB
 
     @model_validator(mode="before")
     @classmethod

@@ -180,7 +180,7 @@ Event = (
 
 
 class _Stream:
-    __slots__ = ("state", "send_credit", "recv_allowed", "owed", "early")
+    __slots__ = ("state", "send_credit", "recv_allowed", "owed", "early", "grant", "threshold")
 
     def __init__(self, state: State, send_credit: int, recv_allowed: int, early: int = 0):
         self.state = state
@@ -188,6 +188,10 @@ class _Stream:
         self.recv_allowed = recv_allowed  # bytes the peer may still send us
         self.owed = 0  # delivered bytes whose credit we have not returned yet (§6.2)
         self.early = early  # while opening: early-data bytes still allowed (§4.5)
+        # recv_allowed + bytes received and not yet returned: at most this much of the stream can sit
+        # in our memory. It starts at the window we announced and grows from the budget (§6.4).
+        self.grant = recv_allowed
+        self.threshold = max(1, recv_allowed // 4)  # return credit in batches of this (§6.2)
 
 
 class Connection:
@@ -196,11 +200,21 @@ class Connection:
     ``client`` is True on the dialing side (odd stream ids, protocol §4.1). ``window``,
     ``max_frame``, ``max_streams`` and ``early_data`` are what *this* side grants the peer (sent in
     HELLO); ``early_data`` 0 means DATA before our OPEN_OK is a protocol error (§4.5).
+
+    With a ``budget`` (protocol §6.4) each stream starts with ``initial_window`` (announced in HELLO
+    instead of ``window``) and grows up to ``window`` with credit taken from the budget; ``sink``
+    then sends the WINDOW frames that grow waiting streams when the budget frees. Without one, every
+    stream gets ``window`` at once.
     """
 
-    def __init__(self, *, client: bool, window: int, max_frame: int, max_streams: int, early_data: int = 0):
+    def __init__(self, *, client: bool, window: int, max_frame: int, max_streams: int, early_data: int = 0,
+                 initial_window: int | None = None, budget=None, sink=None):
         self.client = client
-        self.window = window
+        self.window = window  # the largest grant of one stream
+        self.initial_window = min(window, initial_window) if budget is not None and initial_window else window
+        self.budget = budget
+        self.sink = sink  # frames produced outside receive()/delivered(): budget grants
+        window = self.initial_window
         self.max_frame = max_frame
         self.max_streams = max_streams
         self.early_data = min(early_data, window)
@@ -211,7 +225,6 @@ class Connection:
         self._streams: dict[int, _Stream] = {}
         self._next_id = 1 if client else 2
         self._peer_last_id = 0  # highest id the peer has opened
-        self._window_threshold = max(1, window // 4)
 
     # --- introspection ---------------------------------------------------------------
     def state(self, stream_id: int) -> State:
@@ -253,7 +266,7 @@ class Connection:
             "node_id": node_id,
             "role": role,
             "services": sorted(services),
-            "window": self.window,
+            "window": self.initial_window,  # §6.4: grants grow from there up to self.window
             "max_frame": self.max_frame,
             "max_streams": self.max_streams,
             "incarnation": incarnation,
@@ -272,6 +285,7 @@ class Connection:
             raise LocalProtocolError(f"cannot send {ftype.name} on stream {sid} in state {st.state.name}")
         if nxt is S.CLOSED:
             del self._streams[sid]
+            self._release(sid, st)
         st.state = nxt
         return st
 
@@ -284,7 +298,7 @@ class Connection:
         if sid > frames.MAX_STREAM_ID:
             raise LocalProtocolError("stream ids exhausted on this tunnel; open a new tunnel")
         self._next_id += 2
-        self._streams[sid] = _Stream(S.OPENING_OUT, self.peer.window, self.window,
+        self._streams[sid] = _Stream(S.OPENING_OUT, self.peer.window, self.initial_window,
                                      min(self.peer.early_data, self.peer.window))
         flags = frames.FLAG_RELAYED if relayed else 0
         return sid, frames.HEADER.pack(F.OPEN, flags, sid) + frames.encode_open(service, client_addr)
@@ -322,11 +336,77 @@ class Connection:
         if st is None or st.state not in (S.OPEN, S.HALF_CLOSED_LOCAL):
             return None  # peer finished sending: it needs no more credit
         st.owed += n
-        if st.owed < self._window_threshold:
+        if st.owed < st.threshold:
             return None
         inc, st.owed = st.owed, 0
+        if self.budget is not None:  # once per quarter grant, not per write (docs/performance.md)
+            inc = self._rebalance(sid, st, inc)
+            if not inc:
+                return None
         st.recv_allowed += inc
         return frames.encode(F.WINDOW, sid, frames.encode_window(inc))
+
+    # --- process-wide buffer budget (protocol §6.4) ------------------------------------
+    def _rebalance(self, sid: int, st: _Stream, inc: int) -> int:
+        """Stream ``sid`` returns ``inc`` delivered bytes of credit: grow it by a doubling from the
+        budget, or queue it for one; while others wait, shrink it to a fair share instead. Returns
+        the credit to send."""
+        b = self.budget
+        extra = st.grant - self.initial_window
+        waiting = b.waiting
+        if waiting and (len(waiting) > 1 or (self, sid) not in waiting):  # others wait, not just this one
+            fair = b.fair_share()
+            if extra > fair:
+                b.forget(self, sid)  # above its share it waits no more
+                cut = min(inc, extra - fair)
+                st.grant -= cut
+                st.threshold = max(1, st.grant // 4)
+                b.release(cut, extra - cut)  # waiting streams are served from it now
+                return inc - cut
+            if st.grant < self.window:
+                b.wait(self, sid)
+            return inc
+        if st.grant < self.window and not waiting:
+            got = b.take(min(st.grant, self.window - st.grant), extra)
+            if got:
+                st.grant += got
+                st.threshold = max(1, st.grant // 4)
+                return inc + got
+            b.wait(self, sid)
+        return inc
+
+    def budget_grant(self, sid: int, free: int) -> bool:
+        """The budget serves stream ``sid`` from its queue: grow it by its next step, at most ``free``,
+        sending the WINDOW through ``sink``. True when the budget cut the step short."""
+        st = self._streams.get(sid)
+        if st is None or st.state not in (S.OPEN, S.HALF_CLOSED_LOCAL) or st.grant >= self.window:
+            return False
+        want = min(st.grant, self.window - st.grant)
+        got = self.budget.take(min(want, free), st.grant - self.initial_window)
+        if got <= 0:
+            return True
+        st.grant += got
+        st.threshold = max(1, st.grant // 4)
+        st.recv_allowed += got
+        if self.sink is not None:
+            self.sink(frames.encode(F.WINDOW, sid, frames.encode_window(got)))
+        return got < want
+
+    def _release(self, sid: int, st: _Stream) -> None:
+        """Stream ``sid`` is gone: it waits no more and its grant beyond the initial window goes back."""
+        b = self.budget
+        if b is None:
+            return
+        b.forget(self, sid)
+        extra = st.grant - self.initial_window
+        if extra > 0:
+            st.grant = self.initial_window
+            b.release(extra, 0)
+
+    @property
+    def granted(self) -> int:
+        """Credit granted beyond the initial windows on this tunnel (status)."""
+        return sum(st.grant - self.initial_window for st in self._streams.values())
 
     def fin(self, sid: int) -> bytes:
         self._send(sid, F.FIN)
@@ -355,9 +435,11 @@ class Connection:
 
     def abort_all(self) -> list[int]:
         """The tunnel is gone: forget every stream and return their ids."""
-        sids = list(self._streams)
+        streams = list(self._streams.items())
         self._streams.clear()
-        return sids
+        for sid, st in streams:
+            self._release(sid, st)
+        return [sid for sid, _ in streams]
 
     # --- receiving -------------------------------------------------------------------
     def receive(self, message: bytes | bytearray | memoryview) -> tuple[Event | None, bytes | None]:
@@ -443,6 +525,7 @@ class Connection:
             event = OpenRefused(sid, *frames.decode_reason(payload))
         if nxt is S.CLOSED:
             del self._streams[sid]
+            self._release(sid, st)
         st.state = nxt
         return event, None
 
@@ -463,7 +546,7 @@ class Connection:
                 F.OPEN_FAIL, sid,
                 frames.encode_reason(Reason.LIMIT, f"tunnel stream limit {self.max_streams} reached"),
             )
-        self._streams[sid] = _Stream(S.OPENING_IN, self.peer.window, self.window, self.early_data)
+        self._streams[sid] = _Stream(S.OPENING_IN, self.peer.window, self.initial_window, self.early_data)
         return StreamOpened(sid, service, client, relayed), None
 
     def _recv_data(self, sid: int, message) -> Data | None:

@@ -8,7 +8,9 @@ has to open the stream elsewhere. Hot path, both directions, per read (after OPE
   payload is copied once by the kernel and once more by TLS (``Tunnel.send_data``).
 - tunnel -> local socket: the payload memoryview picows hands us is written with ``os.write`` when
   nothing is queued (no copy); only what the kernel does not take is copied into the transport's
-  buffer, and its credit is returned once that buffer drains (protocol §6.2).
+  buffer, and its credit is returned once that buffer drains (protocol §6.2). Such queued bytes are
+  counted in the process-wide budget's ``buffered`` gauge (protocol §6.4); the budget itself bounds
+  them through the credit the Connection grants, so the os.write path does no budget work.
 """
 
 from __future__ import annotations
@@ -142,6 +144,7 @@ class LocalStream(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        self._drop_undelivered()
         t = self.tunnel
         if t is not None and self.sid and t.conn.state(self.sid) is not State.CLOSED:
             why = f"local connection lost: {exc}" if exc else "local connection closed"
@@ -293,6 +296,9 @@ class LocalStream(asyncio.BufferedProtocol):
                 return
             mv = mv[written:]
         self.undelivered += len(mv)
+        b = self.tunnel.conn.budget
+        if b is not None:
+            b.buffered += len(mv)
         tr.write(bytes(mv))  # copy: picows reuses this memory after the callback returns
         if tr.get_write_buffer_size() == 0:
             self._credit_undelivered()
@@ -304,8 +310,17 @@ class LocalStream(asyncio.BufferedProtocol):
 
     def _credit_undelivered(self) -> None:
         if self.undelivered and self.tunnel is not None:
-            n, self.undelivered = self.undelivered, 0
+            n = self.undelivered
+            self._drop_undelivered()
             self._credit(n)
+
+    def _drop_undelivered(self) -> None:
+        """The queued bytes left user space (drained, or dropped with the socket): off the gauge."""
+        n, self.undelivered = self.undelivered, 0
+        if n and self.tunnel is not None:
+            b = self.tunnel.conn.budget
+            if b is not None:
+                b.buffered -= n
 
     def on_remote_fin(self, closed: bool) -> None:
         tr = self.transport
@@ -324,6 +339,7 @@ class LocalStream(asyncio.BufferedProtocol):
         tr = self.transport
         if tr is not None:
             reset(tr)
+            self._drop_undelivered()  # abort() dropped the transport's buffer
         self.finish(f"reset: {Reason.name_of(code)} {text}")
 
     @property

@@ -22,6 +22,7 @@ from ..protocol import (
 )
 from ..protocol.frames import HEADER, FrameType, Reason
 from ..transport.tls import describe_peer_cert, session_info
+from .budget import INITIAL_WINDOW
 from .stream import LocalStream
 
 if TYPE_CHECKING:
@@ -88,8 +89,11 @@ class Tunnel(WSListener):
         self.id = next(_ids)
         self.url = url
         self.client = client
+        # protocol §6.4: streams start at INITIAL_WINDOW and grow to stream_window from the process budget
         self.conn = Connection(client=client, window=t.stream_window, max_frame=t.max_frame,
-                               max_streams=t.max_streams, early_data=EARLY_DATA if kind == "tunnel" else 0)
+                               max_streams=t.max_streams, early_data=EARLY_DATA if kind == "tunnel" else 0,
+                               initial_window=INITIAL_WINDOW, budget=getattr(gateway, "budget", None),
+                               sink=self.send_frame)
         self.ws = None
         self.streams: dict[int, LocalStream] = {}
         self.pending_opens: dict[int, asyncio.Future] = {}
