@@ -82,6 +82,30 @@ def _tune_malloc() -> None:
         pass
 
 
+def _raise_nofile(role: str) -> None:
+    """Soft RLIMIT_NOFILE up to the hard limit: every tunnel, stream and handshake is a descriptor, and
+    the soft default (1024 on most systems) is what an idle flood exhausts first (issue 12). The tunnel
+    listeners keep a reserve of it for established tunnels (transport/tls_server.py)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("open-files limit stays at %d (cannot raise it to the hard limit %d: %s)", soft, hard, exc,
+                        extra={"event": "gateway.nofile", "soft": soft, "hard": hard})
+            return
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    shown = "unlimited" if limit == resource.RLIM_INFINITY else str(limit)
+    if role == "cloud" and limit != resource.RLIM_INFINITY:
+        from .transport.tls_server import fd_reserve
+
+        shown += f", of which the tunnel listeners leave {fd_reserve(limit)} to established tunnels"
+    log.info("open-files limit %s (soft limit was %s)", shown, soft,
+             extra={"event": "gateway.nofile", "limit": limit, "was": soft})
+
+
 def _run(args) -> int:
     _tune_malloc()
     from .config import ConfigError, load_config
@@ -109,6 +133,7 @@ def _run(args) -> int:
         runner = uvloop.run
     log.info("intercloud %s starting: role %s, node %s, config %s", __version__, config.gateway.role,
              config.gateway.node_id, config.source, extra={"event": "gateway.starting"})
+    _raise_nofile(config.gateway.role)
 
     async def go() -> int:
         asyncio.get_running_loop().set_exception_handler(_loop_exception)
@@ -125,6 +150,7 @@ def _run(args) -> int:
     except KeyboardInterrupt:
         return 130
     finally:
+        logs.limited_summaries()  # how many rate-limited lines the last windows left out
         logs.flush()  # lines the loop had not written yet (logs.py writes once per iteration)
 
 

@@ -171,3 +171,121 @@ def setup(fmt: str = "text", level: str = "info", stream=None) -> None:
     # picows logs every handshake problem with a traceback at ERROR; we log our own one-liners.
     logging.getLogger("picows").setLevel(logging.CRITICAL)
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+
+
+# --- rate-limited warnings ------------------------------------------------------------------------
+#
+# Anyone who can reach a listening port can make the gateway log: every refused connection, failed TLS
+# handshake or late HELLO is worth a line when it is rare and worthless by the thousand (40,000
+# connections of a flood would be 40,000 lines, ~10 MB, and hide everything else). So such lines go
+# through a :class:`Limiter`: per (event, source) the first ``burst`` lines of a ``window`` are written,
+# the rest only counted, and one summary line per window says how many were left out. A second cap per
+# event (``event_burst``) bounds a flood from many sources the same way, so that a window holds at most
+# about ``event_burst + 2`` lines per event whatever the attacker does.
+
+
+class Limiter:
+    """Rate-limits log lines per (event, source) and per event, with a summary line per window.
+
+    ``clock`` is injectable for tests; summaries are written when the window of a suppressed key ends
+    (a timer on the running event loop, else at the next :meth:`log` or :meth:`flush`)."""
+
+    def __init__(self, window: float = 10.0, burst: int = 2, event_burst: int = 6, max_keys: int = 1024,
+                 clock=time.monotonic):
+        self.window = window
+        self.burst = burst
+        self.event_burst = event_burst
+        self.max_keys = max_keys  # distinct sources tracked per window; more are counted per event only
+        self.clock = clock
+        # (event, source) -> [window start, lines written, lines suppressed, logger, level]
+        self._keys: dict[tuple[str, str], list] = {}
+        # event -> [window start, lines written, suppressed, sources suppressed, logger, level]
+        self._events: dict[str, list] = {}
+        self._timer = None
+
+    def log(self, logger: logging.Logger, level: int, event: str, source: str, msg: str, *args,
+            extra: dict | None = None) -> bool:
+        """Log ``msg % args`` unless (event, source) or event is over its budget; True if written."""
+        if not logger.isEnabledFor(level):
+            return False
+        now = self.clock()
+        self.flush(now)
+        ev = self._events.get(event)
+        if ev is None:
+            ev = self._events[event] = [now, 0, 0, set(), logger, level]
+        key = (event, source)
+        k = self._keys.get(key)
+        if k is None and len(self._keys) < self.max_keys:
+            k = self._keys[key] = [now, 0, 0, logger, level]
+        if k is not None and k[1] < self.burst and ev[1] < self.event_burst:
+            k[1] += 1
+            ev[1] += 1
+            fields = {"event": event, "source": source}
+            fields.update(extra or {})
+            logger.log(level, msg, *args, extra=fields)
+            return True
+        if k is not None and k[1] < self.burst:  # the per-event cap held it back: summarized per event
+            k = None
+        if k is not None:
+            k[2] += 1
+            k[4] = max(k[4], level)
+        else:
+            ev[2] += 1
+            ev[3].add(source)
+            ev[5] = max(ev[5], level)
+        self._arm()
+        return False
+
+    def flush(self, now: float | None = None) -> None:
+        """Write the summary of every window that has ended (all of them if ``now`` is inf)."""
+        now = self.clock() if now is None else now
+        w = self.window
+        for key, k in list(self._keys.items()):
+            if now - k[0] >= w:
+                del self._keys[key]
+                if k[2]:
+                    event, source = key
+                    k[3].log(k[4], "%d more %s from %s in the last %gs (rate-limited: %d lines per %gs and "
+                             "source)", k[2], event, source, w, self.burst, w,
+                             extra={"event": event, "source": source, "suppressed": k[2], "summary": True})
+        for event, ev in list(self._events.items()):
+            if now - ev[0] >= w:
+                del self._events[event]
+                if ev[2]:
+                    sources = sorted(ev[3])
+                    shown = ", ".join(sources[:5]) + (f" and {len(sources) - 5} more" if len(sources) > 5 else "")
+                    ev[4].log(ev[5], "%d more %s from %d sources (%s) in the last %gs (rate-limited: %d lines "
+                              "per %gs and event)", ev[2], event, len(sources), shown, w, self.event_burst, w,
+                              extra={"event": event, "suppressed": ev[2], "sources": len(sources),
+                                     "summary": True})
+
+    def _arm(self) -> None:
+        """Make sure the summaries come out even if no further line is logged."""
+        if self._timer is not None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._timer = loop.call_later(self.window / 2, self._tick)
+
+    def _tick(self) -> None:
+        self._timer = None
+        self.flush()
+        if any(k[2] for k in self._keys.values()) or any(ev[2] for ev in self._events.values()):
+            self._arm()
+
+
+_limiter = Limiter()
+
+
+def limited(logger: logging.Logger, level: int, event: str, source: str, msg: str, *args,
+            extra: dict | None = None) -> bool:
+    """``logger.log(level, msg, *args)`` rate-limited per (``event``, ``source``) and per ``event``
+    (see :class:`Limiter`); ``event`` and ``source`` are added to the line's fields."""
+    return _limiter.log(logger, level, event, source, msg, *args, extra=extra)
+
+
+def limited_summaries() -> None:
+    """Write the summary lines of every window still open (at exit: nothing suppressed goes unsaid)."""
+    _limiter.flush(float("inf"))

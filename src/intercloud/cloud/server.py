@@ -7,7 +7,7 @@ import asyncio
 import logging
 import time
 
-from picows import WSUpgradeResponse, WSUpgradeResponseWithListener, ws_create_server
+from picows import WSUpgradeResponse, WSUpgradeResponseWithListener
 
 from ..cluster.peers import Cluster
 from .tenants import match_tenant
@@ -182,23 +182,32 @@ class CloudGateway(Gateway):
             ssl_ctx = server_context(cfg.tls.cert, cfg.tls.key, cfg.tls.ca, cfg.tls.verify_client)
         cap = cfg.cluster.max_handshakes
 
-        def factory(request):
+        def factory(request, peer):
+            # A refusal is logged through the rate limiter: anyone can send upgrades (issue 12).
+            source = peer.rsplit(":", 1)[0] if peer else None
             path = request.path.decode("latin-1").split("?", 1)[0]
             if path != url.path:
-                log.warning("upgrade for path %r refused: tunnels live at %r", path, url.path,
-                            extra={"event": "tunnel.refused", "reason": "wrong path"})
+                tls_server.refuse_logged("tunnel.refused", source, "upgrade from %s for path %r refused (HTTP 404): "
+                                         "tunnels live at %r", peer or "?", path[:100], url.path,
+                                         reason="wrong path", peer_addr=peer)
                 return WSUpgradeResponseWithListener(WSUpgradeResponse.create_error_response(
-                    404, f"no intercloud tunnel endpoint at {path}; it is at {url.path}\n".encode()), None)
+                    404, f"no intercloud tunnel endpoint at {path[:100]}; it is at {url.path}\n".encode()), None)
             offered = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")]
             if SUBPROTOCOL not in offered:
-                log.warning("upgrade without subprotocol %s refused", SUBPROTOCOL,
-                            extra={"event": "tunnel.refused", "reason": "subprotocol"})
+                tls_server.refuse_logged("tunnel.refused", source, "upgrade from %s without subprotocol %s refused "
+                                         "(HTTP 400)", peer or "?", SUBPROTOCOL, reason="subprotocol", peer_addr=peer)
                 return WSUpgradeResponseWithListener(WSUpgradeResponse.create_error_response(
                     400, f"this is an intercloud tunnel endpoint; speak {SUBPROTOCOL}\n".encode()), None)
             if self.draining:
+                tls_server.refuse_logged("tunnel.refused", source, "upgrade from %s refused (HTTP 503): this gateway "
+                                         "is draining", peer or "?", reason="draining", peer_addr=peer)
                 return WSUpgradeResponseWithListener(WSUpgradeResponse.create_error_response(
                     503, b"gateway is draining\n"), None)
-            if len(self._handshaking()) >= cap:  # DESIGN §3.2: cap concurrent handshakes
+            # The listener caps handshakes from accept on (tls_server.Slots); this count only matters
+            # where it could not (tls_server fell back to picows' own server).
+            if peer is None and len(self._handshaking()) >= cap:
+                tls_server.refuse_logged("tunnel.refused", source, "upgrade refused (HTTP 503): %d handshakes in "
+                                         "progress (cluster.max_handshakes)", cap, reason="too many handshakes")
                 return WSUpgradeResponseWithListener(WSUpgradeResponse.create_error_response(
                     503, b"too many tunnel handshakes in progress; retry\n"), None)
             tunnel = Tunnel(self, client=False)
@@ -206,18 +215,11 @@ class CloudGateway(Gateway):
             resp = WSUpgradeResponse.create_101_response(extra_headers={"Sec-WebSocket-Protocol": SUBPROTOCOL})
             return WSUpgradeResponseWithListener(resp, tunnel)
 
-        try:
-            if ssl_ctx is not None:  # logs every failed TLS handshake with the peer address
-                server = await tls_server.create_server(
-                    factory, url.host, url.port, ssl_ctx, handshake_timeout=cfg.tunnel.handshake_timeout,
-                    max_frame_size=cfg.tunnel.max_frame + HEADER_SIZE + 64)
-            else:
-                server = await ws_create_server(
-                    factory, url.host, url.port,
-                    websocket_handshake_timeout=cfg.tunnel.handshake_timeout,
-                    max_frame_size=cfg.tunnel.max_frame + HEADER_SIZE + 64,
-                    reuse_address=True, backlog=1024, use_aiofastnet=True,
-                )
+        try:  # the listener logs every failed TLS handshake with the peer address, and caps handshakes
+            server = await tls_server.create_server(
+                factory, url.host, url.port, ssl_ctx, handshake_timeout=cfg.tunnel.handshake_timeout,
+                max_frame_size=cfg.tunnel.max_frame + HEADER_SIZE + 64, name="tunnel.listen",
+                max_handshakes=cap, per_source=cfg.cluster.handshakes_per_source)
         except OSError as exc:
             raise SystemExit(f"{cfg.source}: tunnel.listen {url}: cannot listen: {exc.strerror}; "
                              "free the port or change tunnel.listen") from None

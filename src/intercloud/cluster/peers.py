@@ -16,15 +16,13 @@ import ssl
 import time
 from typing import TYPE_CHECKING
 
-from cryptography import x509
-from cryptography.x509.oid import NameOID
-from picows import WSError, WSUpgradeResponse, WSUpgradeResponseWithListener, ws_connect, ws_create_server
+from picows import WSError, WSUpgradeResponse, WSUpgradeResponseWithListener, ws_connect
 
 from ..backoff import backoff
 from ..protocol.frames import HEADER_SIZE
 from ..transport import tls_server
 from ..transport.targets import DialTarget, DialTargets, connect_in_order
-from ..transport.tls import client_context, server_context
+from ..transport.tls import cert_names, client_context, server_context
 from ..tunnel.tunnel import Tunnel
 from .members import MemberTable
 
@@ -33,20 +31,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("intercloud.cluster")
 SUBPROTOCOL = "intercloud.v1"
-
-
-def cert_names(der: bytes | None) -> set[str]:
-    """CN and DNS SANs of a DER certificate."""
-    if not der:
-        return set()
-    cert = x509.load_der_x509_certificate(der)
-    names = {str(a.value) for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)}
-    try:
-        names |= set(cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-                     .get_values_for_type(x509.DNSName))
-    except x509.ExtensionNotFound:
-        pass
-    return names
 
 
 class Cluster:
@@ -113,26 +97,26 @@ class Cluster:
     async def _serve(self) -> None:
         url = self.cfg.listen
 
-        def factory(request):
+        def factory(request, peer):
             path = request.path.decode("latin-1").split("?", 1)[0]
             if path != url.path:
+                tls_server.refuse_logged("tunnel.refused", peer.rsplit(":", 1)[0] if peer else None,
+                                         "cluster.listen: upgrade from %s for path %r refused (HTTP 404): peer links "
+                                         "live at %r", peer or "?", path[:100], url.path, reason="wrong path",
+                                         peer_addr=peer, listener="cluster.listen")
                 return WSUpgradeResponseWithListener(WSUpgradeResponse.create_error_response(
-                    404, f"no peer-link endpoint at {path}\n".encode()), None)
+                    404, f"no peer-link endpoint at {path[:100]}\n".encode()), None)
             resp = WSUpgradeResponse.create_101_response(extra_headers={"Sec-WebSocket-Protocol": SUBPROTOCOL})
             tunnel = Tunnel(self.gw, client=False, kind="peer")
-            self.gw._handshakes.add(tunnel)  # watched for a HELLO deadline like any tunnel
+            self.gw._handshakes.add(tunnel)  # watched for liveness like any tunnel
             return WSUpgradeResponseWithListener(resp, tunnel)
 
         t = self.gw.config.tunnel
-        try:
-            if self.server_ssl is not None:  # logs every failed TLS handshake with the peer address
-                server = await tls_server.create_server(factory, url.host, url.port, self.server_ssl,
-                                                        handshake_timeout=t.handshake_timeout,
-                                                        max_frame_size=t.max_frame + HEADER_SIZE + 64)
-            else:
-                server = await ws_create_server(factory, url.host, url.port, reuse_address=True,
-                                                use_aiofastnet=True, websocket_handshake_timeout=t.handshake_timeout,
-                                                max_frame_size=t.max_frame + HEADER_SIZE + 64)
+        try:  # caps handshakes (cluster.max_handshakes) and logs failed TLS handshakes, like tunnel.listen
+            server = await tls_server.create_server(
+                factory, url.host, url.port, self.server_ssl, handshake_timeout=t.handshake_timeout,
+                max_frame_size=t.max_frame + HEADER_SIZE + 64, name="cluster.listen",
+                max_handshakes=self.cfg.max_handshakes, per_source=self.cfg.handshakes_per_source)
         except OSError as exc:
             raise SystemExit(f"{self.gw.config.source}: cluster.listen {url}: cannot listen: {exc.strerror}; "
                              "free the port or change cluster.listen") from None

@@ -751,8 +751,18 @@ class ClusterConfig(_Section):
     peer_names: list[Name] = Field(default_factory=list)
     #: A member nobody has heard of for this long is forgotten.
     member_ttl: Duration(gt=0, le=86400) = 30.0
-    #: Tunnel handshakes (upgrade + HELLO) in progress at once on this member; more get HTTP 503 and redial.
+    #: Connections without HELLO yet (from accept: TLS, upgrade, HELLO) per listener (tunnel.listen,
+    #: cluster.listen); more are closed at accept, before any TLS work, and the dialer retries.
     max_handshakes: BoundedInt(1, 100_000) = 64
+    #: Of those, how many one source address (IPv6: its /64) or one client certificate may hold
+    #: (none: max(1, max_handshakes / 8)). Raise it to max_handshakes behind a TCP load balancer.
+    max_handshakes_per_source: BoundedInt(1, 100_000) | None = None
+
+    @property
+    def handshakes_per_source(self) -> int:
+        if self.max_handshakes_per_source is not None:
+            return min(self.max_handshakes_per_source, self.max_handshakes)
+        return max(1, self.max_handshakes // 8)
 
     @property
     def enabled(self) -> bool:

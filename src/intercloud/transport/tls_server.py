@@ -1,41 +1,108 @@
-"""The cloud's TLS WebSocket listener, with one log line for every failed TLS handshake.
+"""The cloud's WebSocket listeners (``tunnel.listen``, ``cluster.listen``): everything that happens to a
+connection before its HELLO, which is what anyone on the internet can make this process do.
 
 asyncio and uvloop run a server's TLS handshake inside their SSL protocol and, when it fails, drop
-the error unless the loop is in debug mode (an ``ssl.SSLError`` is an ``OSError``, which they never
-pass to the loop's exception handler). A client whose certificate is from another CA or has expired,
-a client without a certificate, plain HTTP or garbage on the tunnel port would leave no trace at all.
+the error unless the loop is in debug mode. So this listener accepts TCP itself and hands each socket
+to ``aiofastnet.connect_accepted_socket`` (the transport picows uses on the dialing side too,
+docs/performance.md) and then to the same picows WebSocket protocol ``picows.ws_create_server`` would
+have used. One task per connection owns its whole pre-HELLO life, and that is where the limits are:
 
-So this listener accepts TCP itself and hands each socket to ``aiofastnet.connect_accepted_socket``
-(the transport picows uses on the dialing side too, docs/performance.md) with the TLS context: a failed handshake is raised right here, where the peer address is known, and is
-logged once (event ``tunnel.tls_failed``), without a traceback. A completed handshake goes to the
-same picows WebSocket protocol that ``picows.ws_create_server`` would have used.
+- **Handshake slots.** At most ``cluster.max_handshakes`` connections per listener are between accept
+  and HELLO, at most ``max(1, max_handshakes / 8)`` of them (``cluster.max_handshakes_per_source``)
+  from one source address (IPv6: one /64) or, once TLS is done, with one client certificate. A
+  connection over a limit is reset at accept, before any TLS work.
+- **One deadline.** ``tunnel.handshake_timeout`` counts from accept and covers the first bytes, TLS,
+  the WebSocket upgrade and the HELLO, whatever frames arrive meanwhile (a PONG before HELLO does not
+  buy time, issue 12).
+- **No TLS state before the client speaks.** The TLS engine allocates two static BIO buffers of 257 KiB
+  (aiofastnet's default ``ssl_*_bio_size``) as soon as it is created. Created at accept, a flood of
+  connections that never send a byte churned ~0.5 MiB of heap per connection; freed in the middle of
+  the heap, that memory stayed resident (glibc only gives back the top), and 20 rounds of 2,000
+  connections left the process at 1.09 GB RSS (docs/operations.md §8). So the socket is first only
+  watched for readability; the engine is created when the ClientHello (or, on ``ws://``, the HTTP
+  request) is there.
+- **A descriptor reserve.** The kernel hands out the lowest free descriptor, so an accepted socket
+  numbered ``limit - reserve`` or higher proves that fewer than ``reserve`` descriptors are free: it is
+  reset at once, and the reserve stays for established tunnels, their streams and the admin endpoint.
+  When ``accept()`` itself fails with EMFILE/ENFILE, a spare descriptor kept for that is closed, the
+  pending connection accepted and reset, and the spare reopened (the libuv trick), so the listener
+  neither spins nor leaves the connection in the backlog; if even that fails, accepting pauses 0.5 s.
+
+Every refusal and failure is one log line through the rate limiter (logs.limited), never a traceback.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import hashlib
+import ipaddress
 import logging
+import os
+import resource
 import socket
 import ssl
+import struct
 
 import aiofastnet
-from picows import WSAutoPingStrategy, ws_create_server
+from picows import WSAutoPingStrategy, WSCloseCode, ws_create_server
+
+from .. import logs
 
 log = logging.getLogger("intercloud.cloud")
 
+#: Connections taken per wake-up of a listening socket: others get their turn in between.
+_ACCEPT_BATCH = 64
+#: How long accepting pauses when even the spare descriptor cannot be had (ENFILE: the whole system).
+_ACCEPT_PAUSE = 0.5
+_RST = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST and leaves no TIME_WAIT here
+
+
+def fd_reserve(limit: int) -> int:
+    """Descriptors kept free for established tunnels, streams and admin: 1/8 of the limit, at least 32."""
+    return max(32, limit // 8)
+
+
+def source_of(addr) -> str:
+    """What a per-source limit counts: the IP address, an IPv6 one by its /64 (one customer's network)."""
+    host = addr[0]
+    if ":" in host:
+        try:
+            net = ipaddress.IPv6Network(f"{host.split('%')[0]}/64", strict=False)
+        except ValueError:
+            return host
+        mapped = ipaddress.IPv6Address(host.split('%')[0]).ipv4_mapped
+        return str(mapped) if mapped else str(net)
+    return host
+
+
+def _peer_text(addr) -> str:
+    return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
+
+
+def _reset(sock: socket.socket) -> None:
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RST)
+    except OSError:
+        pass
+    sock.close()
+
 
 def _ws_protocol_factory(listener_factory, handshake_timeout: float, max_frame_size: int):
-    """The server-side picows protocol, built exactly as ``picows.ws_create_server`` builds it.
-    Returns None if this picows version's (internal) constructor differs."""
+    """``make(peer)``: the server-side picows protocol, built exactly as ``picows.ws_create_server``
+    builds it, whose listener factory is called as ``listener_factory(request, peer)`` (so a refused
+    upgrade can be logged with its source). None if this picows version's (internal) constructor differs."""
     try:
         from picows.picows import WSProtocol
 
-        def make():
-            return WSProtocol(None, None, False, listener_factory, logging.getLogger("picows.server"), True,
+        logger = logging.getLogger("picows.server")
+
+        def make(peer):
+            return WSProtocol(None, None, False, lambda request: listener_factory(request, peer), logger, True,
                               handshake_timeout, False, 20, 20, WSAutoPingStrategy.PING_WHEN_IDLE, True,
                               max_frame_size, None, 16 * 1024)
 
-        make()  # fail here, at start-up, rather than on the first tunnel
+        make(None)  # fail here, at start-up, rather than on the first tunnel
     except (ImportError, TypeError):
         return None
     return make
@@ -70,68 +137,341 @@ def describe_failure(exc: BaseException) -> tuple[int, str]:
     return logging.WARNING, f"{type(exc).__name__}: {exc}"
 
 
-class TlsWsServer:
-    """Listening sockets plus their accept loops; ``close()`` stops accepting (like asyncio.Server)."""
+class _Spare:
+    """One descriptor held back so that accept() can still take (and reset) a connection at EMFILE."""
 
-    def __init__(self, socks: list[socket.socket], protocol_factory, ssl_ctx: ssl.SSLContext, handshake_timeout):
+    fd = -1
+
+    @classmethod
+    def ensure(cls) -> None:
+        if cls.fd < 0:
+            try:
+                cls.fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                cls.fd = -1
+
+    @classmethod
+    def release(cls) -> bool:
+        if cls.fd < 0:
+            return False
+        os.close(cls.fd)
+        cls.fd = -1
+        return True
+
+
+class _HeapTrim:
+    """Give the heap pages that ended handshakes freed back to the kernel, at most every ``EVERY`` s.
+
+    Why: a TLS handshake allocates ~0.6 MiB (two 257 KiB BIO buffers plus OpenSSL's and picows' state);
+    when it ends, glibc keeps the freed chunks in the middle of the heap resident (only the top is ever
+    trimmed, and cli._tune_malloc keeps 64 MiB of that on purpose). Within the handshake cap, 15,000
+    failed handshakes from a flood grew a listener's RSS by ~50 MB while the bytes in use stayed at 5 MB
+    (mallinfo2), and it kept growing; ``malloc_trim(0)`` took it back to the baseline in 4-7 ms on a
+    170 MB heap. A lower M_MMAP_THRESHOLD (256 KiB) was measured too: the heap still grew (~10 MB per
+    3,000 handshakes, the smaller OpenSSL buffers fragment it too) and bulk transfers paid 230 extra
+    mmap/munmap pairs per 600 MB. So: after at least ``CHURN`` handshakes ended, trim once things are
+    quiet for ``DELAY`` s, or every ``EVERY`` s during a flood (~0.1 % of a core)."""
+
+    CHURN = 32
+    DELAY = 1.0
+    EVERY = 10.0
+    ended = 0
+    last = 0.0
+    timer = None
+    libc = None
+
+    @classmethod
+    def note(cls, loop: asyncio.AbstractEventLoop) -> None:
+        cls.ended += 1
+        if cls.ended < cls.CHURN:
+            return
+        if cls.timer is not None:
+            if loop.time() - cls.last < cls.EVERY:  # a flood: push the quiet-time trim back
+                cls.timer.cancel()
+            else:
+                return
+        cls.timer = loop.call_at(max(loop.time() + cls.DELAY, cls.last + cls.EVERY), cls.trim)
+
+    @classmethod
+    def trim(cls) -> None:
+        cls.timer = None
+        cls.ended = 0
+        cls.last = asyncio.get_running_loop().time()
+        if cls.libc is None:
+            try:
+                import ctypes
+
+                cls.libc = ctypes.CDLL("libc.so.6").malloc_trim
+            except (OSError, AttributeError):  # not glibc: nothing to do
+                cls.libc = False
+        if cls.libc:
+            cls.libc(0)
+
+
+class Slots:
+    """Connections between accept and HELLO on one listener: in all, per source, per certificate."""
+
+    def __init__(self, cap: int, per_source: int):
+        self.cap = cap
+        self.per_source = per_source
+        self.total = 0
+        self.sources: dict[str, int] = {}
+        self.certs: dict[str, int] = {}
+
+    def refusal(self, source: str) -> str | None:
+        if self.total >= self.cap:
+            return f"{self.total} handshakes in progress already (cluster.max_handshakes = {self.cap})"
+        n = self.sources.get(source, 0)
+        if n >= self.per_source:
+            return (f"{n} handshakes from {source} in progress already (cluster.max_handshakes_per_source "
+                    f"= {self.per_source})")
+        return None
+
+    def take(self, source: str) -> None:
+        self.total += 1
+        self.sources[source] = self.sources.get(source, 0) + 1
+
+    def release(self, source: str) -> None:
+        self.total -= 1
+        n = self.sources.pop(source) - 1
+        if n:
+            self.sources[source] = n
+
+    def take_cert(self, cert: str) -> str | None:
+        n = self.certs.get(cert, 0)
+        if n >= self.per_source:
+            return (f"{n} handshakes with this client certificate in progress already "
+                    f"(cluster.max_handshakes_per_source = {self.per_source})")
+        self.certs[cert] = n + 1
+        return None
+
+    def release_cert(self, cert: str) -> None:
+        n = self.certs.pop(cert) - 1
+        if n:
+            self.certs[cert] = n
+
+
+class TlsWsServer:
+    """Listening sockets plus their accept callbacks; ``close()`` stops accepting (like asyncio.Server).
+    ``ssl_ctx`` None: plain ``ws://`` (tls.insecure), with the same limits."""
+
+    def __init__(self, socks: list[socket.socket], protocol_factory, ssl_ctx: ssl.SSLContext | None,
+                 handshake_timeout: float, *, name: str, max_handshakes: int, per_source: int):
         self._socks = socks
         self._factory = protocol_factory
         self._ssl = ssl_ctx
         self._timeout = handshake_timeout
+        self.name = name  # the config key, for log lines: "tunnel.listen" or "cluster.listen"
+        self.slots = Slots(max_handshakes, per_source)
         self._tasks: set[asyncio.Task] = set()
-        loop = asyncio.get_running_loop()
-        self._accepting = [loop.create_task(self._accept_loop(s)) for s in socks]
+        self._loop = asyncio.get_running_loop()
+        self._closed = False
+        _Spare.ensure()
+        for s in socks:
+            self._loop.add_reader(s.fileno(), self._on_readable, s)
 
     def set_ssl(self, ssl_ctx: ssl.SSLContext) -> None:
         """New handshakes use ``ssl_ctx`` (certificate rotation on SIGHUP); live tunnels are untouched."""
         self._ssl = ssl_ctx
 
     def close(self) -> None:
-        for t in self._accepting:
-            t.cancel()
+        if self._closed:
+            return
+        self._closed = True
         for s in self._socks:
+            self._loop.remove_reader(s.fileno())
             s.close()
 
-    async def _accept_loop(self, lsock: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
+    # --- accept ------------------------------------------------------------------------
+    def _on_readable(self, lsock: socket.socket) -> None:
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        high = limit - fd_reserve(limit) if limit != resource.RLIM_INFINITY else 1 << 30
+        for _ in range(_ACCEPT_BATCH):
             try:
-                sock, addr = await loop.sock_accept(lsock)
-            except OSError as exc:  # EMFILE and friends: say so, keep serving
-                log.error("tunnel endpoint cannot accept: %s; raise the open-files limit (ulimit -n)",
-                          exc.strerror or exc, extra={"event": "tunnel.accept_failed"})
-                await asyncio.sleep(0.5)
+                sock, addr = lsock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
                 continue
-            task = loop.create_task(self._handshake(sock, addr))
+            except OSError as exc:
+                self._accept_failed(lsock, exc)
+                return
+            source = source_of(addr)
+            if sock.fileno() >= high:
+                why = (f"fewer than {fd_reserve(limit)} of {limit} open files left (descriptor {sock.fileno()}); "
+                       "they are kept for established tunnels; raise LimitNOFILE / ulimit -n")
+            else:
+                why = self.slots.refusal(source)
+            if why is not None:
+                _reset(sock)
+                logs.limited(log, logging.WARNING, "tunnel.shed", source,
+                             "%s: connection from %s reset at accept: %s", self.name, _peer_text(addr), why,
+                             extra={"peer_addr": _peer_text(addr), "listener": self.name, "reason": why})
+                continue
+            self.slots.take(source)
+            task = self._loop.create_task(self._serve(sock, addr, source))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _handshake(self, sock: socket.socket, addr) -> None:
-        peer = f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
+    def _accept_failed(self, lsock: socket.socket, exc: OSError) -> None:
+        """EMFILE/ENFILE and friends: shed the pending connection with the spare descriptor, or pause."""
+        shed = False
+        if exc.errno in (errno.EMFILE, errno.ENFILE) and _Spare.release():
+            try:
+                sock, _addr = lsock.accept()
+                _reset(sock)
+                shed = True
+            except OSError:
+                pass
+            _Spare.ensure()
+        what = "one pending connection reset" if shed else f"not accepting for {_ACCEPT_PAUSE:g}s"
+        logs.limited(log, logging.ERROR, "tunnel.accept_failed", self.name,
+                     "%s cannot accept: %s; %s; raise the open-files limit (LimitNOFILE / ulimit -n) or find "
+                     "what holds descriptors (ls /proc/PID/fd)", self.name, exc.strerror or exc, what,
+                     extra={"listener": self.name, "reason": exc.strerror or str(exc)})
+        if not shed and not self._closed:  # level-triggered: without a pause this would spin
+            fd = lsock.fileno()
+            self._loop.remove_reader(fd)
+            self._loop.call_later(_ACCEPT_PAUSE, self._resume, lsock)
+
+    def _resume(self, lsock: socket.socket) -> None:
+        if not self._closed:
+            self._loop.add_reader(lsock.fileno(), self._on_readable, lsock)
+
+    # --- one connection, accept to HELLO ------------------------------------------------
+    async def _serve(self, sock: socket.socket, addr, source: str) -> None:
+        peer = _peer_text(addr)
+        loop = self._loop
+        deadline = loop.time() + self._timeout
+        stage = "first bytes"
+        proto = None
+        cert = None
+        tls_state = False
         try:
-            await aiofastnet.connect_accepted_socket(
-                asyncio.get_running_loop(), self._factory, sock, ssl=self._ssl, ssl_handshake_timeout=self._timeout)
+            async with asyncio.timeout_at(deadline):
+                await self._readable(sock)
+                try:
+                    first = sock.recv(1, socket.MSG_PEEK)
+                except OSError as exc:
+                    first, why = b"", exc.strerror or str(exc)
+                else:
+                    why = "the client closed the connection before sending anything"
+                if not first:  # connect-and-close floods end here, without any TLS state
+                    _reset(sock)
+                    self._limited(logging.INFO, "tunnel.tls_failed", source, "TLS handshake from %s failed: %s",
+                                  peer, why, peer=peer)
+                    return
+                stage = "TLS handshake" if self._ssl is not None else "WebSocket upgrade"
+                tls_state = True
+                try:
+                    transport, proto = await aiofastnet.connect_accepted_socket(
+                        loop, lambda: self._factory(peer), sock, ssl=self._ssl,
+                        ssl_handshake_timeout=self._timeout + 1 if self._ssl is not None else None)
+                except (OSError, EOFError, ssl.SSLError) as exc:
+                    sock.close()  # no-op when the transport already closed it
+                    level, why = describe_failure(exc)
+                    self._limited(level, "tunnel.tls_failed", source, "TLS handshake from %s failed: %s",
+                                  peer, why, peer=peer)
+                    return
+                ssl_obj = transport.get_extra_info("ssl_object")
+                der = ssl_obj.getpeercert(binary_form=True) if ssl_obj is not None else None
+                if der:
+                    fp = "sha256:" + hashlib.sha256(der).hexdigest()
+                    why = self.slots.take_cert(fp)
+                    if why is not None:
+                        transport.abort()
+                        self._limited(logging.WARNING, "tunnel.shed", fp, "%s: connection from %s closed after "
+                                      "TLS: %s", self.name, peer, why, peer=peer)
+                        return
+                    cert = fp
+                stage = "WebSocket upgrade"
+                await proto.wait_until_handshake_complete()
+                listener = proto.listener
+                if listener is None or proto.transport.is_disconnected:
+                    if getattr(proto.transport, "request", None) is None:  # picows refused it, not us
+                        self._limited(logging.WARNING, "tunnel.upgrade_failed", source,
+                                      "%s: upgrade request from %s refused with HTTP 400 and closed: larger than "
+                                      "16 KiB, not HTTP, or the connection closed before it was complete",
+                                      self.name, peer, peer=peer)
+                    return  # otherwise our listener factory refused it and said why
+                ready = getattr(listener, "ready", None)
+                if ready is not None:
+                    stage = "HELLO"
+                    try:
+                        await asyncio.shield(ready)
+                    except ConnectionError:
+                        pass  # closed before HELLO: the tunnel said why
+        except TimeoutError:
+            why = f"no {stage} within {self._timeout:g}s of accept (tunnel.handshake_timeout)"
+            event = {"first bytes": "tunnel.tls_failed", "TLS handshake": "tunnel.tls_failed",
+                     "WebSocket upgrade": "tunnel.upgrade_failed", "HELLO": "tunnel.hello_timeout"}[stage]
+            self._limited(logging.WARNING, event, source, "%s: connection from %s closed: %s", self.name, peer, why,
+                          peer=peer, code=int(WSCloseCode.POLICY_VIOLATION) if stage == "HELLO" else None)
+            self._close(sock, proto, why)
         except asyncio.CancelledError:
-            sock.close()
+            self._close(sock, proto, "listener closed")
             raise
-        except Exception as exc:  # noqa: BLE001 - every failure is one log line, never a traceback
-            sock.close()  # no-op when the transport already released it
-            level, why = describe_failure(exc)
-            log.log(level, "TLS handshake from %s failed: %s", peer, why,
-                    extra={"event": "tunnel.tls_failed", "peer_addr": peer, "reason": why})
+        finally:
+            self.slots.release(source)
+            if tls_state:
+                _HeapTrim.note(loop)
+            if cert is not None:
+                self.slots.release_cert(cert)
+
+    async def _readable(self, sock: socket.socket) -> None:
+        """Wait until the client has sent something (no TLS engine, no buffers until then)."""
+        fut = self._loop.create_future()
+        fd = sock.fileno()
+        try:
+            self._loop.add_reader(fd, lambda: fut.done() or fut.set_result(None))
+        except RuntimeError:  # uvloop: the number was an aborted transport's in this very iteration
+            return  # rare: start TLS at once, as before
+        try:
+            await fut
+        finally:
+            self._loop.remove_reader(fd)
+
+    def _close(self, sock: socket.socket, proto, why: str) -> None:
+        ws = getattr(proto, "transport", None) if proto is not None else None
+        if ws is None or ws.is_disconnected:
+            _reset(sock)  # no-op when a transport took it over already
+            underlying = getattr(ws, "underlying_transport", None)
+            if underlying is not None:
+                underlying.abort()
+            return
+        listener = proto.listener
+        if listener is not None and hasattr(listener, "close_reason") and not listener.close_reason:
+            listener.close_reason = why
+        ws.send_close(WSCloseCode.POLICY_VIOLATION, why.encode()[:120])
+        ws.disconnect(graceful=True)
+        self._loop.call_later(1.0, ws.disconnect, False)  # a peer that does not read cannot hold it
+
+    def _limited(self, level: int, event: str, source: str, msg: str, *args, peer: str, code=None) -> None:
+        extra = {"peer_addr": peer, "listener": self.name}
+        if code is not None:
+            extra["code"] = code
+        logs.limited(log, level, event, source, msg, *args, extra=extra)
 
 
-async def create_server(listener_factory, host: str, port: int, ssl_ctx: ssl.SSLContext, *,
-                        handshake_timeout: float, max_frame_size: int, backlog: int = 1024):
-    """Listen on host:port for TLS WebSocket tunnels. Raises OSError when it cannot listen."""
+def refuse_logged(event: str, source: str | None, msg: str, *args, **fields) -> None:
+    """A listener factory's refusal of an upgrade: one rate-limited line per (event, source)."""
+    logs.limited(log, logging.WARNING, event, source or "?", msg, *args, extra=fields)
+
+
+async def create_server(listener_factory, host: str, port: int, ssl_ctx: ssl.SSLContext | None, *,
+                        handshake_timeout: float, max_frame_size: int, name: str, max_handshakes: int,
+                        per_source: int, backlog: int = 1024):
+    """Listen on host:port for (TLS) WebSocket tunnels; ``listener_factory(request, peer)`` decides on each
+    upgrade (``peer``: "ip:port", or None). Raises OSError when it cannot listen."""
     factory = _ws_protocol_factory(listener_factory, handshake_timeout, max_frame_size)
-    if factory is None:  # another picows: keep working, only without the handshake log lines
-        log.warning("this picows version cannot hand over accepted sockets; failed TLS handshakes will "
-                    "not be logged", extra={"event": "tunnel.tls_logging_unavailable"})
+    if factory is None:  # another picows: keep working, only without the limits and log lines here
+        log.warning("this picows version cannot hand over accepted sockets; %s runs without its handshake "
+                    "limits and failed TLS handshakes will not be logged", name,
+                    extra={"event": "tunnel.tls_logging_unavailable"})
         return await ws_create_server(
-            listener_factory, host, port, ssl=ssl_ctx, websocket_handshake_timeout=handshake_timeout,
-            max_frame_size=max_frame_size, reuse_address=True, backlog=backlog, use_aiofastnet=True,
-            ssl_handshake_timeout=handshake_timeout)
+            lambda request: listener_factory(request, None), host, port, ssl=ssl_ctx,
+            websocket_handshake_timeout=handshake_timeout, max_frame_size=max_frame_size, reuse_address=True,
+            backlog=backlog, use_aiofastnet=True, ssl_handshake_timeout=handshake_timeout if ssl_ctx else None)
     loop = asyncio.get_running_loop()
     infos = await loop.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     socks: list[socket.socket] = []
@@ -149,4 +489,5 @@ async def create_server(listener_factory, host: str, port: int, ssl_ctx: ssl.SSL
         for s in socks:
             s.close()
         raise
-    return TlsWsServer(socks, factory, ssl_ctx, handshake_timeout)
+    return TlsWsServer(socks, factory, ssl_ctx, handshake_timeout, name=name, max_handshakes=max_handshakes,
+                       per_source=per_source)
