@@ -68,6 +68,7 @@ class LocalStream(asyncio.BufferedProtocol):
         self.bytes_down = 0  # tunnel -> local socket
         self.undelivered = 0  # bytes queued in the transport, credit not yet returned
         self.credit_paused = True  # no credit yet: nothing is read before OPEN_OK
+        self.opened = False  # start() ran: OPEN_OK seen by the opener, or the target connected
         self.tunnel_paused = False
         self.reading = False
         self.local_eof = False
@@ -211,6 +212,7 @@ class LocalStream(asyncio.BufferedProtocol):
     def start(self) -> None:
         """OPEN succeeded: send what was parked (less what went early), then read the local socket
         (credit permitting)."""
+        self.opened = True
         self.credit_paused = False
         self._early = False
         if self._early_reading:  # the transport is reading: let _update_reading decide from here
@@ -266,6 +268,11 @@ class LocalStream(asyncio.BufferedProtocol):
         self._update_reading()
 
     def on_credit(self) -> None:
+        # WINDOW can arrive in the same read as OPEN_OK, before the opening task ran start(): the
+        # parked bytes (some already sent early) are start()'s to send, with the credit it then sees.
+        # Since streams start at a 64 KiB window (protocol §6.4), early data alone triggers such a WINDOW.
+        if not self.opened:
+            return
         if self.credit_paused and self.tunnel.conn.send_limit(self.sid) > 0:
             self.credit_paused = False
             if self._park_len:
