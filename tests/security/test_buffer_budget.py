@@ -151,8 +151,11 @@ def test_300_streams_into_readers_that_never_read_stay_within_max_buffered(tmp_p
         sampling = threading.Event()
 
         def sample():
-            while not sampling.is_set():
-                peak[0] = max(peak[0], _rss(onprem.pid))
+            while not sampling.is_set() and onprem.running:
+                try:
+                    peak[0] = max(peak[0], _rss(onprem.pid))
+                except (OSError, AssertionError):  # it exited: the test fails on that elsewhere
+                    return
                 sampling.wait(0.02)
 
         sampler = threading.Thread(target=sample, daemon=True)
@@ -161,10 +164,7 @@ def test_300_streams_into_readers_that_never_read_stay_within_max_buffered(tmp_p
         first_stuck = time.monotonic()
         stuck = _StuckClients(pair.a_port, STUCK, STUCK_BYTES)
 
-        def budget_spent() -> bool:
-            return len(stuck_target.conns) >= STUCK and onprem.status()["buffers"]["waiting"] > 0
-        wait_until(budget_spent, 120, interval=0.2,
-                   what=f"{STUCK} streams to reach the target and spend the budget")
+        wait_until(lambda: len(stuck_target.conns) >= STUCK, 60, what=f"{STUCK} streams to reach the target")
 
         # the stuck streams stop moving: what they hold then is what they keep holding
         sent_seen = [-1]
@@ -172,10 +172,12 @@ def test_300_streams_into_readers_that_never_read_stay_within_max_buffered(tmp_p
         def settled() -> bool:
             now = sum(stuck.sent.values())
             same, sent_seen[0] = now == sent_seen[0], now
-            return same
+            return same or peak[0] > bound
         wait_until(settled, 120, interval=1.0, what="the stuck streams to stop taking bytes")
         b = onprem.status()["buffers"]
-        assert b["committed"] <= BUDGET, b
+        assert peak[0] <= bound and b["committed"] <= BUDGET, (
+            f"with {STUCK} stuck streams the on-prem RSS peaked at {peak[0] / MiB:.1f} MiB, bound "
+            f"{bound / MiB:.1f} MiB (baseline {baseline / MiB:.1f} MiB); budget {b}")
 
         # one more stream on the same tunnel, into a reader that reads
         started = time.monotonic()
