@@ -120,6 +120,8 @@ class LocalStream(asyncio.BufferedProtocol):
                     return  # keep reading: the peer still accepts early data
             self._early_reading = False
             self.reading = False  # so that _update_reading resumes it
+            if self.opened:  # parked for want of credit: on_credit sends it and resumes reading
+                self.credit_paused = True
             self.transport.pause_reading()
             return
         self.tunnel.send_data(self, nbytes)
@@ -248,6 +250,10 @@ class LocalStream(asyncio.BufferedProtocol):
             self.credit_paused = True  # the rest goes out when credit returns (on_credit)
             return
         self._park = None
+        if t.conn.send_limit(self.sid) <= 0:
+            # No read before credit returns: it would only park. Routine since early data can use a
+            # whole 64 KiB initial window (protocol §4.5, §6.4).
+            self.credit_paused = True
         if self.local_eof:
             self._send_fin()
 
