@@ -8,7 +8,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import os
 import signal
+import threading
 import time
 from collections import deque
 
@@ -56,6 +58,13 @@ class Gateway:
         self.started = time.time()
         # labelled counters for /metrics: (name, ((label, value), ...)) -> count
         self.labelled: dict[tuple[str, tuple], float] = {}
+        # SIGHUP: the reload in progress, whether another SIGHUP came meanwhile, and the thread that
+        # reads the files of the last one (it may outlive its reload, stuck on a hung file system)
+        self._reload_task: asyncio.Task | None = None
+        self._reload_again = False
+        self._reload_thread: threading.Thread | None = None
+        self._reload_thread_since = 0.0
+        self._reload_state = ""  # for the failure message: how much of the reload was applied
 
     # --- overridable per role ----------------------------------------------------------
     def connect_service_names(self, tunnel: Tunnel) -> list[str]:
@@ -95,8 +104,18 @@ class Gateway:
     def services_changed(self, tunnel: Tunnel) -> None:
         self.routes_changed()
 
+    def load_tls(self, config: Config) -> object:
+        """Build the TLS contexts that ``config`` names and return them for apply_tls. On SIGHUP this
+        runs in a worker thread, because it reads files and a read may block (a hung network file
+        system): it must not touch the event loop or the gateway's state."""
+        return None
+
+    def apply_tls(self, contexts: object) -> None:
+        """On the loop: swap in the contexts from load_tls; new handshakes use them."""
+
     def reload_tls(self) -> None:
-        """Rebuild TLS contexts from the (reloaded) config; new handshakes use them."""
+        """Rebuild TLS contexts from the current config, on the loop (tools and tests; SIGHUP splits it)."""
+        self.apply_tls(self.load_tls(self.config))
 
     def after_reload(self) -> None:
         """Re-check live tunnels against the reloaded config (cloud: tenants)."""
@@ -112,7 +131,7 @@ class Gateway:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
-        loop.add_signal_handler(signal.SIGHUP, lambda: self.tg.create_task(self.reload()) if self.tg else None)
+        loop.add_signal_handler(signal.SIGHUP, self._sighup)
         from .admin.server import AdminServer
 
         admin = AdminServer(self) if self.config.gateway.admin else None
@@ -153,37 +172,136 @@ class Gateway:
         log.info("service %s listening on %s", svc.name, ep,
                  extra={"event": "service.listening", "service": svc.name, "address": str(ep)})
 
-    async def reload(self) -> None:
-        """SIGHUP: re-read the config; apply certificates and services without dropping streams."""
-        from .config import ConfigError, load_config
-
-        try:
-            new = load_config(self.config.source)
-        except ConfigError as exc:
-            log.error("SIGHUP: configuration NOT reloaded, the running one stays in force:\n%s", exc,
-                      extra={"event": "gateway.reload_failed"})
+    # --- reload (SIGHUP) -----------------------------------------------------------------
+    def _sighup(self) -> None:
+        """The SIGHUP handler: start a reload, or fold this signal into the one in progress (it runs
+        once more when done, so the newest file wins and no change is lost). Nothing here raises: a
+        reload task that raised would cancel the whole TaskGroup and drop every tunnel."""
+        if self.tg is None or self.stopping.is_set():
+            log.warning("SIGHUP ignored: the gateway is %s; send it again once it runs",
+                        "stopping" if self.stopping.is_set() else "still starting",
+                        extra={"event": "gateway.reload_refused"})
             return
-        old = self.config
+        if self._reload_task is not None and not self._reload_task.done():
+            self._reload_again = True
+            log.info("SIGHUP during a reload: the file is read once more when this reload ends",
+                     extra={"event": "gateway.reload_queued"})
+            return
+        self._reload_task = self.tg.create_task(self._reload_guarded())
+
+    async def _reload_guarded(self) -> None:
+        while True:
+            self._reload_again = False
+            try:
+                await self.reload()
+            except Exception as exc:  # noqa: BLE001 - a reload must never take the gateway down
+                log.error("SIGHUP: reload of %s failed (%s: %s); %s", self.config.source, type(exc).__name__,
+                          exc, self._reload_state, extra={"event": "gateway.reload_failed",
+                                                          "error": type(exc).__name__})
+                self._event("gateway.reload_failed", reason=f"{type(exc).__name__}: {exc}")
+            if not self._reload_again or self.stopping.is_set():
+                return
+
+    def _load_for_reload(self, old: Config) -> tuple:
+        """In the reload thread: read and validate the file, keep the keys that need a restart, and
+        build the TLS contexts. Returns (config, restart-only keys that changed, contexts, TLS error)."""
+        from .config import load_config
+
+        new = load_config(old.source)
         fixed = [k for k, a, b in (
             ("gateway.role", old.gateway.role, new.gateway.role), ("gateway.node_id", old.gateway.node_id, new.gateway.node_id),
             ("gateway.admin", old.gateway.admin, new.gateway.admin), ("tunnel.listen", old.tunnel.listen, new.tunnel.listen),
             ("cluster", old.cluster, new.cluster), ("tunnel.max_frame", old.tunnel.max_frame, new.tunnel.max_frame),
             ("tunnel.per_member", old.tunnel.per_member, new.tunnel.per_member)) if a != b]
         if fixed:
-            log.warning("SIGHUP: %s changed; that takes a restart, the old values stay in force", ", ".join(fixed),
-                        extra={"event": "gateway.reload_partial", "keys": fixed})
             new = new.model_copy(update={"gateway": new.gateway.model_copy(update={"role": old.gateway.role,
                                  "node_id": old.gateway.node_id, "admin": old.gateway.admin}),
                                  "tunnel": new.tunnel.model_copy(update={"listen": old.tunnel.listen,
                                            "max_frame": old.tunnel.max_frame, "per_member": old.tunnel.per_member}),
                                  "cluster": old.cluster})
+        contexts = tls_error = None
+        try:
+            contexts = self.load_tls(new)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            tls_error = exc
+        return new, fixed, contexts, tls_error
+
+    async def _in_thread(self, fn, *args, timeout: float):
+        """``fn(*args)`` in a daemon thread, awaited for at most ``timeout`` seconds.
+
+        Not asyncio.to_thread: a thread blocked in open() on a FIFO or a hung NFS mount cannot be
+        killed. In the default executor it would hold a worker that getaddrinfo needs, and interpreter
+        exit joins those workers, so a stuck one would also hang the exit after SIGTERM. A daemon
+        thread is simply abandoned; reload() refuses to start another while it lives."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+
+        def settle(result, exc) -> None:
+            if not fut.done():
+                fut.set_exception(exc) if exc is not None else fut.set_result(result)
+
+        def work() -> None:
+            try:
+                result, exc = fn(*args), None
+            except Exception as e:  # noqa: BLE001 - delivered to the awaiting reload
+                result, exc = None, e
+            try:
+                loop.call_soon_threadsafe(settle, result, exc)
+            except RuntimeError:
+                pass  # the loop is closed: the gateway stopped meanwhile
+
+        thread = threading.Thread(target=work, name="intercloud-reload", daemon=True)
+        self._reload_thread, self._reload_thread_since = thread, time.monotonic()
+        thread.start()
+        async with asyncio.timeout(timeout):
+            return await fut
+
+    async def reload(self) -> None:
+        """SIGHUP: re-read the config; apply certificates and services without dropping streams.
+
+        Files are read and validated, and TLS contexts built, in a worker thread with a timeout
+        (gateway.reload_timeout): a blocking read must not freeze the event loop, whose tunnels would
+        then miss their pings. The result is applied on the loop."""
+        from .config import ConfigError
+
+        self._reload_state = "nothing was applied, the running configuration stays in force"
+        stuck = self._reload_thread
+        if stuck is not None and stuck.is_alive():
+            log.error("SIGHUP refused: the reload of %.0fs ago is still blocked reading %s or its certificate "
+                      "files; the running configuration stays in force. Fix the file system or the paths "
+                      "(a FIFO, a hung network mount), then restart the gateway or send SIGHUP once that read "
+                      "returns", time.monotonic() - self._reload_thread_since, self.config.source,
+                      extra={"event": "gateway.reload_failed", "reason": "previous reload stuck"})
+            return
+        timeout = self.config.gateway.reload_timeout
+        try:
+            new, fixed, contexts, tls_error = await self._in_thread(self._load_for_reload, self.config,
+                                                                   timeout=timeout)
+        except ConfigError as exc:
+            log.error("SIGHUP: configuration NOT reloaded, the running one stays in force:\n%s", exc,
+                      extra={"event": "gateway.reload_failed"})
+            self._event("gateway.reload_failed", reason="invalid configuration")
+            return
+        except TimeoutError:
+            log.error("SIGHUP: reading %s and its certificate files took longer than %gs (gateway.reload_timeout); "
+                      "reload abandoned, the running configuration stays in force. Look for a hung network file "
+                      "system or a FIFO at one of those paths", self.config.source, timeout,
+                      extra={"event": "gateway.reload_failed", "reason": "timeout"})
+            self._event("gateway.reload_failed", reason="timeout")
+            return
+        if os.environ.get("INTERCLOUD_TEST_RELOAD_FAULT"):  # test hook only (tests/security/test_reload.py)
+            raise RuntimeError("fault injected by INTERCLOUD_TEST_RELOAD_FAULT (a test hook; unset it)")
+        if fixed:
+            log.warning("SIGHUP: %s changed; that takes a restart, the old values stay in force", ", ".join(fixed),
+                        extra={"event": "gateway.reload_partial", "keys": fixed})
         self.config = new
         self.budget.set_limit(new.gateway.max_buffered)
-        try:
-            self.reload_tls()
-        except (OSError, ValueError) as exc:
-            log.error("SIGHUP: certificates not reloaded: %s; the old ones stay in use", exc,
+        self._reload_state = "the configuration was applied only partly; send SIGHUP again or restart"
+        if tls_error is not None:
+            log.error("SIGHUP: certificates not reloaded: %s; the old ones stay in use", tls_error,
                       extra={"event": "gateway.reload_failed"})
+        else:
+            self.apply_tls(contexts)
         # accept services: close removed or moved listeners, open new ones
         new_accept = {svc_key(s): s for s in new.services if s.accept}
         for name, svc in list(self.accept_services.items()):
@@ -240,20 +358,34 @@ class Gateway:
                  extra={"event": "gateway.stopped", "streams_cut": left})
 
     async def _liveness(self) -> None:
-        """protocol §8: PING every ping_interval; close tunnels silent for ping_timeout."""
+        """protocol §8: PING every ping_interval; close a tunnel once it has been silent for ping_timeout.
+
+        The loop wakes at the next PING or at the earliest silence deadline of any tunnel, whichever
+        comes first, so a dead peer is detected at ping_timeout (plus a few ms), not up to one more
+        ping_interval later as when deadlines were checked only with the PINGs (docs/ha.md §7). A tunnel
+        born during a sleep cannot be missed: its deadline is ping_timeout away, later than the next
+        PING (ping_timeout > ping_interval is enforced)."""
+        next_ping = time.monotonic() + self.config.tunnel.ping_interval
         while True:
             t_cfg = self.config.tunnel  # re-read: SIGHUP may change the timings
-            await asyncio.sleep(t_cfg.ping_interval)
             now = time.monotonic()
-            for t in self.all_tunnels():
-                if now - t.last_rx > t_cfg.ping_timeout:
+            live = [t for t in self.all_tunnels() if not t.close_reason]  # a failed one is on its way out
+            for t in live:
+                if now - t.last_rx >= t_cfg.ping_timeout:
                     self.counters["liveness_misses"] += 1
                     self.count("liveness_misses", peer_node=t.peer_node)
                     t.fail(f"no frame from {t.peer_node} for {now - t.last_rx:.1f}s "
                            f"(tunnel.ping_timeout = {t_cfg.ping_timeout:g}s); peer dead or path broken",
                            code=1011)
-                elif t.conn.peer is not None:
-                    t.ping()
+            if now >= next_ping:
+                next_ping = now + t_cfg.ping_interval
+                for t in live:
+                    if not t.close_reason and t.conn.peer is not None:
+                        t.ping()
+            deadline = min((t.last_rx + t_cfg.ping_timeout for t in live if not t.close_reason), default=next_ping)
+            # at least 20 ms: a timer that fires a hair early must not spin, and tunnels whose deadlines
+            # are close together (a burst of handshakes) are checked in one wake-up, not one each
+            await asyncio.sleep(max(min(next_ping, deadline) - now, 0.02))
 
     def _handshaking(self) -> list[Tunnel]:
         return []

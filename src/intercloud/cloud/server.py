@@ -160,15 +160,21 @@ class CloudGateway(Gateway):
             self.cluster.local_routes_changed()
         super().services_changed(tunnel)
 
-    def reload_tls(self) -> None:
-        cfg = self.config
-        if cfg.tls.insecure:
+    def load_tls(self, config):
+        """(tunnel.listen context, cluster contexts or None); in a worker thread on SIGHUP (Gateway.load_tls)."""
+        if config.tls.insecure:
+            return None
+        ctx = server_context(config.tls.cert, config.tls.key, config.tls.ca, config.tls.verify_client)
+        return ctx, self.cluster.load_tls(config) if self.cluster is not None else None
+
+    def apply_tls(self, contexts) -> None:
+        if contexts is None:
             return
-        ctx = server_context(cfg.tls.cert, cfg.tls.key, cfg.tls.ca, cfg.tls.verify_client)
+        ctx, peer_contexts = contexts
         if self._tunnel_server is not None and hasattr(self._tunnel_server, "set_ssl"):
             self._tunnel_server.set_ssl(ctx)
-        if self.cluster is not None:
-            self.cluster.reload_tls()
+        if self.cluster is not None and peer_contexts is not None:
+            self.cluster.apply_tls(peer_contexts)
 
     def relay_link(self, route: str, exclude: set[str]) -> Tunnel | None:
         return self.cluster.pick_link(route, exclude) if self.cluster else None

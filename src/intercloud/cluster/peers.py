@@ -48,17 +48,26 @@ class Cluster:
         self.table.set_self(gw.incarnation, self._self_url, frozenset(), time.monotonic())
         self.server_ssl = self.client_ssl = None
         self._server = None
-        self.reload_tls()
+        self.apply_tls(self.load_tls(gw.config))
 
-    def reload_tls(self) -> None:
-        tls = self.gw.config.tls
+    def load_tls(self, config) -> tuple | None:
+        """(server, client) contexts for peer links. Reads files: on SIGHUP this runs in a worker
+        thread (Gateway.load_tls), so it must not touch the event loop or this object's state."""
+        tls = config.tls
         if tls.insecure:
-            return
+            return None
         cert, key = self.cfg.cert or tls.cert, self.cfg.key or tls.key
-        self.server_ssl = server_context(cert, key, self.cfg.ca, verify_client=True)
-        self.client_ssl = client_context(cert, key, self.cfg.ca)
+        server_ssl = server_context(cert, key, self.cfg.ca, verify_client=True)
+        client_ssl = client_context(cert, key, self.cfg.ca)
         # Peer URLs are often bare addresses; identity is the CA plus the peer_names allow-list.
-        self.client_ssl.check_hostname = False
+        client_ssl.check_hostname = False
+        return server_ssl, client_ssl
+
+    def apply_tls(self, contexts: tuple | None) -> None:
+        """On the loop: new peer-link handshakes (both directions) use ``contexts`` from load_tls."""
+        if contexts is None:
+            return
+        self.server_ssl, self.client_ssl = contexts
         if self._server is not None and hasattr(self._server, "set_ssl"):
             self._server.set_ssl(self.server_ssl)
 

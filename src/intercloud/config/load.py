@@ -52,6 +52,15 @@ Problem = tuple[str, str]
 #: A certificate that expires within this time gets a warning.
 EXPIRY_WARNING = _dt.timedelta(days=30)
 
+#: Tables and arrays nested deeper than this are refused. The deepest a valid file needs is 3
+#: (``tenant[0].client_cn[0]``); a limit keeps a hostile or broken file from exhausting the
+#: parser's recursion (tomllib raises RecursionError at ~300 levels), and the error names the key.
+MAX_NESTING = 32
+
+#: A configuration file larger than this is refused before it is parsed: a real one is a few KiB,
+#: and it is parsed again on every SIGHUP.
+MAX_CONFIG_BYTES = 4 << 20
+
 _SECTIONS: dict[str, type[BaseModel]] = {
     "gateway": GatewayConfig,
     "tls": TlsConfig,
@@ -104,7 +113,8 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     """
     path = Path(path)
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError(path, [("", f"file not found: {path.absolute()}; check the path")]) from None
     except IsADirectoryError:
@@ -115,6 +125,9 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         ) from None
     except OSError as exc:
         raise ConfigError(path, [("", f"cannot read {path.absolute()}: {exc.strerror or exc}")]) from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(path, [("", f"{path.absolute()} is larger than {format_size(MAX_CONFIG_BYTES)}; "
+                                      "a gateway configuration is a few KiB: check that this is the right file")])
 
     try:
         text = data.decode("utf-8")
@@ -126,6 +139,9 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(path, [("", _toml_error_message(exc))]) from None
+    except RecursionError:  # tomllib recurses once per nesting level
+        line, key = _nesting_site(text, MAX_NESTING)
+        raise ConfigError(path, [(key, _too_deep_message(line))]) from None
 
     return parse_config(raw, source=path.absolute(), base_dir=path.absolute().parent, display_source=path)
 
@@ -143,12 +159,95 @@ def parse_config(
     and for tools that build configurations in memory. Raises :class:`ConfigError`.
     """
     base = Path(base_dir) if base_dir is not None else Path.cwd()
+    shown = display_source if display_source is not None else source
+    deep = _too_deep(data, MAX_NESTING)
+    if deep is not None:  # before pydantic, which recurses into whatever it is given
+        raise ConfigError(shown, [(deep, _too_deep_message(None))])
     checker = _Checker(base)
-    config = checker.run(data, Path(source))
+    try:
+        config = checker.run(data, Path(source))
+    except RecursionError:  # defence in depth: the nesting limit above should make this unreachable
+        raise ConfigError(shown, [("", f"values nested too deeply to validate (limit {MAX_NESTING} levels); "
+                                       "no intercloud key takes more than 3")]) from None
     if checker.problems:
         raise ConfigError(display_source if display_source is not None else source, checker.problems, checker.warnings)
     assert config is not None
     return config
+
+
+def _too_deep_message(line: int | None) -> str:
+    where = f"line {line}: " if line else ""
+    return (f"{where}tables or arrays nested more than {MAX_NESTING} levels deep; no intercloud key takes "
+            "more than 3 (e.g. tenant[0].client_cn[0]): look for a runaway '{' or '['")
+
+
+def _too_deep(data: Any, limit: int) -> str | None:
+    """Key path of the first table or array nested deeper than ``limit``, or None. Iterative, so a
+    hostile depth cannot exhaust the stack here."""
+    stack: list[tuple[Any, str, int]] = [(data, "", 0)]
+    while stack:
+        value, path, depth = stack.pop()
+        if isinstance(value, Mapping):
+            children = [(v, _key_path(path, [str(k)]), depth + 1) for k, v in value.items()]
+        elif isinstance(value, list):
+            children = [(v, f"{path}[{i}]", depth + 1) for i, v in enumerate(value)]
+        else:
+            continue
+        if depth > limit:
+            return _short_path(path)
+        stack.extend(children)
+    return None
+
+
+def _short_path(path: str, keep: int = 4) -> str:
+    """``a.b.c.d.e.f`` -> ``a.b.c.d...``: enough to find the key, not a screenful of ``.a.a.a``."""
+    parts = re.split(r"(?=[.\[])", path)
+    return path if len(parts) <= keep else "".join(parts[:keep]) + "..."
+
+
+def _nesting_site(text: str, limit: int) -> tuple[int | None, str]:
+    """(line, key) where brackets in ``text`` first nest deeper than ``limit``, for the message when
+    tomllib itself ran out of stack. A rough TOML lexer (strings, comments, headers, keys): the file
+    is already known to be broken, so a best-effort location is all this has to give."""
+    depth, line, i, n = 0, 1, 0, len(text)
+    table, key, line_start = "", "", 0
+    while i < n:
+        c = text[i]
+        if c == "\n":
+            line, i, line_start = line + 1, i + 1, i + 1
+            continue
+        if c == "#":
+            j = text.find("\n", i)
+            i = n if j < 0 else j
+            continue
+        if text.startswith(('"' * 3, "'" * 3), i):  # multi-line string
+            j = text.find(text[i:i + 3], i + 3)
+            j = n if j < 0 else j + 3
+            line += text.count("\n", i, j)
+            i = j
+            continue
+        if c in "\"'":
+            j = i + 1
+            while j < n and text[j] != c and text[j] != "\n":
+                j += 2 if (c == '"' and text[j] == "\\") else 1
+            i = j + 1
+            continue
+        if depth == 0 and c == "[" and not text[line_start:i].strip():  # a [table] or [[table]] header
+            j = text.find("\n", i)
+            j = n if j < 0 else j
+            table = text[i:j].split("#", 1)[0].strip().strip("[]").strip()
+            i = j
+            continue
+        if depth == 0 and c == "=":
+            key = text[line_start:i].strip().strip("\"'")
+        elif c in "[{":
+            depth += 1
+            if depth > limit:
+                return line, _short_path(".".join(p for p in (table, key) if p))
+        elif c in "]}":
+            depth = max(0, depth - 1)
+        i += 1
+    return None, ""
 
 
 def _toml_error_message(exc: tomllib.TOMLDecodeError) -> str:
@@ -644,6 +743,9 @@ class _Checker:
             return False
         if path.is_dir():
             self.problem(key, f"{path} is a directory; give the path of a PEM file")
+            return False
+        if not path.is_file():  # a FIFO or device would block every read (and a SIGHUP reload with it)
+            self.problem(key, f"{path} is not a regular file (a FIFO, socket or device); give the path of a PEM file")
             return False
         if not os.access(path, os.R_OK):
             self.problem(key, f"cannot read {path}: permission denied; make it readable by the user running intercloud")

@@ -604,6 +604,9 @@ class GatewayConfig(_Section):
     route_wait: Duration(ge=0, le=3600) = 5.0
     #: On SIGTERM, how long open streams may run to completion before the process exits.
     drain_timeout: Duration(ge=0, le=86400) = 30.0
+    #: On SIGHUP, how long reading the config and certificate files may take (a hung network file
+    #: system); a reload that takes longer is abandoned and the running configuration stays.
+    reload_timeout: Duration(gt=0, le=3600) = 10.0
     #: Process-wide budget for credit granted beyond each stream's initial 64 KiB window, which bounds
     #: the bytes received from tunnels and held in user space (docs/protocol.md §6.4).
     max_buffered: Size(ge=1 * MiB, le=64 * GiB) = 256 * MiB

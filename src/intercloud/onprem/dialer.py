@@ -49,10 +49,14 @@ class OnpremGateway(Gateway):
     def is_ready(self) -> bool:
         return bool(self.tunnels) and not self.draining
 
-    def reload_tls(self) -> None:
-        tls = self.config.tls
-        if not tls.insecure:
-            self._ssl = client_context(tls.cert, tls.key, tls.ca)
+    def load_tls(self, config):
+        """The dialers' context; in a worker thread on SIGHUP (Gateway.load_tls)."""
+        tls = config.tls
+        return None if tls.insecure else client_context(tls.cert, tls.key, tls.ca)
+
+    def apply_tls(self, contexts) -> None:
+        if contexts is not None:
+            self._ssl = contexts  # the next dial uses it; live tunnels keep their sessions
 
     def _handshaking(self):
         return list(self._dialing)
