@@ -8,7 +8,9 @@ peers open into readers that never read (issue 12: 300 such streams took 1.04 GB
 
 The budget is pure accounting and is only touched off the per-write hot path: when a stream returns
 a batch of credit (a quarter of its grant), when it closes, and when a local write is queued in user
-space. Which streams hold or want credit lives in the protocol ``Connection`` (its ``_Stream``s); the
+space. Measured (2-core VM, noisy): ``Connection.delivered`` 600-670 ns/call with the budget against
+600-660 ns before it (16 KiB writes, min of 7 x 1M calls); iperf CPU s/GB per gateway unchanged
+within run-to-run spread (1.2-2.2 s/GB both). Which streams hold or want credit lives in the protocol ``Connection`` (its ``_Stream``s); the
 budget keeps the totals, the FIFO queue of streams waiting for credit, and the log line.
 """
 
