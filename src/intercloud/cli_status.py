@@ -72,7 +72,8 @@ def render(st: dict) -> str:
             for t in st["tenants"]]))
     c = st.get("counters", {})
     parts.append("")
-    parts.append(f"streams: {len(st.get('streams', []))} open, {c.get('streams_opened', 0)} opened, "
+    open_streams = st.get("streams_total", len(st.get("streams", [])))  # the list itself is one page
+    parts.append(f"streams: {open_streams} open, {c.get('streams_opened', 0)} opened, "
                  f"{c.get('open_failures', 0)} open failures, {c.get('route_timeouts', 0)} route timeouts; "
                  f"bytes out {c.get('bytes_up', 0)}, in {c.get('bytes_down', 0)}")
     events = st.get("events", [])[-5:]

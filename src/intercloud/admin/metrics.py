@@ -1,4 +1,5 @@
-"""Prometheus metrics, computed from the gateway's state at scrape time (nothing on the hot path)."""
+"""Prometheus metrics, computed from the gateway's state at scrape time (nothing on the hot path;
+admin/server.py serves a render to all scrapers for a while, so their number does not matter)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,14 @@ class _Collector:
     def collect(self):
         gw = self.gw
         c = gw.counters
-        live_up = sum(s.bytes_up for t in gw.tunnels for s in t.streams.values())
-        live_down = sum(s.bytes_down for t in gw.tunnels for s in t.streams.values())
+        # one pass over the streams (there may be 100,000s): bytes of live streams, streams per service
+        live_up = live_down = 0
+        per_svc: dict[str, int] = {}
+        for t in gw.tunnels:
+            for st in t.streams.values():
+                live_up += st.bytes_up
+                live_down += st.bytes_down
+                per_svc[st.service] = per_svc.get(st.service, 0) + 1
         g = GaugeMetricFamily("intercloud_tunnels", "Live tunnels", labels=["peer_node"])
         per_peer: dict[str, int] = {}
         for t in gw.tunnels:
@@ -23,10 +30,6 @@ class _Collector:
             g.add_metric([peer], n)
         yield g
         s = GaugeMetricFamily("intercloud_streams", "Open streams", labels=["service"])
-        per_svc: dict[str, int] = {}
-        for t in gw.tunnels:
-            for st in t.streams.values():
-                per_svc[st.service] = per_svc.get(st.service, 0) + 1
         for svc, n in sorted(per_svc.items()):
             s.add_metric([svc], n)
         yield s
