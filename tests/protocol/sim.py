@@ -79,7 +79,8 @@ def connection_payload(ftype: FrameType) -> bytes:
     return {
         F.HELLO: frames.encode_json(hello_body()), F.PING: bytes(8), F.PONG: bytes(8),
         F.GOAWAY: frames.encode_reason(5, "draining"),
-    }.get(ftype, b'["svc"]')  # MEMBERS, SERVICES: JSON arrays
+        F.MEMBERS: frames.encode_json([{"node_id": "cloud1", "incarnation": "ab12", "url": None}]),
+    }.get(ftype, b'["svc"]')  # SERVICES: a JSON array of names
 
 
 def header(frame: bytes) -> tuple[FrameType, int]:

@@ -101,11 +101,18 @@ def test_bad_hello_is_a_protocol_error(payload: bytes) -> None:
     assert conn.peer is None
 
 
-def test_good_hello_keeps_extra_keys() -> None:
+def test_good_hello_keeps_known_extra_keys_only() -> None:
     conn = Connection(client=True, window=1024, max_frame=1024, max_streams=4)
-    ev, reply = conn.receive(hello_frame(members=[{"node": "a"}], incarnation=MISSING))
+    member = {"node_id": "a", "incarnation": "1f", "url": "wss://a:8443/x", "services": ["t/s"], "age": 1.5}
+    ev, reply = conn.receive(hello_frame(members=[member], later_key={"x": 1}, advertise=None))
     assert isinstance(ev, Hello) and reply is None
-    assert ev.extra == {"members": [{"node": "a"}]} and ev.incarnation == ""
+    assert ev.extra == {"members": [member], "advertise": None}  # unknown keys ignored, not kept
+
+
+def test_hello_without_incarnation_is_a_protocol_error() -> None:
+    conn = Connection(client=True, window=1024, max_frame=1024, max_streams=4)
+    with pytest.raises(ProtocolError, match="incarnation"):
+        conn.receive(hello_frame(incarnation=MISSING))
 
 
 @pytest.mark.parametrize("payload", [b"[" * 100_000, b"[" + b"1" * 5000 + b"]", b"{}", b"\xff"])

@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from . import frames
+from . import frames, peer_input
 from .frames import HEADER, HEADER_SIZE, FrameError, FrameType, Reason
 
 PROTOCOL_VERSION = 1
@@ -487,16 +487,15 @@ class Connection:
         if ft is F.GOAWAY:
             self.goaway_received = True
             return GoAway(*frames.decode_reason(payload)), None
-        if ft is F.SERVICES:
-            names = frames.decode_json(payload, "SERVICES")
-            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-                raise ProtocolError("SERVICES payload is not a JSON array of names")
-            self.peer.services = names
-            return ServicesChanged(names), None
-        members = frames.decode_json(payload, "MEMBERS")
-        if not isinstance(members, list):
-            raise ProtocolError("MEMBERS payload is not a JSON array")
-        return Members(members), None
+        try:
+            if ft is F.SERVICES:  # the gateway re-admits the tunnel with them (protocol §5.3)
+                names = _services(frames.decode_json(payload, "SERVICES"), "SERVICES",
+                                  self.peer.extra.get("link") == "peer")
+                self.peer.services = names
+                return ServicesChanged(names), None
+            return Members(peer_input.members(frames.decode_json(payload, "MEMBERS"), "MEMBERS")), None
+        except peer_input.Invalid as exc:
+            raise ProtocolError(str(exc)) from None
 
     def _recv_stream(self, ft: FrameType, sid: int, payload: bytes) -> tuple[Event | None, bytes | None]:
         st = self._streams.get(sid)
@@ -535,6 +534,13 @@ class Connection:
         if sid <= self._peer_last_id:
             raise ProtocolError(f"OPEN reuses stream id {sid} (last opened {self._peer_last_id})", sid)
         service, client = frames.decode_open(payload)
+        try:  # a service name is looked up, a client address only logged: both checked (§5.3)
+            peer_input.name(service.partition("/")[2] if relayed else service, "OPEN service")
+            if relayed:
+                peer_input.name(service.partition("/")[0], "OPEN tenant")
+            peer_input.client(client)
+        except peer_input.Invalid as exc:
+            raise ProtocolError(str(exc), sid) from None
         self._peer_last_id = sid
         assert self.peer is not None
         if self.goaway_sent:
@@ -578,33 +584,54 @@ class Connection:
 
 
 def _parse_hello(payload: bytes) -> Hello:
+    """The peer's HELLO, every field checked (protocol §5.3): a violation is a ProtocolError whose
+    message shows the value escaped and capped, never raw."""
     body = frames.decode_json(payload, "HELLO")
     if not isinstance(body, dict):
         raise ProtocolError("HELLO payload is not a JSON object")
     version = body.get("version")
     if version != PROTOCOL_VERSION:
-        raise ProtocolError(f"peer speaks protocol version {version!r}; this gateway speaks {PROTOCOL_VERSION}")
+        raise ProtocolError(f"peer speaks protocol version {peer_input.shown(version)}; "
+                            f"this gateway speaks {PROTOCOL_VERSION}")
     try:
+        ints = {k: body[k] for k in ("window", "max_frame", "max_streams")}
+        ints["early_data"] = body.get("early_data", 0)
+        for k, v in ints.items():
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise ProtocolError(f"HELLO {k} {peer_input.shown(v)} is not an integer")
         hello = Hello(
-            node_id=str(body["node_id"]),
-            role=str(body["role"]),
-            services=[str(s) for s in body.get("services", [])],
-            window=int(body["window"]),
-            max_frame=int(body["max_frame"]),
-            max_streams=int(body["max_streams"]),
-            incarnation=str(body.get("incarnation", "")),
-            early_data=int(body.get("early_data", 0)),
+            node_id=peer_input.name(body["node_id"], "HELLO node_id"),
+            role=str(body["role"]) if body["role"] in ("cloud", "onprem") else "",
+            services=_services(body.get("services", []), "HELLO services", body.get("link") == "peer"),
+            incarnation=peer_input.incarnation(body.get("incarnation"), "HELLO incarnation"),
+            **ints,
         )
-    except (KeyError, TypeError, ValueError, OverflowError) as exc:  # int(Infinity): OverflowError
-        raise ProtocolError(f"HELLO lacks or mangles a field: {exc!r}") from None
-    if hello.role not in ("cloud", "onprem"):
-        raise ProtocolError(f"HELLO role {hello.role!r} is neither 'cloud' nor 'onprem'")
+        extra: dict = {}
+        if "members" in body:
+            extra["members"] = peer_input.members(body["members"], "HELLO members")
+        if "advertise" in body:
+            extra["advertise"] = peer_input.url(body["advertise"], "HELLO advertise")
+        if "link" in body:
+            if body["link"] != "peer":
+                raise peer_input.Invalid(f"HELLO link {peer_input.shown(body['link'])} is not \"peer\"")
+            extra["link"] = "peer"
+    except KeyError as exc:
+        raise ProtocolError(f"HELLO lacks the field {exc.args[0]!r}") from None
+    except peer_input.Invalid as exc:
+        raise ProtocolError(str(exc)) from None
+    if not hello.role:
+        raise ProtocolError(f"HELLO role {peer_input.shown(body['role'])} is neither 'cloud' nor 'onprem'")
     if not (1 <= hello.window <= 2**31 and 1024 <= hello.max_frame <= 16 * 2**20 and hello.max_streams >= 1
             and 0 <= hello.early_data <= 2**31):
         raise ProtocolError(
             f"HELLO limits out of range: window={hello.window} max_frame={hello.max_frame} "
             f"max_streams={hello.max_streams} early_data={hello.early_data}")
-    known = {"version", "node_id", "role", "services", "window", "max_frame", "max_streams", "incarnation",
-             "early_data"}
-    hello.extra = {k: v for k, v in body.items() if k not in known}
+    hello.extra = extra  # keys a receiver does not know are ignored (§5.1), and not kept
     return hello
+
+
+def _services(value: object, field: str, peer_link: bool) -> list[str]:
+    """Service names; on a peer link the routes a member carries, "tenant/service" (protocol §3.2)."""
+    if peer_link:
+        return peer_input.names(value, field, peer_input.MAX_ROUTES, peer_input.ROUTE)
+    return peer_input.names(value, field)

@@ -122,7 +122,8 @@ def encode_reason(code: int, text: str) -> bytes:
 def decode_reason(payload: bytes) -> tuple[int, str]:
     if len(payload) < 2:
         raise FrameError("reason payload shorter than its 2-byte code")
-    return _U16.unpack_from(payload)[0], payload[2:].decode(errors="replace")
+    # capped as encode_reason caps it: a peer's text goes into log lines (protocol §5.3)
+    return _U16.unpack_from(payload)[0], bytes(payload[2:4002]).decode(errors="replace")[:1000]
 
 
 def encode_window(increment: int) -> bytes:
