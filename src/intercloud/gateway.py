@@ -83,6 +83,10 @@ class Gateway:
     def classify(self, tunnel: Tunnel) -> None:
         """Decide what a new tunnel is (cloud: its tenant, from the certificate) before HELLO goes out."""
 
+    def screen(self, tunnel: Tunnel) -> str | None:
+        """A reason to refuse an accepted tunnel before our HELLO goes out (its certificate only)."""
+        return None
+
     def admit(self, tunnel: Tunnel) -> str | None:
         """A reason to refuse a tunnel whose HELLO just arrived, or None to admit it."""
         peer = tunnel.conn.peer
@@ -94,7 +98,7 @@ class Gateway:
     def route_keys(self) -> set[str]:
         return set()
 
-    def relay_link(self, route: str, exclude: set[str]) -> Tunnel | None:
+    def relay_link(self, route: str, exclude: set[tuple[str, str]]) -> Tunnel | None:
         """A peer link to a member that can carry ``service`` (cloud members only)."""
         return None
 
@@ -373,7 +377,8 @@ class Gateway:
             for t in live:
                 if now - t.last_rx >= t_cfg.ping_timeout:
                     self.counters["liveness_misses"] += 1
-                    self.count("liveness_misses", peer_node=t.peer_node)
+                    # no peer_node label: a series per peer-chosen name would outlive the tunnel
+                    self.count("liveness_misses", kind=t.kind)
                     t.fail(f"no frame from {t.peer_node} for {now - t.last_rx:.1f}s "
                            f"(tunnel.ping_timeout = {t_cfg.ping_timeout:g}s); peer dead or path broken",
                            code=1011)
@@ -419,6 +424,15 @@ class Gateway:
                          "peer_node": peer.node_id, "node": self.node_id, **tunnel.tls,
                          "peer_cert": tunnel.peer_cert.get("subject"), "services": peer.services})
         self._event("tunnel.opened", peer=peer.node_id, tunnel=tunnel.id)
+        twins = [t for t in self.tunnels if t.peer_node == peer.node_id and t.conn.peer.incarnation != peer.incarnation]
+        if twins:  # a cloned VM (same certificate and node id): both serve, neither hides the other
+            tlog.warning("[%s] DUPLICATE IDENTITY: %s from %s (incarnation %s) while %s (incarnation %s) is live; "
+                         "both are used, but give every gateway its own node_id and certificate",
+                         tunnel.label, peer.node_id, tunnel.peer_addr, peer.incarnation,
+                         ", ".join(sorted({t.peer_addr for t in twins})), twins[0].conn.peer.incarnation,
+                         extra={"event": "tunnel.duplicate_identity", "peer_node": peer.node_id,
+                                "peer_addr": tunnel.peer_addr, "incarnation": peer.incarnation})
+            self._event("tunnel.duplicate_identity", peer=peer.node_id, tunnel=tunnel.id)
         self.routes_changed()
 
     def tunnel_closed(self, tunnel: Tunnel, reason: str) -> None:
@@ -431,6 +445,13 @@ class Gateway:
                                      "peer_addr": tunnel.peer_addr, "reason": reason})
             self._event("tunnel.closed", peer=tunnel.peer_node, tunnel=tunnel.id, reason=reason)
             self.routes_changed()
+
+    def duplicate_identities(self) -> dict[str, list[str]]:
+        """Node ids held by more than one live gateway instance: node id -> their incarnations."""
+        seen: dict[str, set[str]] = {}
+        for t in self.tunnels:
+            seen.setdefault(t.peer_node, set()).add(t.conn.peer.incarnation)
+        return {n: sorted(incs) for n, incs in sorted(seen.items()) if len(incs) > 1}
 
     def routes_changed(self) -> None:
         for fut in self._route_waiters:
@@ -450,12 +471,12 @@ class Gateway:
         finally:
             self._route_waiters.discard(fut)
 
-    def pick_tunnel(self, service: str, exclude_nodes: set[str], tenant: str = "default") -> Tunnel | None:
+    def pick_tunnel(self, service: str, exclude: set[tuple[str, str]], tenant: str = "default") -> Tunnel | None:
         """DESIGN §3.5: the least loaded live tunnel of ``tenant`` whose peer connects ``service``."""
         best, best_load = None, None
         for t in self.tunnels:
             peer = t.conn.peer
-            if (t.tenant != tenant or t.conn.goaway_received or peer.node_id in exclude_nodes
+            if (t.tenant != tenant or t.conn.goaway_received or t.peer_key in exclude
                     or service not in peer.services):
                 continue
             load = t.conn.stream_count
@@ -479,7 +500,7 @@ class Gateway:
         first = (tunnel, self._open(tunnel, stream)) if tunnel is not None else None
         self.tg.create_task(self._route(stream, first))
 
-    def _pick_route(self, stream: LocalStream, tried: set[str] | frozenset) -> Tunnel | None:
+    def _pick_route(self, stream: LocalStream, tried: set[tuple[str, str]] | frozenset) -> Tunnel | None:
         return (self.pick_tunnel(stream.service, tried, stream.tenant)
                 or self.relay_link(f"{stream.tenant}/{stream.service}", tried))
 
@@ -502,7 +523,7 @@ class Gateway:
         svc = stream.service
         wait = self.config.gateway.route_wait
         deadline = time.monotonic() + wait
-        tried: set[str] = set()
+        tried: set[tuple[str, str]] = set()  # gateway instances (node id, incarnation) that refused
         last = None
         while not stream.finished:
             if first is not None:
@@ -533,7 +554,9 @@ class Gateway:
                 return
             tunnel.streams.pop(stream.sid, None)
             last = (tunnel.peer_node, *result)
-            tried.add(tunnel.peer_node)  # node ids are unique among members and among on-prem gateways
+            # the instance, not the name: a clone with the same node id (and certificate) may still
+            # serve the stream, and an impostor's refusals must not hide the real gateway (issue 12)
+            tried.add(tunnel.peer_key)
             self.counters["open_failures"] += 1
             self.count("open_failures", service=svc, tenant=stream.tenant, reason=Reason.name_of(result[0]))
             slog.info("OPEN %s via %s refused: %s %s; trying another gateway", svc, tunnel.peer_node,
@@ -652,7 +675,7 @@ class Gateway:
 
         inner, outer = BridgeEnd.pair(service, client, target="", tenant=tenant)
         inner.attach(link, sid)
-        tried: set[str] = set()
+        tried: set[tuple[str, str]] = set()
         last = None
         while True:
             tunnel = self.pick_tunnel(service, tried, tenant)  # never another tenant's tunnel
@@ -678,7 +701,7 @@ class Gateway:
                 outer.start()
                 return
             tunnel.streams.pop(outer.sid, None)
-            tried.add(tunnel.peer_node)
+            tried.add(tunnel.peer_key)
             last = (tunnel.peer_node, *result)
         if link.conn.state(sid) is State.OPENING_IN:
             if last is None:

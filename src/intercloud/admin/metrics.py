@@ -57,6 +57,12 @@ class _Collector:
                     f"intercloud_{name}_by", f"{name.replace('_', ' ')} by {', '.join(keys)}", labels=keys)
             fam.add_metric([str(v) for _, v in labels], value)
         yield from families.values()
+        dup = GaugeMetricFamily("intercloud_duplicate_identity",
+                                "Live gateway instances (incarnations) sharing one node id, where more than one",
+                                labels=["peer_node"])
+        for node, incs in gw.duplicate_identities().items():
+            dup.add_metric([node], len(incs))
+        yield dup
         yield GaugeMetricFamily("intercloud_ready", "1 when /readyz is 200", value=1 if gw.is_ready() else 0)
         b = getattr(gw, "budget", None)
         if b is not None:  # protocol §6.4

@@ -69,6 +69,7 @@ def status(gw, limit: int = STREAMS_LIMIT, offset: int = 0) -> dict:
         "tunnels": tunnels, "streams": streams, "streams_total": streams_total, "streams_offset": offset,
         "streams_limit": limit, "services": services,
         "counters": dict(gw.counters), "events": list(gw.events)[-50:],
+        "duplicate_identities": gw.duplicate_identities(),
         "buffers": _buffers(gw),  # protocol §6.4
         "tasks": len(asyncio.all_tasks()),  # asyncio tasks of the process (the chaos soak checks it stays flat)
     }

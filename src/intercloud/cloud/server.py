@@ -49,12 +49,19 @@ class CloudGateway(Gateway):
         return {f"{t.tenant}/{s}" for t in self.tunnels if not t.conn.goaway_received for s in t.conn.peer.services}
 
     # --- tenants (issue 3) ---------------------------------------------------------------
+    def screen(self, tunnel: Tunnel) -> str | None:
+        if tunnel.kind == "peer" and self.cluster is not None:
+            return self.cluster.screen_link(tunnel)
+        return None
+
     def classify(self, tunnel: Tunnel) -> None:
         if tunnel.kind == "peer" or not self.config.tenants:
             return
         tunnel.tenant, tunnel.tenant_problem = match_tenant(self.config.tenants, tunnel.peer_der)
 
-    def admit_tenant(self, tunnel: Tunnel) -> str | None:
+    def admit_tenant(self, tunnel: Tunnel, again: bool = False) -> str | None:
+        """Why this on-prem tunnel is refused (tenant, services, limits), or None. ``again``: it is
+        already admitted and announced new services (its own tunnel is not counted twice)."""
         subject = tunnel.peer_cert.get("subject", "?")
         if tunnel.tenant_problem:
             return f"certificate {subject!r} refused: {tunnel.tenant_problem}"
@@ -64,12 +71,12 @@ class CloudGateway(Gateway):
         foreign = [s for s in peer.services if s not in allowed]
         if foreign:
             return (f"on-prem gateway {peer.node_id} (tenant {tenant!r}, certificate {subject!r}) offers "
-                    f"{', '.join(foreign)}, which tenant {tenant!r} does not have here (its services: "
-                    f"{', '.join(sorted(allowed)) or 'none'}); remove them from the on-prem config or add them "
+                    f"{', '.join(foreign[:5])}{f' and {len(foreign) - 5} more' if len(foreign) > 5 else ''}, which tenant {tenant!r} does not have here (its services: "
+                    f"{', '.join(sorted(allowed)[:20]) or 'none'}); remove them from the on-prem config or add them "
                     "to the tenant's cloud services")
         spec = self._tenant(tenant)
         if spec is not None and spec.max_tunnels is not None:
-            have = sum(1 for t in self.tunnels if t.tenant == tenant)
+            have = sum(1 for t in self.tunnels if t.tenant == tenant and t is not tunnel)
             if have >= spec.max_tunnels:
                 return f"tenant {tenant!r} already holds {have} tunnels (its max_tunnels is {spec.max_tunnels})"
         return None
@@ -156,6 +163,15 @@ class CloudGateway(Gateway):
         super().goaway_received(tunnel)
 
     def services_changed(self, tunnel: Tunnel) -> None:
+        if tunnel.kind != "peer":  # SERVICES passes the same admission as HELLO (issue 12)
+            refusal = self.admit_tenant(tunnel, again=True)
+            if refusal is not None:
+                log.warning("tunnel %s from %s closed: its SERVICES %s", tunnel.id, tunnel.peer_addr, refusal,
+                            extra={"event": "tenant.refused", "peer_addr": tunnel.peer_addr, "reason": refusal,
+                                   "tenant": tunnel.tenant})
+                tunnel.send_frame(tunnel.conn.goaway(Reason.FORBIDDEN, refusal))
+                tunnel.fail(f"SERVICES refused: {refusal}", code=1008, quiet=True)
+                return
         if self.cluster and tunnel.kind != "peer":
             self.cluster.local_routes_changed()
         super().services_changed(tunnel)
@@ -176,7 +192,7 @@ class CloudGateway(Gateway):
         if self.cluster is not None and peer_contexts is not None:
             self.cluster.apply_tls(peer_contexts)
 
-    def relay_link(self, route: str, exclude: set[str]) -> Tunnel | None:
+    def relay_link(self, route: str, exclude: set[tuple[str, str]]) -> Tunnel | None:
         return self.cluster.pick_link(route, exclude) if self.cluster else None
 
     # --- the tunnel listener -----------------------------------------------------------

@@ -223,10 +223,14 @@ class Cluster:
         if peer.role != "cloud" or peer.extra.get("link") != "peer":
             return f"peer-link endpoint reached by a {peer.role} gateway {peer.node_id!r}; on-prem gateways dial tunnel.listen"
         if self.server_ssl is not None:
+            refusal = self.screen_link(tunnel)
+            if refusal is not None:
+                return refusal
             names = cert_names(tunnel.peer_der)
-            if not names & set(self.cfg.peer_names):
-                return (f"peer-link certificate names {sorted(names)} are not in cluster.peer_names "
-                        f"{sorted(self.cfg.peer_names)}; refused (a tenant certificate cannot join the cluster)")
+            if peer.node_id not in names:  # a member's certificate is its identity (protocol §5.4)
+                return (f"member at {tunnel.peer_addr} claims node id {peer.node_id!r}, which is not a name in its "
+                        f"peer-link certificate ({', '.join(sorted(names)[:8])}); give it a certificate for its "
+                        "node id (intercloud certs init DIR --cloud NODE_ID) or set gateway.node_id to a name in it")
         for other in self.links:
             if other.peer_node == peer.node_id and other.conn.peer.incarnation != peer.incarnation:
                 m = self.table.members.get(peer.node_id)
@@ -247,6 +251,17 @@ class Cluster:
         loop = asyncio.get_running_loop()
         loop.call_soon(self.members_changed)
         loop.call_soon(self.gw.routes_changed)
+        return None
+
+    def screen_link(self, tunnel: Tunnel) -> str | None:
+        """peer_names, checked on the certificate alone: on cluster.listen before our HELLO (with the
+        member table and every route) goes out, so a refused peer learns nothing."""
+        if self.server_ssl is None:
+            return None
+        names = cert_names(tunnel.peer_der)
+        if not names & set(self.cfg.peer_names):
+            return (f"peer-link certificate names {sorted(names)[:8]} are not in cluster.peer_names "
+                    f"{sorted(self.cfg.peer_names)[:8]}; refused (a tenant certificate cannot join the cluster)")
         return None
 
     def _entry_of(self, tunnel: Tunnel) -> dict:
@@ -289,11 +304,11 @@ class Cluster:
         if self.table.set_self(self.gw.incarnation, self._self_url, services, time.monotonic()):
             self._push_links()
 
-    def pick_link(self, route: str, exclude: set[str]) -> Tunnel | None:
+    def pick_link(self, route: str, exclude: set[tuple[str, str]]) -> Tunnel | None:
         """A peer link whose member routes ``route`` ("tenant/service") to its own on-prem tunnels."""
         best = None
         for link in self.links:
-            if link.peer_node in exclude or link.conn.goaway_received or route not in link.routes:
+            if link.peer_key in exclude or link.conn.goaway_received or route not in link.routes:
                 continue
             if best is None or link.conn.stream_count < best.conn.stream_count:
                 best = link

@@ -20,6 +20,8 @@ from ..protocol import (
     Connection, CreditAvailable, Data, GoAway, Hello, Members, OpenAccepted, OpenRefused, Ping, Pong,
     ProtocolError, RemoteFin, RemoteReset, ServicesChanged, StreamOpened,
 )
+from .. import logs
+from ..protocol import peer_input
 from ..protocol.frames import HEADER, FrameType, Reason
 from ..transport.tls import describe_peer_cert, session_info
 from .budget import INITIAL_WINDOW
@@ -122,6 +124,12 @@ class Tunnel(WSListener):
         return self.conn.peer.node_id if self.conn.peer else "?"
 
     @property
+    def peer_key(self) -> tuple[str, str]:
+        """The peer gateway instance: node id and incarnation (a restart or a clone is another)."""
+        p = self.conn.peer
+        return (p.node_id, p.incarnation) if p else ("?", "")
+
+    @property
     def label(self) -> str:
         return f"tunnel#{self.id} {self.peer_addr}"
 
@@ -140,6 +148,11 @@ class Tunnel(WSListener):
         big = self.gateway.config.tunnel.max_tunnel_buffer
         under.set_write_buffer_limits(high=big, low=big // 2)  # protocol §6.3
         if not self.client:
+            refusal = self.gateway.screen(self)
+            if refusal is not None:  # e.g. a peer link whose certificate is not a member's: it learns nothing
+                self.refused = True
+                self.fail(refusal, code=1008)
+                return
             self.send_hello()
         # The dialing side answers only once it has admitted the peer's HELLO (protocol §5.2): a tunnel
         # it refuses (e.g. it landed on an already covered member) never looks live to the peer.
@@ -152,7 +165,7 @@ class Tunnel(WSListener):
     def on_ws_frame(self, transport, frame) -> None:
         self.last_rx = time.monotonic()
         mt = frame.msg_type
-        if mt is _BINARY and frame.fin:
+        if mt is _BINARY and frame.fin and not frame.rsv1:  # RSV1: no extension was negotiated
             try:
                 event, reply = self.conn.receive(frame.get_payload_as_memoryview())
             except ProtocolError as exc:
@@ -174,10 +187,21 @@ class Tunnel(WSListener):
         elif mt is WSMsgType.PONG:
             pass
         else:
-            self.fail(f"protocol error by peer {self.peer_node} ({self.peer_addr}): "
-                      f"WebSocket {mt.name} frame (fin={frame.fin}); intercloud sends only whole binary messages")
+            self.fail(f"protocol error by peer {self.peer_node} ({self.peer_addr}): WebSocket {mt.name} frame "
+                      f"(fin={frame.fin}, rsv1={frame.rsv1}); intercloud sends only whole, uncompressed binary "
+                      "messages")
 
     def on_ws_disconnected(self, transport) -> None:
+        if not self.close_reason:
+            sent = transport.close_handshake.sent if transport.close_handshake is not None else None
+            if sent is not None and sent.code not in (WSCloseCode.OK, WSCloseCode.GOING_AWAY):
+                # picows closed it for a WebSocket protocol violation (bad opcode, unmasked frame,
+                # oversized frame...): say so once, before HELLO too, with the code the peer was told
+                self.close_reason = (f"WebSocket protocol violation by peer {self.peer_node} ({self.peer_addr}): "
+                                     f"closed with {int(sent.code)} {peer_input.shown(sent.reason, 200)}")
+                logs.limited(log, logging.WARNING, "tunnel.ws_violation", self.peer_addr.rsplit(":", 1)[0],
+                             "%s: %s", self.label, self.close_reason,
+                             extra={"tunnel": self.id, "peer_node": self.peer_node, "code": int(sent.code)})
         self._teardown(self.close_reason or "connection lost")
 
     def _teardown(self, reason: str) -> None:
