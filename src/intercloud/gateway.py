@@ -494,11 +494,12 @@ class Gateway:
         if limit is not None:
             self._refuse_client(stream, limit)
             return
+        self._hold_slot(stream)
         # The first OPEN leaves from this callback when a tunnel is up, not one loop iteration later
         # from the task: it is on the client's first-byte path (docs/performance.md, P10).
         tunnel = self._pick_route(stream, _NOT_TRIED)
         first = (tunnel, self._open(tunnel, stream)) if tunnel is not None else None
-        self.tg.create_task(self._route(stream, first))
+        self._slot_task(stream, self._route(stream, first))
 
     def _pick_route(self, stream: LocalStream, tried: set[tuple[str, str]] | frozenset) -> Tunnel | None:
         return (self.pick_tunnel(stream.service, tried, stream.tenant)
@@ -595,7 +596,11 @@ class Gateway:
             if limit is not None:
                 tunnel.send_frame(tunnel.conn.open_fail(sid, Reason.LIMIT, limit))
                 return
-            task = self.tg.create_task(self._relay(tunnel, sid, name, client, tenant))
+            from .tunnel.bridge import BridgeEnd
+
+            inner, outer = BridgeEnd.pair(name, client, target="", tenant=tenant)
+            self._hold_slot(inner)  # the inner end is the one counted and logged (stream_closed)
+            task = self._slot_task(inner, self._relay(tunnel, sid, inner, outer))
             tunnel.open_tasks[sid] = task
             task.add_done_callback(lambda _t: tunnel.open_tasks.pop(sid, None))
             return
@@ -617,14 +622,17 @@ class Gateway:
                          extra={"event": "stream.open_refused", "service": service, "peer_node": tunnel.peer_node,
                                 "tenant": tunnel.tenant, "reason": limit})
             return
-        task = self.tg.create_task(self._dial_target(tunnel, sid, svc, client))
-        tunnel.open_tasks[sid] = task
-        task.add_done_callback(lambda _t: (tunnel.open_tasks.pop(sid, None), tunnel.early.pop(sid, None)))
-
-    async def _dial_target(self, tunnel: Tunnel, sid: int, svc, client: str) -> None:
         ep = svc.connect
         stream = LocalStream(svc.name, "connect", client=client, target=f"{ep.host}:{ep.port}", tenant=tunnel.tenant,
                              on_connected=lambda s: self._target_connected(tunnel, sid, s))
+        self._hold_slot(stream)
+        task = self._slot_task(stream, self._dial_target(tunnel, sid, svc, stream))
+        tunnel.open_tasks[sid] = task
+        task.add_done_callback(lambda _t: (tunnel.open_tasks.pop(sid, None), tunnel.early.pop(sid, None)))
+
+    async def _dial_target(self, tunnel: Tunnel, sid: int, svc, stream: LocalStream) -> None:
+        ep = svc.connect
+        client = stream.client
         loop = asyncio.get_running_loop()
         code = None
         try:
@@ -668,12 +676,10 @@ class Gateway:
         stream.start()
         self._stream_opened(tunnel, stream)
 
-    async def _relay(self, link: Tunnel, sid: int, service: str, client: str, tenant: str) -> None:
-        """DESIGN §3.3: carry a stream another member relayed to us over one of our own tunnels.
+    async def _relay(self, link: Tunnel, sid: int, inner, outer) -> None:
+        """Carry a stream another member relayed to us over one of our own tunnels (docs/ha.md).
         Never over another peer link (protocol §3.2), so a stream is relayed at most once."""
-        from .tunnel.bridge import BridgeEnd
-
-        inner, outer = BridgeEnd.pair(service, client, target="", tenant=tenant)
+        service, tenant = inner.service, inner.tenant
         inner.attach(link, sid)
         tried: set[tuple[str, str]] = set()
         last = None
@@ -711,14 +717,34 @@ class Gateway:
             link.send_frame(link.conn.open_fail(sid, code, text))
 
     # --- accounting and logs -----------------------------------------------------------
+    # A tenant's stream counts from the moment it is accepted or its OPEN arrives (relayed OPENs
+    # included), not from OPEN_OK: otherwise a burst of 1,000 clients all pass a max_streams of 20
+    # while the first OPEN is still in flight (issue 12). The slot is freed once: by stream_closed
+    # for a stream that opened, by its task's end for one that never did (refused, no route, the
+    # client left, the target refused, the task cancelled before it ran).
+    def _hold_slot(self, stream) -> None:
+        stream.counted = True
+        self.tenant_streams[stream.tenant] = self.tenant_streams.get(stream.tenant, 0) + 1
+
+    def _free_slot(self, stream) -> None:
+        if stream.counted:
+            stream.counted = False
+            self.tenant_streams[stream.tenant] -= 1
+
+    def _slot_task(self, stream, coro) -> asyncio.Task:
+        """Run a stream's open task; its slot goes when the task ends unless the stream opened
+        (a done callback, which runs even when the task is cancelled before its first step)."""
+        task = self.tg.create_task(coro)
+        task.add_done_callback(lambda _t: None if stream.in_service else self._free_slot(stream))
+        return task
+
     def _stream_opened(self, tunnel: Tunnel, stream: LocalStream) -> None:
         self.counters["streams_opened"] += 1
         self.count("streams_opened", service=stream.service, tenant=stream.tenant)
         if tunnel.kind == "peer" or stream.side.startswith("relay"):
             self.count("relays", service=stream.service, tenant=stream.tenant,
                        direction="out" if tunnel.kind == "peer" and stream.side == "accept" else "in")
-        stream.counted = True
-        self.tenant_streams[stream.tenant] = self.tenant_streams.get(stream.tenant, 0) + 1
+        stream.in_service = True  # its slot is freed by stream_closed from now on
         relayed = tunnel.kind == "peer"
         peer = tunnel.peer_node
         logs.emit(slog, logging.INFO,
@@ -732,9 +758,7 @@ class Gateway:
         if stream.side == "relay-out":  # a relayed stream is logged and counted once, by its inner end
             return
         self.counters["streams_closed"] += 1
-        if getattr(stream, "counted", False):
-            stream.counted = False
-            self.tenant_streams[stream.tenant] -= 1
+        self._free_slot(stream)
         self.counters["bytes_up"] += stream.bytes_up
         self.counters["bytes_down"] += stream.bytes_down
         self.count("bytes_out", stream.bytes_up, service=stream.service, tenant=stream.tenant)

@@ -192,6 +192,49 @@ def test_cloud_service_of_another_tenant_cannot_be_opened(tmp_path, gateways, se
     assert rec["tenant"] == "tenant201" and "serviceB" in rec["msg"]
 
 
+def test_tenant_stream_limit_holds_under_a_burst(tmp_path, gateways, servers):
+    """200 clients at once against max_streams = 5: every stream counts from accept, not from OPEN_OK,
+    so no more than 5 ever reach the target while the first OPENs are in flight (issue 12)."""
+    import threading
+
+    w = World(tmp_path, servers, tenant_extra={"tenant101": "max_streams = 5\n"})
+    cloud = gateways("cloud1", w.cloud_text)
+    gateways("tenant101", w.t101())
+    wait_until(lambda: len(_tunnels(cloud, "tenant101")) == 1, 10, what="tenant101's tunnel")
+    socks: list[socket.socket] = []
+    go = threading.Barrier(8)
+
+    def burst():
+        go.wait()
+        for _ in range(25):
+            s = socket.socket()
+            s.settimeout(scaled(5))
+            s.connect((L, w.port["A"]))
+            s.sendall(b"x")
+            socks.append(s)
+
+    threads = [threading.Thread(target=burst) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    echoed = 0
+    for s in socks:
+        try:
+            echoed += s.recv(1) == b"x"
+        except OSError:
+            pass
+    assert servers["A"].peak <= 5, f"{servers['A'].peak} streams of tenant101 reached its target at once"
+    assert echoed == 5, f"{echoed} of 200 clients were served, expected exactly max_streams = 5"
+    for s in socks:
+        s.close()
+    wait_until(lambda: sum(1 for r in cloud.log_lines() if r.get("event") == "stream.closed"
+                           and r.get("service") == "serviceA") >= 5, 5, what="the 5 streams to close")
+    wait_until(lambda: {t["name"]: t["streams"] for t in cloud.status()["tenants"]}["tenant101"] == 0, 5,
+               what="every slot of tenant101 to be released")
+    assert nc_exchange(L, w.port["A"], b"again\n") == b"again\n"
+
+
 def test_tenant_stream_limit_refuses_only_that_tenant(tmp_path, gateways, servers):
     w = World(tmp_path, servers, tenant_extra={"tenant101": "max_streams = 2\n"})
     cloud = gateways("cloud1", w.cloud_text)

@@ -38,6 +38,7 @@ class _LoopServer:
         self.port: int = 0
         self.connections = 0
         self.active = 0
+        self.peak = 0  # most connections open at once
         self.errors: list[BaseException] = []  # unexpected exceptions from handlers
         self._ssl = ssl
         self._tasks: set[asyncio.Task] = set()
@@ -76,6 +77,7 @@ class _LoopServer:
         index = self.connections
         self.connections += 1
         self.active += 1
+        self.peak = max(self.peak, self.active)
         task = asyncio.current_task()
         self._tasks.add(task)
         try:

@@ -24,7 +24,8 @@ class BridgeEnd:
     def __init__(self, service: str, side: str, client: str, target: str, tenant: str = "default"):
         self.service = service
         self.tenant = tenant
-        self.counted = False
+        self.counted = False  # holds one of its tenant's stream slots (Gateway._hold_slot)
+        self.in_service = False  # opened and logged: stream_closed frees the slot
         self.side = side
         self.client = client
         self.target = target
