@@ -717,6 +717,20 @@ def svc(name: str, **kw: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def test_more_connect_services_than_a_peer_accepts(tmp_path: Path, pki: Path) -> None:
+    many = "".join(svc(f"s{i}", connect="tcp://h:2") for i in range(1025))
+    path = write(tmp_path, cloud_toml(pki, services=many))
+    assert "1025 connect services; a gateway announces at most 1024" in problem_for(path, "service")
+    ok = "".join(svc(f"s{i}", connect="tcp://h:2") for i in range(1024))
+    assert len(load_config(write(tmp_path, cloud_toml(pki, services=ok), "ok.toml")).services) == 1024
+
+
+def test_more_accept_services_than_a_route_set_holds(tmp_path: Path, pki: Path) -> None:
+    many = "".join(svc(f"s{i}", accept="tcp://127.0.0.1:0") for i in range(4097))
+    path = write(tmp_path, cloud_toml(pki, services=many))
+    assert "4097 accept services; a member's route set holds at most 4096" in problem_for(path, "service")
+
+
 def test_duplicate_service_names(tmp_path: Path, pki: Path) -> None:
     path = write(
         tmp_path, cloud_toml(pki, services=svc("db", accept="tcp://127.0.0.1:1") + svc("db", connect="tcp://h:2"))

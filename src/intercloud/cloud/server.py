@@ -12,7 +12,8 @@ from picows import WSUpgradeResponse, WSUpgradeResponseWithListener
 from ..cluster.peers import Cluster
 from .tenants import match_tenant
 from ..gateway import Gateway
-from ..protocol.frames import HEADER_SIZE, Reason
+from ..protocol.connection import ws_frame_limit
+from ..protocol.frames import Reason
 from ..transport import tls_server
 from ..transport.tls import server_context
 from ..tunnel.tunnel import Tunnel
@@ -138,7 +139,8 @@ class CloudGateway(Gateway):
         super().tunnel_ready(tunnel)
         if self.cluster and tunnel.kind != "peer" and tunnel in self.tunnels:
             self.cluster.local_routes_changed()
-            tunnel.send_frame(tunnel.conn.members(self.cluster.onprem_view()))  # may have changed since our HELLO
+            for frame in tunnel.conn.members(self.cluster.onprem_view()):  # changed since our HELLO, or left out (§5.5)
+                tunnel.send_frame(frame)
 
     def tunnel_closed(self, tunnel: Tunnel, reason: str) -> None:
         self._handshakes.discard(tunnel)
@@ -240,7 +242,7 @@ class CloudGateway(Gateway):
         try:  # the listener logs every failed TLS handshake with the peer address, and caps handshakes
             server = await tls_server.create_server(
                 factory, url.host, url.port, ssl_ctx, handshake_timeout=cfg.tunnel.handshake_timeout,
-                max_frame_size=cfg.tunnel.max_frame + HEADER_SIZE + 64, name="tunnel.listen",
+                max_frame_size=ws_frame_limit(cfg.tunnel.max_frame), name="tunnel.listen",
                 max_handshakes=cap, per_source=cfg.cluster.handshakes_per_source)
         except OSError as exc:
             raise SystemExit(f"{cfg.source}: tunnel.listen {url}: cannot listen: {exc.strerror}; "

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from picows import WSError, WSUpgradeResponse, WSUpgradeResponseWithListener, ws_connect
 
 from ..backoff import backoff
-from ..protocol.frames import HEADER_SIZE
+from ..protocol.connection import ws_frame_limit
 from ..transport import tls_server
 from ..transport.targets import DialTarget, DialTargets, connect_in_order
 from ..transport.tls import cert_names, client_context, server_context
@@ -124,7 +124,7 @@ class Cluster:
         try:  # caps handshakes (cluster.max_handshakes) and logs failed TLS handshakes, like tunnel.listen
             server = await tls_server.create_server(
                 factory, url.host, url.port, self.server_ssl, handshake_timeout=t.handshake_timeout,
-                max_frame_size=t.max_frame + HEADER_SIZE + 64, name="cluster.listen",
+                max_frame_size=ws_frame_limit(t.max_frame), name="cluster.listen",
                 max_handshakes=self.cfg.max_handshakes, per_source=self.cfg.handshakes_per_source)
         except OSError as exc:
             raise SystemExit(f"{self.gw.config.source}: cluster.listen {url}: cannot listen: {exc.strerror}; "
@@ -180,7 +180,7 @@ class Cluster:
             _tr, tunnel = await ws_connect(
                 lambda: Tunnel(self.gw, client=True, url=str(url), kind="peer"), str(url),
                 ssl_context=self.client_ssl, websocket_handshake_timeout=cfg.handshake_timeout,
-                max_frame_size=cfg.max_frame + HEADER_SIZE + 64,
+                max_frame_size=ws_frame_limit(cfg.max_frame),
                 extra_headers={"Sec-WebSocket-Protocol": SUBPROTOCOL}, use_aiofastnet=True,
                 socket_factory=to_address if url.addresses else None)
             if tunnel is None:  # closed before the upgrade answer: TLS 1.3 refusal of our certificate
@@ -249,6 +249,7 @@ class Cluster:
         self.gw._event("cluster.link_up", member=peer.node_id)
         # after the caller has sent our HELLO (a dialer sends it only once admitted, protocol §5.2)
         loop = asyncio.get_running_loop()
+        loop.call_soon(self._push_link, tunnel)  # the whole table now: a big HELLO left it out (protocol §5.5)
         loop.call_soon(self.members_changed)
         loop.call_soon(self.gw.routes_changed)
         return None
@@ -318,7 +319,13 @@ class Cluster:
     def _push_links(self) -> None:
         frame_body = self.table.wire(time.monotonic())
         for link in self.links:
-            link.send_frame(link.conn.members(frame_body))
+            self._push_link(link, frame_body)
+
+    def _push_link(self, link: Tunnel, frame_body: list | None = None) -> None:
+        if link not in self.links or link.ws is None:
+            return
+        for frame in link.conn.members(frame_body if frame_body is not None else self.table.wire(time.monotonic())):
+            link.send_frame(frame)
 
     def onprem_view(self) -> list[dict]:
         """What on-prem gateways learn: who the members are and where to dial them."""
@@ -335,7 +342,8 @@ class Cluster:
         log.info("members now: %s", ", ".join(m["node_id"] for m in view),
                  extra={"event": "cluster.members", "members": [m["node_id"] for m in view]})
         for t in self.gw.tunnels:
-            t.send_frame(t.conn.members(view))
+            for frame in t.conn.members(view):
+                t.send_frame(frame)
         self._push_links()
 
 

@@ -818,6 +818,29 @@ class _Checker:
                 )
             else:
                 names[key] = i
+        self._check_announcements([s for s in services if s is not None])
+
+    def _check_announcements(self, services: list[Service]) -> None:
+        """What a gateway announces must fit what every peer accepts (protocol §5.3, §5.5): at most
+        1024 connect services per tenant (HELLO, SERVICES) and 4096 accepting routes (a cloud
+        member's route set on peer links)."""
+        from ..protocol.peer_input import MAX_ROUTES, MAX_SERVICES
+
+        connect: dict[str, int] = {}
+        accept = 0
+        for svc in services:
+            if svc.connect is not None:
+                connect[svc.tenant or ""] = connect.get(svc.tenant or "", 0) + 1
+            elif svc.accept is not None:
+                accept += 1
+        for tenant, n in connect.items():
+            if n > MAX_SERVICES:
+                who = f" of tenant {tenant!r}" if tenant else ""
+                self.problem("service", f"{n} connect services{who}; a gateway announces at most {MAX_SERVICES} "
+                             "to one peer (protocol §5.3): split them over several gateways or tenants")
+        if accept > MAX_ROUTES:
+            self.problem("service", f"{accept} accept services; a member's route set holds at most {MAX_ROUTES} "
+                         "routes (protocol §5.5): split them over several gateways")
 
     def _check_listeners(
         self, gateway: GatewayConfig | None, listen: WsUrl | None, services: list[Service | None],

@@ -13,7 +13,7 @@ from picows import WSError, ws_connect
 
 from ..backoff import backoff
 from ..gateway import Gateway
-from ..protocol.frames import HEADER_SIZE
+from ..protocol.connection import ws_frame_limit
 from ..transport import proxy as proxymod
 from ..transport.targets import ConnectError, DialTarget, DialTargets, connect_in_order
 from ..transport.tls import client_context, describe_peer_cert
@@ -292,7 +292,7 @@ class OnpremGateway(Gateway):
                 _transport, tunnel = await ws_connect(
                     make_tunnel, str(url), ssl_context=self._ssl,
                     websocket_handshake_timeout=cfg.tunnel.handshake_timeout,
-                    max_frame_size=cfg.tunnel.max_frame + HEADER_SIZE + 64,
+                    max_frame_size=ws_frame_limit(cfg.tunnel.max_frame),
                     extra_headers={"Sec-WebSocket-Protocol": SUBPROTOCOL},
                     socket_factory=factory, use_aiofastnet=True, **kwargs)
         except DialError:

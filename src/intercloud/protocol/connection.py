@@ -194,6 +194,39 @@ class _Stream:
         self.threshold = max(1, recv_allowed // 4)  # return credit in batches of this (§6.2)
 
 
+HELLO_MAX = 16 * 1024  # the smallest max_frame a gateway accepts (config): any peer takes a HELLO this big
+CONTROL_MAX = 256 * 1024  # every gateway takes control frames (HELLO, SERVICES, MEMBERS) this big (§5.5)
+
+
+def ws_frame_limit(max_frame: int) -> int:
+    """The largest WebSocket frame to accept: DATA up to ``max_frame`` (checked per frame, §6), control
+    frames up to CONTROL_MAX whatever max_frame is (1,024 service names fit), plus the frame header."""
+    return max(max_frame, CONTROL_MAX) + HEADER_SIZE + 64
+_MEMBERS_SLACK = 64  # frame header and the "more" marker, with room to spare
+
+
+def _entry_parts(entry: dict, limit: int) -> list[bytes]:
+    """One MEMBERS entry, encoded; in parts of at most ``limit`` bytes when its routes do not fit
+    (§5.5). Every part repeats node_id, incarnation and url; all but the last say ``more``."""
+    whole = frames.encode_json(entry)
+    routes = entry.get("services") or []
+    if len(whole) <= limit or not routes:
+        return [whole]
+    head = {k: v for k, v in entry.items() if k != "services"}
+    room = limit - len(frames.encode_json({**head, "services": [], "more": True}))
+    parts, chunk, size = [], [], 0
+    for r in routes:
+        cost = len(r) + 3  # quotes and comma
+        if chunk and size + cost > room:
+            parts.append(chunk)
+            chunk, size = [], 0
+        chunk.append(r)
+        size += cost
+    parts.append(chunk)
+    return [frames.encode_json({**head, "services": c, **({"more": True} if i < len(parts) - 1 else {})})
+            for i, c in enumerate(parts)]
+
+
 class Connection:
     """Protocol state of one tunnel.
 
@@ -225,6 +258,7 @@ class Connection:
         self._streams: dict[int, _Stream] = {}
         self._next_id = 1 if client else 2
         self._peer_last_id = 0  # highest id the peer has opened
+        self._parts: dict[str, dict] = {}  # MEMBERS entries arriving in parts (§5.5), by node id
 
     # --- introspection ---------------------------------------------------------------
     def state(self, stream_id: int) -> State:
@@ -274,7 +308,13 @@ class Connection:
         }
         if self.early_data:
             body["early_data"] = self.early_data
-        return frames.encode(F.HELLO, 0, frames.encode_json(body))
+        frame = frames.encode(F.HELLO, 0, frames.encode_json(body))
+        if len(frame) > HELLO_MAX:  # §5.5: the tables follow in MEMBERS once the peer is admitted
+            body.pop("members", None)
+            if body.get("link") == "peer":
+                body["services"] = []
+            frame = frames.encode(F.HELLO, 0, frames.encode_json(body))
+        return frame
 
     def _send(self, sid: int, ftype: FrameType) -> _Stream:
         st = self._streams.get(sid)
@@ -426,8 +466,23 @@ class Connection:
         self.goaway_sent = True
         return frames.encode(F.GOAWAY, 0, frames.encode_reason(code, text))
 
-    def members(self, members: list) -> bytes:
-        return frames.encode(F.MEMBERS, 0, frames.encode_json(members))
+    def members(self, members: list) -> list[bytes]:
+        """MEMBERS frames for ``members`` (§5.5): each within the peer's max_frame and 256 entries; an
+        entry whose routes alone do not fit goes in parts marked ``"more": true``."""
+        limit = (self.peer.max_frame if self.peer is not None else HELLO_MAX) - _MEMBERS_SLACK
+        out: list[bytes] = []
+        batch: list[bytes] = []
+        size = 2  # "[" and "]"
+        for entry in members:
+            for part in _entry_parts(entry, limit):
+                if batch and (size + len(part) + 1 > limit or len(batch) >= peer_input.MAX_MEMBERS):
+                    out.append(frames.encode(F.MEMBERS, 0, b"[" + b",".join(batch) + b"]"))
+                    batch, size = [], 2
+                batch.append(part)
+                size += len(part) + 1
+        if batch or not out:
+            out.append(frames.encode(F.MEMBERS, 0, b"[" + b",".join(batch) + b"]"))
+        return out
 
     def services(self, names: list[str]) -> bytes:
         """protocol §3.3: this side now connects these services (after a reload)."""
@@ -493,9 +548,34 @@ class Connection:
                                   self.peer.extra.get("link") == "peer")
                 self.peer.services = names
                 return ServicesChanged(names), None
-            return Members(peer_input.members(frames.decode_json(payload, "MEMBERS"), "MEMBERS")), None
+            entries = peer_input.members(frames.decode_json(payload, "MEMBERS"), "MEMBERS")
+            return Members(self._assemble(entries)), None
         except peer_input.Invalid as exc:
             raise ProtocolError(str(exc)) from None
+
+    def _assemble(self, entries: list[dict]) -> list[dict]:
+        """Whole entries from MEMBERS parts (§5.5): a part marked ``more`` is held until its last part."""
+        done = []
+        for e in entries:
+            held = self._parts.pop(e["node_id"], None)
+            if held is not None:
+                if held["incarnation"] != e["incarnation"]:
+                    raise peer_input.Invalid(f"MEMBERS part for {e['node_id']} incarnation "
+                                             f"{peer_input.shown(e['incarnation'])} while "
+                                             f"{held['incarnation']}'s parts were in progress")
+                routes = held["services"] + e.get("services", [])
+                if len(routes) > peer_input.MAX_ROUTES:
+                    raise peer_input.Invalid(f"MEMBERS parts for {e['node_id']} add up to {len(routes)} "
+                                             f"routes (at most {peer_input.MAX_ROUTES})")
+                e = {**e, "services": routes}
+            if e.pop("more", False):
+                if len(self._parts) >= peer_input.MAX_MEMBERS:
+                    raise peer_input.Invalid(f"MEMBERS parts in progress for more than {peer_input.MAX_MEMBERS} members")
+                e.setdefault("services", [])
+                self._parts[e["node_id"]] = e
+            else:
+                done.append(e)
+        return done
 
     def _recv_stream(self, ft: FrameType, sid: int, payload: bytes) -> tuple[Event | None, bytes | None]:
         st = self._streams.get(sid)

@@ -84,6 +84,10 @@ def member(entry: object, field: str) -> dict:
            "url": url(entry.get("url"), f"{field}.url")}
     if "services" in entry:
         out["services"] = names(entry["services"], f"{field}.services", MAX_ROUTES, ROUTE)
+    if "more" in entry:  # the entry continues in a later part (protocol §5.5)
+        if not isinstance(entry["more"], bool):
+            raise Invalid(f"{field}.more {shown(entry['more'])} is not true or false")
+        out["more"] = entry["more"]
     if "age" in entry:
         age = entry["age"]
         if not isinstance(age, (int, float)) or isinstance(age, bool) or not 0 <= age <= 1e9:
