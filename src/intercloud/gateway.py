@@ -44,6 +44,8 @@ class Gateway:
         self.accept_services = {svc_key(s): s for s in config.services if s.accept}
         self.connect_services = {svc_key(s): s for s in config.services if s.connect}
         self.tenant_streams: dict[str, int] = {}
+        # test hook only (tests/e2e/test_stream_faults.py): streams of this service raise inside their task
+        self._fault_service = os.environ.get("INTERCLOUD_TEST_STREAM_FAULT")
         self.listeners: list[asyncio.AbstractServer] = []
         self.service_listeners: dict[str, asyncio.AbstractServer] = {}
         self.tg: asyncio.TaskGroup | None = None
@@ -54,7 +56,7 @@ class Gateway:
         self.events: deque[dict] = deque(maxlen=200)
         self.counters = {"streams_opened": 0, "streams_closed": 0, "open_failures": 0, "route_timeouts": 0,
                          "bytes_up": 0, "bytes_down": 0, "tunnels_opened": 0, "tunnels_closed": 0,
-                         "liveness_misses": 0, "protocol_errors": 0}
+                         "liveness_misses": 0, "protocol_errors": 0, "internal_errors": 0}
         self.started = time.time()
         # labelled counters for /metrics: (name, ((label, value), ...)) -> count
         self.labelled: dict[tuple[str, tuple], float] = {}
@@ -499,7 +501,7 @@ class Gateway:
         # from the task: it is on the client's first-byte path (docs/performance.md, P10).
         tunnel = self._pick_route(stream, _NOT_TRIED)
         first = (tunnel, self._open(tunnel, stream)) if tunnel is not None else None
-        self._slot_task(stream, self._route(stream, first))
+        self._stream_task(stream, self._route(stream, first))
 
     def _pick_route(self, stream: LocalStream, tried: set[tuple[str, str]] | frozenset) -> Tunnel | None:
         return (self.pick_tunnel(stream.service, tried, stream.tenant)
@@ -541,6 +543,8 @@ class Gateway:
                     continue
                 fut = self._open(tunnel, stream)
             result = await _answer(fut, self.config.tunnel.connect_timeout + _OPEN_SLACK)
+            if svc == self._fault_service:
+                raise RuntimeError("fault injected by INTERCLOUD_TEST_STREAM_FAULT (a test hook; unset it)")
             if result is _TIMED_OUT:
                 result = (Reason.TIMEOUT, f"no answer to OPEN from {tunnel.peer_node}")
                 frame = tunnel.conn.reset(stream.sid, Reason.TIMEOUT, "OPEN timed out")
@@ -600,7 +604,7 @@ class Gateway:
 
             inner, outer = BridgeEnd.pair(name, client, target="", tenant=tenant)
             self._hold_slot(inner)  # the inner end is the one counted and logged (stream_closed)
-            task = self._slot_task(inner, self._relay(tunnel, sid, inner, outer))
+            task = self._stream_task(inner, self._relay(tunnel, sid, inner, outer), tunnel, sid)
             tunnel.open_tasks[sid] = task
             task.add_done_callback(lambda _t: tunnel.open_tasks.pop(sid, None))
             return
@@ -626,7 +630,7 @@ class Gateway:
         stream = LocalStream(svc.name, "connect", client=client, target=f"{ep.host}:{ep.port}", tenant=tunnel.tenant,
                              on_connected=lambda s: self._target_connected(tunnel, sid, s))
         self._hold_slot(stream)
-        task = self._slot_task(stream, self._dial_target(tunnel, sid, svc, stream))
+        task = self._stream_task(stream, self._dial_target(tunnel, sid, svc, stream), tunnel, sid)
         tunnel.open_tasks[sid] = task
         task.add_done_callback(lambda _t: (tunnel.open_tasks.pop(sid, None), tunnel.early.pop(sid, None)))
 
@@ -731,12 +735,37 @@ class Gateway:
             stream.counted = False
             self.tenant_streams[stream.tenant] -= 1
 
-    def _slot_task(self, stream, coro) -> asyncio.Task:
-        """Run a stream's open task; its slot goes when the task ends unless the stream opened
-        (a done callback, which runs even when the task is cancelled before its first step)."""
-        task = self.tg.create_task(coro)
+    def _stream_task(self, stream, coro, tunnel: Tunnel | None = None, sid: int = 0) -> asyncio.Task:
+        """Run a stream's open task (route, dial, relay) under a guard: an unexpected exception resets
+        that one stream and is logged, instead of cancelling the gateway's TaskGroup and with it every
+        tenant's streams. The stream's slot goes when the task ends unless the stream opened (a done
+        callback, which runs even when the task is cancelled before its first step)."""
+        task = self.tg.create_task(self._guarded(stream, coro, tunnel, sid))
         task.add_done_callback(lambda _t: None if stream.in_service else self._free_slot(stream))
         return task
+
+    async def _guarded(self, stream, coro, tunnel: Tunnel | None, sid: int) -> None:
+        try:
+            await coro
+        except Exception as exc:  # noqa: BLE001 - containment is the point; CancelledError passes
+            self._internal_error(stream, exc, tunnel, sid)
+
+    def _internal_error(self, stream, exc: BaseException, tunnel: Tunnel | None, sid: int) -> None:
+        self.counters["internal_errors"] += 1
+        self.count("internal_errors", service=stream.service, tenant=stream.tenant)
+        what = f"{type(exc).__name__}: {exc}"
+        slog.error("[%s] internal error on stream %s %s -> %s: %s; the stream was reset, the gateway goes on "
+                   "(a bug: please report it with the debug-level traceback)", stream.service, stream.sid,
+                   stream.client, stream.target or "?", what,
+                   extra={"event": "internal.error", "service": stream.service, "stream": stream.sid,
+                          "client": stream.client, "tenant": stream.tenant, "error": what})
+        slog.debug("traceback of the internal error on stream %s", stream.sid, exc_info=exc,
+                   extra={"event": "internal.traceback", "service": stream.service})
+        text = "internal error in the gateway"
+        if tunnel is not None and sid and tunnel.conn.state(sid) is State.OPENING_IN:
+            tunnel.send_frame(tunnel.conn.open_fail(sid, Reason.INTERNAL, text))  # still unanswered
+        if not stream.finished:
+            stream.abort(Reason.INTERNAL, text)
 
     def _stream_opened(self, tunnel: Tunnel, stream: LocalStream) -> None:
         self.counters["streams_opened"] += 1

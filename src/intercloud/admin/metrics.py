@@ -38,7 +38,7 @@ class _Collector:
         yield CounterMetricFamily("intercloud_bytes_in", "Bytes written from tunnels to local sockets",
                                   value=c["bytes_down"] + live_down)
         for key in ("streams_opened", "streams_closed", "open_failures", "route_timeouts", "tunnels_opened",
-                    "tunnels_closed", "liveness_misses"):
+                    "tunnels_closed", "liveness_misses", "internal_errors"):
             yield CounterMetricFamily(f"intercloud_{key}", key.replace("_", " "), value=c[key])
         tt = GaugeMetricFamily("intercloud_tenant_tunnels", "Live tunnels per tenant", labels=["tenant"])
         ts = GaugeMetricFamily("intercloud_tenant_streams", "Open streams per tenant", labels=["tenant"])
