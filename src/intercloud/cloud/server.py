@@ -7,19 +7,17 @@ import asyncio
 import logging
 import time
 
-from picows import WSUpgradeResponse, WSUpgradeResponseWithListener
 
 from ..cluster.peers import Cluster
 from .tenants import match_tenant
 from ..gateway import Gateway
 from ..protocol.connection import ws_frame_limit
 from ..protocol.frames import Reason
-from ..transport import tls_server
+from ..transport import tls_server, ws
 from ..transport.tls import server_context
 from ..tunnel.tunnel import Tunnel
 
 log = logging.getLogger("intercloud.cloud")
-SUBPROTOCOL = "intercloud.v1"
 
 
 class CloudGateway(Gateway):
@@ -206,39 +204,25 @@ class CloudGateway(Gateway):
             ssl_ctx = server_context(cfg.tls.cert, cfg.tls.key, cfg.tls.ca, cfg.tls.verify_client)
         cap = cfg.cluster.max_handshakes
 
-        def factory(request, peer):
-            # A refusal is logged through the rate limiter: anyone can send upgrades (issue 12).
-            source = peer.rsplit(":", 1)[0] if peer else None
-            path = request.path.decode("latin-1").split("?", 1)[0]
-            if path != url.path:
-                tls_server.refuse_logged("tunnel.refused", source, "upgrade from %s for path %r refused (HTTP 404): "
-                                         "tunnels live at %r", peer or "?", path[:100], url.path,
-                                         reason="wrong path", peer_addr=peer)
-                return WSUpgradeResponseWithListener(WSUpgradeResponse.create_error_response(
-                    404, f"no intercloud tunnel endpoint at {path[:100]}; it is at {url.path}\n".encode()), None)
-            offered = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")]
-            if SUBPROTOCOL not in offered:
-                tls_server.refuse_logged("tunnel.refused", source, "upgrade from %s without subprotocol %s refused "
-                                         "(HTTP 400)", peer or "?", SUBPROTOCOL, reason="subprotocol", peer_addr=peer)
-                return WSUpgradeResponseWithListener(WSUpgradeResponse.create_error_response(
-                    400, f"this is an intercloud tunnel endpoint; speak {SUBPROTOCOL}\n".encode()), None)
+        def refused(status: int, peer: str | None, source: str | None, why: str) -> None:
+            # rate-limited: anyone can send upgrades (issue 12)
+            tls_server.refuse_logged("tunnel.refused", source, "tunnel.listen: upgrade from %s refused (HTTP %d): %s",
+                                     peer or "?", status, why, reason=why, peer_addr=peer, listener="tunnel.listen")
+
+        def accept(peer: str | None, source: str | None):
             if self.draining:
-                tls_server.refuse_logged("tunnel.refused", source, "upgrade from %s refused (HTTP 503): this gateway "
-                                         "is draining", peer or "?", reason="draining", peer_addr=peer)
-                return WSUpgradeResponseWithListener(WSUpgradeResponse.create_error_response(
-                    503, b"gateway is draining\n"), None)
+                refused(503, peer, source, "this gateway is draining")
+                return ws.Refusal(503, "gateway is draining")
             # The listener caps handshakes from accept on (tls_server.Slots); this count only matters
             # where it could not (tls_server fell back to picows' own server).
             if peer is None and len(self._handshaking()) >= cap:
-                tls_server.refuse_logged("tunnel.refused", source, "upgrade refused (HTTP 503): %d handshakes in "
-                                         "progress (cluster.max_handshakes)", cap, reason="too many handshakes")
-                return WSUpgradeResponseWithListener(WSUpgradeResponse.create_error_response(
-                    503, b"too many tunnel handshakes in progress; retry\n"), None)
+                refused(503, peer, source, f"{cap} handshakes in progress (cluster.max_handshakes)")
+                return ws.Refusal(503, "too many tunnel handshakes in progress; retry")
             tunnel = Tunnel(self, client=False)
             self._handshakes.add(tunnel)
-            resp = WSUpgradeResponse.create_101_response(extra_headers={"Sec-WebSocket-Protocol": SUBPROTOCOL})
-            return WSUpgradeResponseWithListener(resp, tunnel)
+            return tunnel
 
+        factory = ws.upgrade_policy(url.path, accept, refused)
         try:  # the listener logs every failed TLS handshake with the peer address, and caps handshakes
             server = await tls_server.create_server(
                 factory, url.host, url.port, ssl_ctx, handshake_timeout=cfg.tunnel.handshake_timeout,

@@ -16,11 +16,9 @@ import ssl
 import time
 from typing import TYPE_CHECKING
 
-from picows import WSError, WSUpgradeResponse, WSUpgradeResponseWithListener, ws_connect
-
 from ..backoff import backoff
 from ..protocol.connection import ws_frame_limit
-from ..transport import tls_server
+from ..transport import tls_server, ws
 from ..transport.targets import DialTarget, DialTargets, connect_in_order
 from ..transport.tls import cert_names, client_context, server_context
 from ..tunnel.tunnel import Tunnel
@@ -30,7 +28,6 @@ if TYPE_CHECKING:
     from ..cloud.server import CloudGateway
 
 log = logging.getLogger("intercloud.cluster")
-SUBPROTOCOL = "intercloud.v1"
 
 
 class Cluster:
@@ -106,19 +103,16 @@ class Cluster:
     async def _serve(self) -> None:
         url = self.cfg.listen
 
-        def factory(request, peer):
-            path = request.path.decode("latin-1").split("?", 1)[0]
-            if path != url.path:
-                tls_server.refuse_logged("tunnel.refused", peer.rsplit(":", 1)[0] if peer else None,
-                                         "cluster.listen: upgrade from %s for path %r refused (HTTP 404): peer links "
-                                         "live at %r", peer or "?", path[:100], url.path, reason="wrong path",
-                                         peer_addr=peer, listener="cluster.listen")
-                return WSUpgradeResponseWithListener(WSUpgradeResponse.create_error_response(
-                    404, f"no peer-link endpoint at {path[:100]}\n".encode()), None)
-            resp = WSUpgradeResponse.create_101_response(extra_headers={"Sec-WebSocket-Protocol": SUBPROTOCOL})
+        def refused(status: int, peer: str | None, source: str | None, why: str) -> None:
+            tls_server.refuse_logged("tunnel.refused", source, "cluster.listen: upgrade from %s refused (HTTP %d): %s",
+                                     peer or "?", status, why, reason=why, peer_addr=peer, listener="cluster.listen")
+
+        def accept(peer: str | None, source: str | None):
             tunnel = Tunnel(self.gw, client=False, kind="peer")
             self.gw._handshakes.add(tunnel)  # watched for liveness like any tunnel
-            return WSUpgradeResponseWithListener(resp, tunnel)
+            return tunnel
+
+        factory = ws.upgrade_policy(url.path, accept, refused)
 
         t = self.gw.config.tunnel
         try:  # caps handshakes (cluster.max_handshakes) and logs failed TLS handshakes, like tunnel.listen
@@ -135,38 +129,42 @@ class Cluster:
 
     async def _keep_dialing(self, url: DialTarget, key: tuple) -> None:
         t = self.gw.config.tunnel
-        delays = backoff(t.reconnect_min, min(t.reconnect_max, 5.0))
-        last_error = None
-        first = True
+        last_error = [None]
+        first = [True]
         label = f"{url} at {url.addresses[0][1][0]}" if url.addresses else str(url)
-        while not self.gw.draining and key in self._wanted:
-            started = time.monotonic()
+
+        def tried() -> None:  # readiness: every peer was tried once
+            if first[0]:
+                first[0] = False
+                self._tried.add(key)
+                self.gw.routes_changed()
+
+        async def dial() -> Tunnel:
             try:
-                tunnel = await self._dial(url)
+                return await self._dial(url)
             except _Self:
                 log.info("cluster.peers entry %s is this member itself; not dialing it", label,
                          extra={"event": "cluster.self_peer", "url": str(url)})
                 self._tried.add(key)
-                return
-            except (OSError, WSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
-                msg = str(url.error) if url.error else f"{type(exc).__name__}: {exc}"
-                if msg != last_error:
-                    log.warning("peer link to %s failed: %s", label, msg,
-                                extra={"event": "cluster.dial_failed", "url": str(url), "reason": msg})
-                last_error = msg
-            else:
-                last_error = None
-                if first:
-                    self._tried.add(key)
-                    first = False
-                await tunnel.done
-                if time.monotonic() - started > 10:
-                    delays = backoff(t.reconnect_min, min(t.reconnect_max, 5.0))
-            if first:
-                self._tried.add(key)
-                first = False
-                self.gw.routes_changed()
-            await asyncio.sleep(next(delays))
+                raise ws.StopDialing() from None
+
+        async def on_up(tunnel: Tunnel) -> None:
+            last_error[0] = None
+            tried()
+            await tunnel.done
+
+        def on_error(exc: BaseException) -> None:
+            msg = str(url.error) if url.error else f"{type(exc).__name__}: {exc}"
+            if msg != last_error[0]:
+                log.warning("peer link to %s failed: %s", label, msg,
+                            extra={"event": "cluster.dial_failed", "url": str(url), "reason": msg})
+            last_error[0] = msg
+            tried()
+
+        await ws.keep_dialing(
+            dial, on_up, on_error, delays=lambda: backoff(t.reconnect_min, min(t.reconnect_max, 5.0)),
+            keep_going=lambda: not self.gw.draining and key in self._wanted, stable_after=10.0,
+            errors=(OSError, ws.WebSocketError, ssl.SSLError, TimeoutError, ConnectionError))
 
     async def _dial(self, url: DialTarget) -> Tunnel:
         cfg = self.gw.config.tunnel
@@ -177,11 +175,9 @@ class Cluster:
             return await connect_in_order(url, max(1.0, cfg.handshake_timeout / len(url.addresses)))
 
         async with asyncio.timeout(cfg.handshake_timeout * 2):
-            _tr, tunnel = await ws_connect(
-                lambda: Tunnel(self.gw, client=True, url=str(url), kind="peer"), str(url),
-                ssl_context=self.client_ssl, websocket_handshake_timeout=cfg.handshake_timeout,
-                max_frame_size=ws_frame_limit(cfg.max_frame),
-                extra_headers={"Sec-WebSocket-Protocol": SUBPROTOCOL}, use_aiofastnet=True,
+            tunnel = await ws.dial_ws(
+                lambda: Tunnel(self.gw, client=True, url=str(url), kind="peer"), str(url), self.client_ssl,
+                handshake_timeout=cfg.handshake_timeout, max_frame_size=ws_frame_limit(cfg.max_frame),
                 socket_factory=to_address if url.addresses else None)
             if tunnel is None:  # closed before the upgrade answer: TLS 1.3 refusal of our certificate
                 raise ConnectionError(f"{url} closed the connection during the handshake; it most likely "

@@ -7,20 +7,18 @@ import asyncio
 import logging
 import random
 import ssl
-import time
 
-from picows import WSError, ws_connect
 
 from ..backoff import backoff
 from ..gateway import Gateway
 from ..protocol.connection import ws_frame_limit
 from ..transport import proxy as proxymod
+from ..transport import ws
 from ..transport.targets import ConnectError, DialTarget, DialTargets, connect_in_order
 from ..transport.tls import client_context, describe_peer_cert
 from ..tunnel.tunnel import Tunnel
 
 log = logging.getLogger("intercloud.onprem")
-SUBPROTOCOL = "intercloud.v1"
 # A tunnel that stayed up this long resets the backoff (DESIGN §3.6).
 STABLE_AFTER = 10.0
 # Waiting workers wake within this many seconds of hearing that a member joined or came back.
@@ -205,52 +203,59 @@ class OnpremGateway(Gateway):
     async def _worker(self, index: int) -> None:
         """Keep one tunnel up; retire when there are more workers than tunnels wanted."""
         cfg = self.config.tunnel
-        delays = backoff(cfg.reconnect_min, cfg.reconnect_max)
-        last_error = None
+        last_error = [None]
+
+        async def dial() -> tuple[DialTarget, Tunnel]:
+            await self._refresh_targets()  # the first dial waits for the first lookup
+            url, node = self._choose_target(index)
+            self._targets[index] = node
+            try:
+                return url, await self._dial(url, node)
+            except DialError as exc:
+                exc.url = url
+                raise
+            finally:
+                self._targets.pop(index, None)  # a live tunnel counts in coverage() by itself
+
+        def on_error(exc: BaseException) -> None:
+            msg, url = str(exc), exc.url
+            self.count("dial_failures", url=str(url))
+            if msg != last_error[0]:  # one line per distinct failure, not one per retry
+                level = logging.INFO if "already has its" in msg else logging.WARNING
+                log.log(level, "dial %s failed: %s", url, msg,
+                        extra={"event": "tunnel.dial_failed", "url": str(url), "reason": msg})
+                self._event("tunnel.dial_failed", url=str(url), reason=msg)
+            last_error[0] = msg
+
+        async def on_up(up: tuple[DialTarget, Tunnel]) -> bool:
+            url, tunnel = up
+            self.count("reconnects" if self.counters["tunnels_opened"] > 1 else "connects", url=str(url))
+            await tunnel.done
+            if not tunnel.refused_by_peer:
+                last_error[0] = None
+                return True
+            msg = f"{tunnel.peer_node} refused this gateway: {tunnel.refused_by_peer}"  # the cloud says why
+            if msg != last_error[0]:
+                log.error("dial %s failed: %s", url, msg,
+                          extra={"event": "tunnel.dial_failed", "url": str(url), "reason": msg})
+                self._event("tunnel.dial_failed", url=str(url), reason=msg)
+            last_error[0] = msg
+            return False
+
+        async def wait(delay: float) -> bool:
+            try:
+                await asyncio.wait_for(self._wake.wait(), delay)
+            except TimeoutError:
+                return False
+            # woken: a member joined or returned; dial it soon, with jitter, from a fresh backoff
+            await asyncio.sleep(random.uniform(0, WAKE_JITTER))
+            return True
+
         try:
-            while not self.draining and index < self._wanted_workers():
-                started = time.monotonic()
-                await self._refresh_targets()  # the first dial waits for the first lookup
-                url, node = self._choose_target(index)
-                self._targets[index] = node
-                try:
-                    tunnel = await self._dial(url, node)
-                except DialError as exc:
-                    msg = str(exc)
-                    self.count("dial_failures", url=str(url))
-                    if msg != last_error:  # one line per distinct failure, not one per retry
-                        level = logging.INFO if "already has its" in msg else logging.WARNING
-                        log.log(level, "dial %s failed: %s", url, msg,
-                                extra={"event": "tunnel.dial_failed", "url": str(url), "reason": msg})
-                        self._event("tunnel.dial_failed", url=str(url), reason=msg)
-                    last_error = msg
-                else:
-                    self.count("reconnects" if self.counters["tunnels_opened"] > 1 else "connects", url=str(url))
-                    self._targets.pop(index, None)  # the live tunnel itself counts in coverage()
-                    await tunnel.done
-                    if tunnel.refused_by_peer:  # the cloud refused this gateway (tenant, services): say why
-                        msg = f"{tunnel.peer_node} refused this gateway: {tunnel.refused_by_peer}"
-                        if msg != last_error:
-                            log.error("dial %s failed: %s", url, msg,
-                                      extra={"event": "tunnel.dial_failed", "url": str(url), "reason": msg})
-                            self._event("tunnel.dial_failed", url=str(url), reason=msg)
-                        last_error = msg
-                    else:
-                        last_error = None
-                    if time.monotonic() - started > STABLE_AFTER and not tunnel.refused_by_peer:
-                        delays = backoff(cfg.reconnect_min, cfg.reconnect_max)
-                finally:
-                    self._targets.pop(index, None)
-                if self.draining:
-                    return
-                wake = self._wake
-                try:
-                    await asyncio.wait_for(wake.wait(), next(delays))
-                except TimeoutError:
-                    continue
-                # woken: a member joined or returned; dial it soon, with jitter, from a fresh backoff
-                delays = backoff(cfg.reconnect_min, cfg.reconnect_max)
-                await asyncio.sleep(random.uniform(0, WAKE_JITTER))
+            await ws.keep_dialing(
+                dial, on_up, on_error, delays=lambda: backoff(cfg.reconnect_min, cfg.reconnect_max),
+                keep_going=lambda: not self.draining and index < self._wanted_workers(),
+                stable_after=STABLE_AFTER, wait=wait, errors=(DialError,))
         finally:
             self._workers.pop(index, None)
 
@@ -289,12 +294,9 @@ class OnpremGateway(Gateway):
             kwargs["ssl_handshake_timeout"] = cfg.tunnel.handshake_timeout
         try:
             async with asyncio.timeout(cfg.tunnel.handshake_timeout * 2):
-                _transport, tunnel = await ws_connect(
-                    make_tunnel, str(url), ssl_context=self._ssl,
-                    websocket_handshake_timeout=cfg.tunnel.handshake_timeout,
-                    max_frame_size=ws_frame_limit(cfg.tunnel.max_frame),
-                    extra_headers={"Sec-WebSocket-Protocol": SUBPROTOCOL},
-                    socket_factory=factory, use_aiofastnet=True, **kwargs)
+                tunnel = await ws.dial_ws(
+                    make_tunnel, str(url), self._ssl, handshake_timeout=cfg.tunnel.handshake_timeout,
+                    max_frame_size=ws_frame_limit(cfg.tunnel.max_frame), socket_factory=factory, **kwargs)
         except DialError:
             raise
         except ssl.SSLCertVerificationError as exc:
@@ -306,7 +308,7 @@ class OnpremGateway(Gateway):
         except TimeoutError:
             raise DialError(f"no WebSocket handshake with {url} within "
                             f"{cfg.tunnel.handshake_timeout * 2:g}s (tunnel.handshake_timeout)") from None
-        except WSError as exc:
+        except ws.WebSocketError as exc:
             raise DialError(f"WebSocket upgrade at {url} refused: {exc}; check the URL path and that "
                             "it is an intercloud cloud gateway") from None
         except ConnectError as exc:  # every address of the name failed; the message names each

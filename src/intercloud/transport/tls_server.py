@@ -45,9 +45,8 @@ import ssl
 import struct
 
 import aiofastnet
-from picows import WSAutoPingStrategy, WSCloseCode, ws_create_server
-
 from .. import logs
+from . import ws
 
 log = logging.getLogger("intercloud.cloud")
 
@@ -87,26 +86,6 @@ def _reset(sock: socket.socket) -> None:
     except OSError:
         pass
     sock.close()
-
-
-def _ws_protocol_factory(listener_factory, handshake_timeout: float, max_frame_size: int):
-    """``make(peer)``: the server-side picows protocol, built exactly as ``picows.ws_create_server``
-    builds it, whose listener factory is called as ``listener_factory(request, peer)`` (so a refused
-    upgrade can be logged with its source). None if this picows version's (internal) constructor differs."""
-    try:
-        from picows.picows import WSProtocol
-
-        logger = logging.getLogger("picows.server")
-
-        def make(peer):
-            return WSProtocol(None, None, False, lambda request: listener_factory(request, peer), logger, True,
-                              handshake_timeout, False, 20, 20, WSAutoPingStrategy.PING_WHEN_IDLE, True,
-                              max_frame_size, None, 16 * 1024)
-
-        make(None)  # fail here, at start-up, rather than on the first tunnel
-    except (ImportError, TypeError):
-        return None
-    return make
 
 
 def describe_failure(exc: BaseException) -> tuple[int, str]:
@@ -415,10 +394,9 @@ class TlsWsServer:
                         return
                     cert = fp
                 stage = "WebSocket upgrade"
-                await proto.wait_until_handshake_complete()
-                listener = proto.listener
-                if listener is None or proto.transport.is_disconnected:
-                    if getattr(proto.transport, "request", None) is None:  # picows refused it, not us
+                listener = await ws.upgraded(proto)
+                if listener is None:
+                    if ws.refused_by_picows(proto):  # before our listener factory saw it: say so here
                         self._limited(logging.WARNING, "tunnel.upgrade_failed", source,
                                       "%s: upgrade request from %s refused with HTTP 400 and closed: larger than "
                                       "16 KiB, not HTTP, or the connection closed before it was complete",
@@ -436,7 +414,7 @@ class TlsWsServer:
             event = {"first bytes": "tunnel.tls_failed", "TLS handshake": "tunnel.tls_failed",
                      "WebSocket upgrade": "tunnel.upgrade_failed", "HELLO": "tunnel.hello_timeout"}[stage]
             self._limited(logging.WARNING, event, source, "%s: connection from %s closed: %s", self.name, peer, why,
-                          peer=peer, code=int(WSCloseCode.POLICY_VIOLATION) if stage == "HELLO" else None)
+                          peer=peer, code=ws.POLICY_VIOLATION if stage == "HELLO" else None)
             self._close(sock, proto, why)
         except asyncio.CancelledError:
             self._close(sock, proto, "listener closed")
@@ -462,19 +440,8 @@ class TlsWsServer:
             self._loop.remove_reader(fd)
 
     def _close(self, sock: socket.socket, proto, why: str) -> None:
-        ws = getattr(proto, "transport", None) if proto is not None else None
-        if ws is None or ws.is_disconnected:
+        if not ws.close_accepted(proto, why, self._loop):
             _reset(sock)  # no-op when a transport took it over already
-            underlying = getattr(ws, "underlying_transport", None)
-            if underlying is not None:
-                underlying.abort()
-            return
-        listener = proto.listener
-        if listener is not None and hasattr(listener, "close_reason") and not listener.close_reason:
-            listener.close_reason = why
-        ws.send_close(WSCloseCode.POLICY_VIOLATION, why.encode()[:120])
-        ws.disconnect(graceful=True)
-        self._loop.call_later(1.0, ws.disconnect, False)  # a peer that does not read cannot hold it
 
     def _limited(self, level: int, event: str, source: str, msg: str, *args, peer: str, code=None) -> None:
         extra = {"peer_addr": peer, "listener": self.name}
@@ -493,15 +460,13 @@ async def create_server(listener_factory, host: str, port: int, ssl_ctx: ssl.SSL
                         per_source: int, backlog: int = 1024):
     """Listen on host:port for (TLS) WebSocket tunnels; ``listener_factory(request, peer)`` decides on each
     upgrade (``peer``: "ip:port", or None). Raises OSError when it cannot listen."""
-    factory = _ws_protocol_factory(listener_factory, handshake_timeout, max_frame_size)
+    factory = ws.server_protocol(listener_factory, handshake_timeout, max_frame_size)
     if factory is None:  # another picows: keep working, only without the limits and log lines here
         log.warning("this picows version cannot hand over accepted sockets; %s runs without its handshake "
                     "limits and failed TLS handshakes will not be logged", name,
                     extra={"event": "tunnel.tls_logging_unavailable"})
-        return await ws_create_server(
-            lambda request: listener_factory(request, None), host, port, ssl=ssl_ctx,
-            websocket_handshake_timeout=handshake_timeout, max_frame_size=max_frame_size, reuse_address=True,
-            backlog=backlog, use_aiofastnet=True, ssl_handshake_timeout=handshake_timeout if ssl_ctx else None)
+        return await ws.fallback_server(listener_factory, host, port, ssl_ctx, handshake_timeout=handshake_timeout,
+                                        max_frame_size=max_frame_size, backlog=backlog)
     loop = asyncio.get_running_loop()
     infos = await loop.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     socks: list[socket.socket] = []

@@ -14,8 +14,6 @@ import struct
 import time
 from typing import TYPE_CHECKING
 
-from picows import WSCloseCode, WSListener, WSMsgType
-
 from ..protocol import (
     Connection, CreditAvailable, Data, GoAway, Hello, Members, OpenAccepted, OpenRefused, Ping, Pong,
     ProtocolError, RemoteFin, RemoteReset, ServicesChanged, StreamOpened,
@@ -24,6 +22,7 @@ from .. import logs
 from ..protocol import peer_input
 from ..protocol.frames import HEADER, FrameType, Reason
 from ..transport.tls import describe_peer_cert, session_info
+from ..transport.ws import CloseCode, Listener, MsgType
 from .budget import INITIAL_WINDOW
 from .stream import LocalStream
 
@@ -37,7 +36,7 @@ _PING = struct.Struct(">d")
 # and our 6-byte frame header, so picows can frame in place (see Tunnel.send_data).
 _WS_ROOM = 14
 _PAYLOAD_AT = _WS_ROOM + HEADER.size
-_BINARY = WSMsgType.BINARY
+_BINARY = MsgType.BINARY
 _MAX_SEND_FRAME = 1 << 20  # we never send DATA larger than this, whatever the peer allows
 # Early data we accept per stream before answering OPEN (protocol §4.5): enough for a client's first
 # request or TLS ClientHello; held in memory while the target is dialed, so kept small.
@@ -73,7 +72,7 @@ def ws_frames(frames: list[bytes], client: bool) -> bytes:
     return b"".join(out)
 
 
-class Tunnel(WSListener):
+class Tunnel(Listener):
     def __init__(self, gateway: Gateway, *, client: bool, url: str = "", kind: str = "tunnel",
                  expected_node: str | None = None):
         t = gateway.config.tunnel
@@ -176,15 +175,15 @@ class Tunnel(WSListener):
                 self.send_frame(reply)
             if event is not None:
                 self._dispatch(event)
-        elif mt is WSMsgType.CLOSE:
+        elif mt is MsgType.CLOSE:
             self.close_reason = self.close_reason or (
                 f"peer closed the WebSocket ({frame.get_close_code()}: {frame.get_close_reason() or 'no reason'})")
             self.flush()
-            transport.send_close(WSCloseCode.OK)
+            transport.send_close(CloseCode.OK)
             transport.disconnect()
-        elif mt is WSMsgType.PING:
+        elif mt is MsgType.PING:
             transport.send_pong(frame.get_payload_as_bytes())
-        elif mt is WSMsgType.PONG:
+        elif mt is MsgType.PONG:
             pass
         else:
             self.fail(f"protocol error by peer {self.peer_node} ({self.peer_addr}): WebSocket {mt.name} frame "
@@ -194,7 +193,7 @@ class Tunnel(WSListener):
     def on_ws_disconnected(self, transport) -> None:
         if not self.close_reason:
             sent = transport.close_handshake.sent if transport.close_handshake is not None else None
-            if sent is not None and sent.code not in (WSCloseCode.OK, WSCloseCode.GOING_AWAY):
+            if sent is not None and sent.code not in (CloseCode.OK, CloseCode.GOING_AWAY):
                 # picows closed it for a WebSocket protocol violation (bad opcode, unmasked frame,
                 # oversized frame...): say so once, before HELLO too, with the code the peer was told
                 self.close_reason = (f"WebSocket protocol violation by peer {self.peer_node} ({self.peer_addr}): "
@@ -402,7 +401,7 @@ class Tunnel(WSListener):
         if not self.conn.goaway_sent:
             self.send_frame(self.conn.goaway(Reason.DRAINING, text))
 
-    def fail(self, reason: str, code: WSCloseCode = WSCloseCode.PROTOCOL_ERROR, quiet: bool = False) -> None:
+    def fail(self, reason: str, code: CloseCode = CloseCode.PROTOCOL_ERROR, quiet: bool = False) -> None:
         """Close the tunnel at once (protocol §9.2): its streams are reset now, not when the
         peer (maybe dead) acknowledges; the close frame is sent and the socket aborted soon after."""
         if not self.close_reason:
@@ -424,5 +423,5 @@ class Tunnel(WSListener):
         ws = self.ws
         if ws is not None and not ws.is_disconnected:
             self.flush()
-            ws.send_close(WSCloseCode.GOING_AWAY, reason.encode()[:120])
+            ws.send_close(CloseCode.GOING_AWAY, reason.encode()[:120])
             ws.disconnect()
