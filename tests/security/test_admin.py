@@ -121,7 +121,7 @@ def test_40_scrapers_with_5000_streams_do_not_slow_the_data_path(tmp_path, gatew
         assert doc["streams_total"] >= STREAMS and len(doc["streams"]) == 1000 == doc["streams_limit"]
         tail = _status(cloud, f"?limit=10&offset={doc['streams_total'] - 4}")
         assert len(tail["streams"]) == 4 and tail["streams_offset"] == doc["streams_total"] - 4
-        from intercloud.cli_status import render
+        from intercloud.cli.status import render
 
         assert f"streams: {doc['streams_total']} open" in render(doc)
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from intercloud import certs, cli_check
+from intercloud import certs
+from intercloud.cli import check as cli_check
 from intercloud.config import (
     Config,
     ConfigError,

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from intercloud import cli_import
 from intercloud.certs import init_certs, load_certificates, load_private_key
+from intercloud.cli import import_kaazing as cli_import
 from intercloud.config import load_config
 from intercloud.config.kaazing import (
     EXIT_BAD_INPUT,

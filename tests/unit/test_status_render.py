@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from intercloud.cli_status import render
+from intercloud.cli.status import render
 
 
 def doc(targets: list[dict], role: str = "onprem") -> dict:

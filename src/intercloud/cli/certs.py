@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .certs import DEFAULT_LEAF_DAYS, CertError, init_certs
+from ..certs import DEFAULT_LEAF_DAYS, CertError, init_certs
 
 __all__ = ["add_parser", "run"]
 

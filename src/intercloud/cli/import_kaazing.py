@@ -23,8 +23,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, load_config
-from .config.kaazing import (
+from ..config import ConfigError, load_config
+from ..config.kaazing import (
     EXIT_BAD_INPUT,
     EXIT_DROPPED,
     EXIT_OK,

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, load_config
+from ..config import ConfigError, load_config
 
 __all__ = ["EXIT_INVALID", "EXIT_OK", "add_parser", "run"]
 

@@ -17,6 +17,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help=f"admin endpoint(s), e.g. 127.0.0.1:9101 (default {DEFAULT_URL})")
     p.add_argument("--token", help="bearer token (gateway.admin_token)")
     p.add_argument("--json", action="store_true", help="print the raw status JSON")
+    p.set_defaults(func=run)
     return p
 
 

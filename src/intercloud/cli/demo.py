@@ -9,6 +9,7 @@ the demo stays up for you to try ``nc 127.0.0.1 5551`` until Ctrl-C. Nothing is 
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
@@ -19,8 +20,9 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from .certs import init_certs
+from ..certs import init_certs
 
 HOST = "127.0.0.1"
 
@@ -452,7 +454,18 @@ async def run_demo(walk: bool, port_offset: int = 0, keep: bool = False) -> int:
         _print("intercloud demo: stopped every process")
 
 
-def main(args) -> int:
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``demo`` subcommand to an ``argparse`` subparsers object and return its parser."""
+    parser = subparsers.add_parser(
+        "demo", help="run the KWIC 4-ha tutorial topology on loopback (--walkthrough: test it)")
+    parser.add_argument("--walkthrough", action="store_true",
+                        help="stop and restart each gateway as the tutorial does, check every path, exit 0 on success")
+    parser.add_argument("--port-offset", type=int, default=0, help="add N to every port the demo uses")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
     os.environ.pop("HTTPS_PROXY", None)
     os.environ.pop("https_proxy", None)
     return asyncio.run(run_demo(args.walkthrough, args.port_offset))

@@ -1,4 +1,4 @@
-"""Command line: ``intercloud run|check|certs|version``. ``main(argv)`` returns the exit code."""
+"""``intercloud run CONFIG``: run a gateway (cloud or on-prem, as the config says) until it stops."""
 
 from __future__ import annotations
 
@@ -6,66 +6,23 @@ import argparse
 import asyncio
 import logging
 import sys
+from typing import Any
 
-from . import __version__, logs
+from .. import __version__, logs
 
 log = logging.getLogger("intercloud")
 
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="intercloud", description=(
-        "Reach TCP services between a cloud and private data centers over outbound TLS WebSocket tunnels."))
-    p.add_argument("--version", action="version", version=f"intercloud {__version__}")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    run = sub.add_parser("run", help="run a gateway from its TOML config")
-    run.add_argument("config")
-    run.add_argument("--log-format", choices=("text", "json"), default="text")
-    run.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
-
-    demo = sub.add_parser("demo", help="run the KWIC 4-ha tutorial topology on loopback (--walkthrough: test it)")
-    demo.add_argument("--walkthrough", action="store_true",
-                      help="stop and restart each gateway as the tutorial does, check every path, exit 0 on success")
-    demo.add_argument("--port-offset", type=int, default=0, help="add N to every port the demo uses")
-
-    from . import cli_certs, cli_check
-
-    cli_check.add_parser(sub)
-    from . import cli_import
-
-    cli_import.add_parser(sub)
-    cli_certs.add_parser(sub)
-    from . import cli_status
-
-    cli_status.add_parser(sub)
-    return p
+__all__ = ["add_parser", "run"]
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.command == "run":
-        return _run(args)
-    if args.command == "status":
-        from . import cli_status
-
-        return cli_status.run(args)
-    if args.command == "demo":
-        from . import demo
-
-        return demo.main(args)
-    if args.command == "check":
-        from . import cli_check
-
-        return cli_check.run(args)
-    if args.command == "import-kaazing":
-        from . import cli_import
-
-        return cli_import.run(args)
-    if args.command == "certs":
-        from . import cli_certs
-
-        return cli_certs.run(args)
-    return 2
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``run`` subcommand to an ``argparse`` subparsers object and return its parser."""
+    parser = subparsers.add_parser("run", help="run a gateway from its TOML config")
+    parser.add_argument("config")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text")
+    parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    parser.set_defaults(func=run)
+    return parser
 
 
 def _tune_malloc() -> None:
@@ -99,16 +56,17 @@ def _raise_nofile(role: str) -> None:
     limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     shown = "unlimited" if limit == resource.RLIM_INFINITY else str(limit)
     if role == "cloud" and limit != resource.RLIM_INFINITY:
-        from .transport.tls_server import fd_reserve
+        from ..transport.tls_server import fd_reserve
 
         shown += f", of which the tunnel listeners leave {fd_reserve(limit)} to established tunnels"
     log.info("open-files limit %s (soft limit was %s)", shown, soft,
              extra={"event": "gateway.nofile", "limit": limit, "was": soft})
 
 
-def _run(args) -> int:
+def run(args: argparse.Namespace) -> int:
+    """Load ``args.config`` and run its gateway; return the exit status (2 bad config, 1 failed, 130 Ctrl-C)."""
     _tune_malloc()
-    from .config import ConfigError, load_config
+    from ..config import ConfigError, load_config
 
     import signal
 
@@ -122,9 +80,9 @@ def _run(args) -> int:
         print(str(exc), file=sys.stderr)
         return 2
     if config.gateway.role == "cloud":
-        from .cloud.server import CloudGateway as cls
+        from ..cloud.server import CloudGateway as cls
     else:
-        from .onprem.dialer import OnpremGateway as cls
+        from ..onprem.dialer import OnpremGateway as cls
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
