@@ -144,7 +144,7 @@ class _HeapTrim:
 
     Why: a TLS handshake allocates ~0.6 MiB (two 257 KiB BIO buffers plus OpenSSL's and picows' state);
     when it ends, glibc keeps the freed chunks in the middle of the heap resident (only the top is ever
-    trimmed, and cli._tune_malloc keeps 64 MiB of that on purpose). Within the handshake cap, 15,000
+    trimmed, and cli.run._tune_malloc keeps 64 MiB of that on purpose). Within the handshake cap, 15,000
     failed handshakes from a flood grew a listener's RSS by ~50 MB while the bytes in use stayed at 5 MB
     (mallinfo2), and it kept growing; ``malloc_trim(0)`` took it back to the baseline in 4-7 ms on a
     170 MB heap. A lower M_MMAP_THRESHOLD (256 KiB) was measured too: the heap still grew (~10 MB per
