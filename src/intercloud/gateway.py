@@ -14,6 +14,7 @@ import threading
 import time
 from collections import deque
 
+from .errors import StartupError
 from . import logs
 from .config import Config
 from .protocol import State
@@ -165,7 +166,7 @@ class Gateway:
             try:
                 await self._listen(svc)
             except OSError as exc:
-                raise SystemExit(
+                raise StartupError(
                     f"{self.config.source}: service {svc.name!r}: cannot listen on {svc.accept}: {exc.strerror}; "
                     "free the port or change service.accept") from None
 

@@ -22,6 +22,7 @@ import re
 import time
 from urllib.parse import parse_qs
 
+from ..errors import StartupError
 from .. import logs
 from .status import MAX_STREAMS_LIMIT, STREAMS_LIMIT, status
 
@@ -94,7 +95,7 @@ class AdminServer:
             self.server = await asyncio.start_server(self._handle, addr.host, addr.port, reuse_address=True,
                                                      limit=_MAX_HEAD + 4)
         except OSError as exc:
-            raise SystemExit(f"{self.gw.config.source}: gateway.admin {addr.host}:{addr.port}: cannot listen: "
+            raise StartupError(f"{self.gw.config.source}: gateway.admin {addr.host}:{addr.port}: cannot listen: "
                              f"{exc.strerror}; free the port or change gateway.admin") from None
         log.info("admin endpoint on http://%s:%s", addr.host, addr.port,
                  extra={"event": "admin.listening", "address": f"{addr.host}:{addr.port}"})

@@ -8,6 +8,7 @@ import logging
 import sys
 from typing import Any
 
+from ..errors import StartupError
 from .. import __version__, logs
 
 log = logging.getLogger("intercloud")
@@ -99,10 +100,10 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         return runner(go())
-    except (SystemExit, BaseExceptionGroup) as exc:
-        fatal = _first_system_exit(exc)
-        if fatal is not None and isinstance(fatal.code, str):
-            log.error("%s", fatal.code, extra={"event": "gateway.failed"})
+    except (StartupError, BaseExceptionGroup) as exc:
+        fatal = _first_startup_error(exc)
+        if fatal is not None:
+            log.error("%s", fatal, extra={"event": "gateway.failed"})
             return 1
         raise
     except KeyboardInterrupt:
@@ -112,13 +113,13 @@ def run(args: argparse.Namespace) -> int:
         logs.flush()  # lines the loop had not written yet (logs.py writes once per iteration)
 
 
-def _first_system_exit(exc: BaseException) -> SystemExit | None:
-    """Startup failures are raised as SystemExit(message), possibly wrapped by a TaskGroup."""
-    if isinstance(exc, SystemExit):
+def _first_startup_error(exc: BaseException) -> StartupError | None:
+    """Startup failures are raised as StartupError(message), possibly wrapped by a TaskGroup."""
+    if isinstance(exc, StartupError):
         return exc
     if isinstance(exc, BaseExceptionGroup):
         for sub in exc.exceptions:
-            found = _first_system_exit(sub)
+            found = _first_startup_error(sub)
             if found is not None:
                 return found
     return None

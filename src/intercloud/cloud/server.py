@@ -8,6 +8,7 @@ import logging
 import time
 
 
+from ..errors import StartupError
 from ..cluster.peers import Cluster
 from .tenants import match_tenant
 from ..gateway import Gateway
@@ -229,7 +230,7 @@ class CloudGateway(Gateway):
                 max_frame_size=ws_frame_limit(cfg.tunnel.max_frame), name="tunnel.listen",
                 max_handshakes=cap, per_source=cfg.cluster.handshakes_per_source)
         except OSError as exc:
-            raise SystemExit(f"{cfg.source}: tunnel.listen {url}: cannot listen: {exc.strerror}; "
+            raise StartupError(f"{cfg.source}: tunnel.listen {url}: cannot listen: {exc.strerror}; "
                              "free the port or change tunnel.listen") from None
         self.listeners.append(server)
         self._tunnel_server = server

@@ -16,6 +16,7 @@ import ssl
 import time
 from typing import TYPE_CHECKING
 
+from ..errors import StartupError
 from ..backoff import backoff
 from ..protocol.connection import ws_frame_limit
 from ..transport import tls_server, ws
@@ -121,7 +122,7 @@ class Cluster:
                 max_frame_size=ws_frame_limit(t.max_frame), name="cluster.listen",
                 max_handshakes=self.cfg.max_handshakes, per_source=self.cfg.handshakes_per_source)
         except OSError as exc:
-            raise SystemExit(f"{self.gw.config.source}: cluster.listen {url}: cannot listen: {exc.strerror}; "
+            raise StartupError(f"{self.gw.config.source}: cluster.listen {url}: cannot listen: {exc.strerror}; "
                              "free the port or change cluster.listen") from None
         self.gw.listeners.append(server)
         self._server = server
