@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.e2e.conftest import wait_tunnels
 from tests.e2e.topology import make_pair
 from tests.support.netcat import nc_exchange
 from tests.support.servers import EchoServer
@@ -84,3 +85,17 @@ def test_cloud_node_id_not_in_its_certificate_is_refused_by_the_onprem_gateway(t
         problems = [r for r in onprem.log_lines() if r["level"] in PROBLEMS and r["event"] != "stream.refused"]
         assert [r["event"] for r in problems] == ["tunnel.dial_failed"], problems
         assert onprem.http_get("/readyz")[0] == 503
+
+
+def test_without_a_verified_client_certificate_the_node_id_is_taken_on_trust(tmp_path, gateways):
+    """tls.verify_client = false: the cloud asks for no client certificate, so there is nothing to check
+    an on-prem node id against; the tunnel works as before (docs/configuration.md, [tls])."""
+    with EchoServer() as echo_a, EchoServer() as echo_b:
+        pair = make_pair(tmp_path, a_target=echo_a.port, b_target=echo_b.port)
+        cloud = gateways("cloud1", pair.cloud_config().replace("[tls]\n", "[tls]\nverify_client = false\n", 1))
+        pair.onprem_cert = "onprem1"
+        gateways("onprem2", pair.onprem_config("onprem2"), ready=False)
+        wait_tunnels(cloud, 1)
+        (tunnel,) = cloud.status()["tunnels"]
+        assert tunnel["peer_node"] == "onprem2" and not tunnel.get("peer_cert"), tunnel
+        assert nc_exchange(L, pair.a_port, b"unverified\n") == b"unverified\n"
