@@ -784,12 +784,14 @@ def identity_refusal(tunnel: Tunnel) -> str | None:
         return None
     peer_role, which, flag = (("on-prem", "client", "--onprem") if tunnel.gateway.role == "cloud"
                               else ("cloud", "server", "--cloud"))
-    listed = ", ".join(peer_input.shown(n) for n in names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+    listed = ", ".join(peer_input.shown(n) for n in names[:8]) or "none (the certificate has no CN or DNS name)"
+    if len(names) > 8:
+        listed += f" and {len(names) - 8} more"
     # no address in the text: it is the same on every redial, so the dialer logs it once (the refusing
     # side's log line has the address)
     return (f"{peer_role} gateway {peer_input.shown(node)}: that node id is not a name of its {which} certificate "
             f"(subject {peer_input.shown(tunnel.peer_cert.get('subject', '?'))}); "
-            f"set gateway.node_id of that gateway to one of: {listed or 'none (the certificate has no CN or DNS name)'}, "
+            f"set gateway.node_id of that gateway to one of: {listed}, "
             f"or issue it a certificate for {peer_input.shown(node)} (intercloud certs init DIR {flag} {node})")
 
 
