@@ -14,11 +14,15 @@ import threading
 import time
 from collections import deque
 
-from .errors import StartupError
+from cryptography import x509
+
 from . import logs
+from .errors import StartupError
 from .config import Config
 from .protocol import State
+from .protocol import peer_input
 from .protocol.frames import Reason
+from .transport.tls import certificate_names
 from .tunnel.budget import BufferBudget
 from .tunnel.stream import LocalStream, reset
 from .tunnel.tunnel import Tunnel
@@ -96,7 +100,7 @@ class Gateway:
         if peer.role == self.role:
             return (f"peer {peer.node_id} is a {peer.role} gateway like this one; "
                     "a tunnel joins a cloud and an on-prem gateway")
-        return None
+        return identity_refusal(tunnel)
 
     def route_keys(self) -> set[str]:
         return set()
@@ -410,8 +414,10 @@ class Gateway:
             tunnel.refused = True
             if self.role == "cloud" and tunnel.conn.hello_sent:  # whole reason; a close reason holds 123 bytes
                 tunnel.send_frame(tunnel.conn.goaway(Reason.FORBIDDEN, refusal))
-            # landing on an already covered member is routine behind a load balancer: the dialer logs it
-            tunnel.fail(refusal, code=1008, quiet=refusal.startswith(("landed on member", "peer link to this member itself")))
+            # one line per refusal: the cloud's admit logged it (tenant.refused), a dialer logs it as its
+            # dial failure (landing on an already covered member, routine behind a load balancer, at INFO)
+            tunnel.fail(refusal, code=1008, quiet=tunnel.refusal_logged or tunnel.client
+                        or refusal.startswith("peer link to this member itself"))
             return
         if tunnel.client:
             tunnel.send_hello()  # protocol §5.2: the dialer answers after admitting the peer
@@ -814,6 +820,33 @@ class Gateway:
 
 
 DEFAULT_TENANT = "default"
+
+
+def identity_refusal(tunnel: Tunnel) -> str | None:
+    """Why the peer's HELLO node id does not match its certificate, or None (protocol §5.4).
+
+    A gateway is who its verified certificate says: its node id must be one of the certificate's names
+    (CN or DNS SAN, exact match), so a gateway holding a certificate of its own cannot pose as another
+    one in logs, routes, coverage and member lists. Where no certificate was verified (tls.insecure,
+    or a cloud with tls.verify_client = false) there is nothing to check against: the node id is
+    taken on trust there."""
+    if not tunnel.peer_der:
+        return None
+    node = tunnel.conn.peer.node_id
+    names = certificate_names(x509.load_der_x509_certificate(tunnel.peer_der))
+    if node in names:
+        return None
+    peer_role, which, flag = (("on-prem", "client", "--onprem") if tunnel.gateway.role == "cloud"
+                              else ("cloud", "server", "--cloud"))
+    listed = ", ".join(peer_input.shown(n) for n in names[:8]) or "none (the certificate has no CN or DNS name)"
+    if len(names) > 8:
+        listed += f" and {len(names) - 8} more"
+    # no address in the text: it is the same on every redial, so the dialer logs it once (the refusing
+    # side's log line has the address)
+    return (f"{peer_role} gateway {peer_input.shown(node)}: that node id is not a name of its {which} certificate "
+            f"(subject {peer_input.shown(tunnel.peer_cert.get('subject', '?'))}); "
+            f"set gateway.node_id of that gateway to one of: {listed}, "
+            f"or issue it a certificate for {peer_input.shown(node)} (intercloud certs init DIR {flag} {node})")
 
 
 def svc_key(svc) -> tuple[str, str]:

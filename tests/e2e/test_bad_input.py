@@ -188,7 +188,7 @@ def test_expired_client_certificate(started_pair, gateways, tmp_path):
 def test_wrong_server_name(started_pair, gateways):
     pair, cloud, _onprem = started_pair
     mark = cloud.log_mark()
-    bad = gateways("misnamed", onprem_config(pair, "misnamed", pair.certs / "onprem2.pem",
+    bad = gateways("misnamed", onprem_config(pair, "onprem2", pair.certs / "onprem2.pem",
                                              pair.certs / "onprem2.key",
                                              extra_tls='server_name = "wrong.example"\n'), ready=False)
     reason = dial_failure(bad)

@@ -175,8 +175,8 @@ def test_cloud_service_of_another_tenant_cannot_be_opened(tmp_path, gateways, se
         _t, c = await ws_connect(RawClient, f"wss://localhost:{w.tunnel}/intercloud", ssl_context=ctx,
                                  extra_headers={"Sec-WebSocket-Protocol": "intercloud.v1"})
         hello = json.loads((await c.next_frame(FrameType.HELLO)).payload)
-        c.send(encode(FrameType.HELLO, 0, json.dumps({
-            "version": 1, "node_id": "forger", "role": "onprem", "services": [], "window": 1 << 20,
+        c.send(encode(FrameType.HELLO, 0, json.dumps({  # the node id its certificate names (protocol §5.4)
+            "version": 1, "node_id": "tenant201", "role": "onprem", "services": [], "window": 1 << 20,
             "max_frame": 65536, "max_streams": 10, "incarnation": "x"}).encode()))
         c.send(encode(FrameType.OPEN, 1, encode_open("serviceB", "forged")))
         fail = await c.next_frame(FrameType.OPEN_FAIL)

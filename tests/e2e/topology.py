@@ -23,7 +23,7 @@ class Pair:
     extra_onprem_tunnel: str = ""
     per_member: int = 1
     server_name: str = "localhost"
-    onprem_cert: str = "onprem1"
+    onprem_cert: str | None = None  # None: each on-prem gateway's own certificate, named like its node id
     cloud_services: list[str] = field(default_factory=list)
     onprem_services: list[str] = field(default_factory=list)
 
@@ -45,8 +45,13 @@ class Pair:
                 f'ping_interval = "1s"\nping_timeout = "4s"\n\n' + "\n".join(self.cloud_services) + "\n")
 
     def onprem_config(self, name: str = "onprem1", admin: int | None = None, b_port: int | None = None) -> str:
+        """An on-prem gateway with node id ``name``. Its certificate names it (the cloud admits only a
+        node id its certificate names, protocol §5.4); one is issued from the pair's CA if need be."""
+        cert = self.onprem_cert or name
+        if not self.insecure and not (self.certs / f"{cert}.pem").exists():
+            init_certs(self.certs, cloud=[], onprem=[cert])
         return (f'[gateway]\nrole = "onprem"\nnode_id = "{name}"\nadmin = "127.0.0.1:{admin or self.onprem_admin}"\n'
-                f'route_wait = "2s"\n\n{self._tls(self.onprem_cert)}\n'
+                f'route_wait = "2s"\n\n{self._tls(cert)}\n'
                 f'[tunnel]\nconnect = ["{self.url}"]\nper_member = {self.per_member}\n'
                 f'ping_interval = "1s"\nping_timeout = "4s"\nreconnect_min = "100ms"\nreconnect_max = "1s"\n'
                 f'{self.extra_onprem_tunnel}\n' + "\n".join(self.onprem_services) + "\n")

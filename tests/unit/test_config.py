@@ -184,7 +184,8 @@ def test_defaults(tmp_path: Path, pki: Path) -> None:
     assert cfg.services == []
 
 
-def test_valid_onprem_config_defaults_node_id_to_host_name(tmp_path: Path, pki: Path, monkeypatch) -> None:
+def test_valid_onprem_config_defaults_node_id_to_the_certificate_cn(tmp_path: Path, pki: Path, monkeypatch) -> None:
+    # not the host name: cloned VMs share it, and the cloud admits only a node id the certificate names
     monkeypatch.setattr(socket, "gethostname", lambda: "dc1-gw.example.com")
     cfg = load_config(
         write(
@@ -197,7 +198,8 @@ def test_valid_onprem_config_defaults_node_id_to_host_name(tmp_path: Path, pki: 
             ),
         )
     )
-    assert cfg.gateway.role == "onprem" and cfg.gateway.node_id == "dc1-gw.example.com"
+    assert cfg.gateway.role == "onprem" and cfg.gateway.node_id == "onprem1"
+    assert cfg.warnings == []
     a, b = cfg.tunnel.connect
     assert (a.scheme, a.host, a.port, a.path) == ("wss", "a.example.com", 443, "/intercloud")
     assert (b.port, b.path) == (8443, "/x")
@@ -207,13 +209,79 @@ def test_valid_onprem_config_defaults_node_id_to_host_name(tmp_path: Path, pki: 
 
 
 def test_onprem_node_id_may_be_set(tmp_path: Path, pki: Path) -> None:
-    cfg = load_config(write(tmp_path, onprem_toml(pki, gateway='node_id = "dc1"')))
-    assert cfg.gateway.node_id == "dc1"
+    cfg = load_config(write(tmp_path, onprem_toml(pki, gateway='node_id = "onprem1"')))
+    assert cfg.gateway.node_id == "onprem1" and cfg.warnings == []
 
 
-def test_onprem_with_unusable_host_name_must_set_node_id(tmp_path: Path, pki: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("role", ["onprem", "cloud"])
+def test_node_id_that_the_certificate_does_not_name_is_a_warning(tmp_path: Path, pki: Path, role: str) -> None:
+    text = (onprem_toml(pki, gateway='node_id = "dc1"') if role == "onprem"
+            else cloud_toml(pki).replace('node_id = "cloud1"', 'node_id = "cloud9"'))
+    cfg = load_config(write(tmp_path, text))  # it still starts: whether the peer checks is the peer's config
+    (key, msg), = cfg.warnings
+    node, cert = ("dc1", "onprem1") if role == "onprem" else ("cloud9", "cloud1")
+    assert key == "gateway.node_id" and f"{node!r} is not a name of tls.cert" in msg, msg
+    assert f"{pki / cert}.pem" in msg and f"'{cert}'" in msg and "refuse" in msg, msg
+    assert "set node_id to one of those names" in msg and f"issue a certificate for {node!r}" in msg, msg
+
+
+def _leaf(directory: Path, stem: str, cn: str | None, dns: list[str]) -> None:
+    """An on-prem certificate from the pki CA with this CN (None: no CN at all) and these DNS SANs."""
+    import datetime as _dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import NameOID
+
+    ca = certs.load_ca(directory)
+    key = certs.generate_key()
+    now = _dt.datetime.now(_dt.UTC)
+    builder = (x509.CertificateBuilder()
+               .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)] if cn else []))
+               .issuer_name(ca.cert.subject).public_key(key.public_key())
+               .serial_number(x509.random_serial_number())
+               .not_valid_before(now - _dt.timedelta(hours=1)).not_valid_after(now + _dt.timedelta(days=90)))
+    if dns:
+        builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(d) for d in dns]), critical=False)
+    certs.write_certificate(directory / f"{stem}.pem", builder.sign(ca.key, hashes.SHA256()))
+    certs.write_private_key(directory / f"{stem}.key", key)
+
+
+@pytest.mark.parametrize(("cn", "dns", "expected"), [
+    (None, ["dc7.example.com", "dc7"], "dc7.example.com"),  # no CN: the first DNS SAN
+    ("DC 7 gateway", ["dc7"], "dc7"),  # a CN that is no valid node id: the first name that is
+])
+def test_onprem_default_node_id_is_the_certificates_first_usable_name(tmp_path: Path, pki: Path, cn, dns,
+                                                                      expected) -> None:
+    d = tmp_path / "pki"
+    shutil.copytree(pki, d)
+    _leaf(d, "leaf", cn, dns)
+    cfg = load_config(write(tmp_path, onprem_toml(d).replace("onprem1.", "leaf.")))
+    assert cfg.gateway.node_id == expected and cfg.warnings == []
+
+
+def test_onprem_certificate_without_a_usable_name_must_set_node_id(tmp_path: Path, pki: Path) -> None:
+    d = tmp_path / "pki"
+    shutil.copytree(pki, d)
+    _leaf(d, "leaf", "DC 7 gateway", [])
+    msg = problem_for(write(tmp_path, onprem_toml(d).replace("onprem1.", "leaf.")), "gateway.node_id")
+    assert "no name of tls.cert" in msg and "'DC 7 gateway'" in msg and "set gateway.node_id" in msg, msg
+
+
+def _plain_onprem(gateway: str = "") -> str:
+    return (f'[gateway]\nrole = "onprem"\n{gateway}\n[tls]\ninsecure = true\n'
+            '[tunnel]\nconnect = ["ws://cloud1:8080/intercloud"]\n')
+
+
+def test_onprem_without_a_certificate_defaults_node_id_to_the_host_name(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(socket, "gethostname", lambda: "dc1-gw.example.com")
+    cfg = load_config(write(tmp_path, _plain_onprem()))
+    assert cfg.gateway.node_id == "dc1-gw.example.com"
+
+
+def test_onprem_with_unusable_host_name_must_set_node_id(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(socket, "gethostname", lambda: "bad host name")
-    msg = problem_for(write(tmp_path, onprem_toml(pki)), "gateway.node_id")
+    msg = problem_for(write(tmp_path, _plain_onprem()), "gateway.node_id")
     assert "'bad host name' is not a valid node id" in msg and "set gateway.node_id" in msg
 
 

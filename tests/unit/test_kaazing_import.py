@@ -201,6 +201,15 @@ def names(cfg, direction: str) -> set[str]:
     return {s.name for s in cfg.services if s.direction == direction}
 
 
+def assert_node_id_named_by_cert(cfg) -> None:
+    """The peer admits a gateway only if its node id is a name of its certificate (protocol §5.4)."""
+    from intercloud.transport.tls import certificate_names
+
+    cert_names = certificate_names(load_certificates(cfg.tls.cert)[0])
+    assert cfg.gateway.node_id in cert_names, (cfg.gateway.node_id, cert_names)
+    assert not [w for w in cfg.warnings if w[0] == "gateway.node_id"], cfg.warnings
+
+
 def stores_for(tmp_path: Path, xml: Path, pki: Path, name: str) -> dict:
     """Import options that point a <security> section at JCEKS stores made for certificate NAME."""
     stores = make_stores(tmp_path / "stores" / name, pki, name)
@@ -276,6 +285,10 @@ def test_1_simple_halves_match(tmp_path):
     assert cloud.tunnel.ping_timeout == onprem.tunnel.ping_timeout == 55
     assert cloud.tunnel.ping_interval == 18
     assert cloud.gateway.node_id == "example.com"
+    # with the certificates the importer says to create, each half is who its certificate says
+    assert onprem.gateway.node_id == "onprem"  # not set: the CN of pki/onprem.pem (certs init --onprem onprem)
+    assert_node_id_named_by_cert(cloud)
+    assert_node_id_named_by_cert(onprem)
 
 
 @needs_tutorials
@@ -309,6 +322,31 @@ def test_2_tls_keystores_are_converted(tmp_path):
     assert not result.to_create
     text = (tmp_path / "cloud.toml").read_text()
     assert "converted from" in text and "JCEKS" in text
+    assert cloud.gateway.node_id == "example.com" and onprem.gateway.node_id == "onprem"
+    assert_node_id_named_by_cert(cloud)
+    assert_node_id_named_by_cert(onprem)
+    assert not any("is not a name of the certificate" in f.message for f in result.findings)
+
+
+@needs_tutorials
+@pytest.mark.parametrize("role", ["cloud", "onprem"])
+def test_node_id_that_the_keystore_certificate_does_not_name_is_reported(tmp_path, role):
+    """KWIC keystores name whatever their cert-generator was told (the tutorials: example.com); a
+    --node-id the certificate does not name would be refused by the other half, so the import says so."""
+    cfg_dir = TUTORIALS / "kwic" / "2-tls" / "config"
+    pki = tmp_path / "pki"
+    init_certs(pki, cloud=["example.com"], onprem=["onprem"])
+    cert, node = ("example.com", "cloud1") if role == "cloud" else ("onprem", "onprem1")
+    result, cfg = do_import(cfg_dir / f"{role}-config.xml", tmp_path / f"{role}.toml", node_id=node,
+                            **stores_for(tmp_path, cfg_dir, pki, cert))
+    assert result.exit_code == EXIT_OK
+    note = next(f for f in result.findings if "is not a name of the certificate" in f.message)
+    assert note.level == "note" and f"gateway.node_id {node!r} (--node-id)" in note.message, note
+    assert f"CN={cert}" in note.message and "refuse" in note.message, note
+    assert f"give --node-id {cert}" in note.message and f"certs init pki --{role} {node}" in note.message, note
+    head = " ".join((tmp_path / f"{role}.toml").read_text().replace("\n#", " ").split())
+    assert " ".join(note.message.split()) in head  # also in the report at the head of the TOML
+    assert [k for k, _ in cfg.warnings] == ["gateway.node_id"]  # and `intercloud check` warns
 
 
 @needs_tutorials
@@ -346,6 +384,9 @@ def test_3_multi_tenant_with_tenants(tmp_path):
     assert names(t101, "connect") | names(t201, "connect") == names(cloud, "accept")
     assert names(t101, "accept") | names(t201, "accept") == names(cloud, "connect")
     assert str(t201.service("serviceC").connect) == "tcp://server-a:5551"  # as tenant201-config.xml says
+    assert (t101.gateway.node_id, t201.gateway.node_id) == ("tenant101", "tenant201")  # their certificates' CNs
+    for cfg in (cloud, t101, t201):
+        assert_node_id_named_by_cert(cfg)
 
 
 def _pki(tmp_path: Path, cloud: list[str], onprem: list[str]) -> Path:

@@ -35,7 +35,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
             "and key per gateway: DIR/NAME.pem, DIR/NAME.key. Cloud certificates name NAME, every "
             "--san, localhost, 127.0.0.1 and ::1 and serve as TLS server and client; on-prem "
             "certificates name NAME and are TLS client only. Keys are ECDSA P-256, written with "
-            "mode 0600. Existing NAME files are replaced."
+            "mode 0600. Existing NAME files are replaced. NAME is the gateway's identity: use its "
+            "gateway.node_id (an on-prem gateway without node_id takes its certificate's NAME)."
         ),
     )
     init.add_argument("directory", metavar="DIR", type=Path, help="directory for the files (created if missing)")
@@ -44,14 +45,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="NAME[,NAME]",
-        help="cloud gateway (member) names; repeat or separate with commas",
+        help="cloud gateway (member) names, their node ids; repeat or separate with commas",
     )
     init.add_argument(
         "--onprem",
         action="append",
         default=[],
         metavar="NAME[,NAME]",
-        help="on-prem gateway names; repeat or separate with commas",
+        help="on-prem gateway names, their node ids; repeat or separate with commas",
     )
     init.add_argument(
         "--san",

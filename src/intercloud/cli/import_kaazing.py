@@ -89,7 +89,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--role", choices=("cloud", "onprem"),
                         help="import only this half of a file that has services of both")
     parser.add_argument("--node-id", metavar="ID",
-                        help="gateway.node_id (default: cloud: the host of the tunnel URL; on-prem: the host name)")
+                        help="gateway.node_id, a name of the gateway's certificate (default: cloud: the host of the "
+                             "tunnel URL; on-prem: none, so it is the certificate's first name, its CN)")
     parser.add_argument("--keystore", type=Path, metavar="FILE", help="use this keystore instead of <keystore><file>")
     parser.add_argument("--truststore", type=Path, metavar="FILE",
                         help="use this truststore instead of <truststore><file>")

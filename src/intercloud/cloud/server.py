@@ -127,11 +127,14 @@ class CloudGateway(Gateway):
             if self.cluster is None:
                 return "this cloud gateway has no [cluster]"
             return self.cluster.admit_link(tunnel)
+        # the role, then the node id against the certificate (protocol §5.4), then tenant and services
         refusal = super().admit(tunnel) or self.admit_tenant(tunnel)
         if refusal is not None:
+            tunnel.refusal_logged = True
             log.warning("tunnel from %s refused: %s", tunnel.peer_addr, refusal,
                         extra={"event": "tenant.refused", "peer_addr": tunnel.peer_addr, "reason": refusal,
-                               "subject": tunnel.peer_cert.get("subject"), "tenant": tunnel.tenant})
+                               "peer_node": tunnel.peer_node, "subject": tunnel.peer_cert.get("subject"),
+                               "tenant": tunnel.tenant})
         return refusal
 
     def tunnel_ready(self, tunnel: Tunnel) -> None:

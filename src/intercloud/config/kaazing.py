@@ -1141,7 +1141,7 @@ class _Importer:
                             f"in {ca_file}")
                 out.key("ca", ca_file, "create: the CA (PEM) that signed the other half's certificates")
                 self._check_usage(leaf, role, keystore)
-                return _TlsFiles(cert_file, key_file, ca_file, leaf, converted=True)
+                return _TlsFiles(cert_file, key_file, ca_file, leaf, converted=True, source=ks_src)
         seen: set[bytes] = set()
         unique = []
         for c in cas:
@@ -1152,7 +1152,7 @@ class _Importer:
         self.files[ca_file] = (_pem(*unique), 0o644)
         out.key("ca", ca_file, f"converted from {ca_src}")
         self._check_usage(leaf, role, keystore)
-        return _TlsFiles(cert_file, key_file, ca_file, leaf, converted=True)
+        return _TlsFiles(cert_file, key_file, ca_file, leaf, converted=True, source=ks_src)
 
     def _pick_alias(self, ks: _Store, path: Path, role: str, node_id: str | None, host: str | None) -> str:
         aliases = list(ks.keys)
@@ -1236,6 +1236,7 @@ class _Importer:
         tunnel_host = next((h for h in transport_hosts), None)
         self._gateway(out, "cloud", node_id, node_comment)
         tls = self._tls(root, "cloud", out, node_id, plain, tunnel_host)
+        self._identity("cloud", node_id, node_comment, tls)
         self._verify_client(mine, out, tls)
         # tunnel.listen
         out.table("tunnel")
@@ -1318,6 +1319,32 @@ class _Importer:
         self.report("note", self.root, f"gateway.node_id = {name!r} was made from the file name; every cloud member "
                     "needs its own: give --node-id")
         return name, "from the file name (give --node-id)"
+
+    def _identity(self, role: str, node_id: str | None, node_comment: str, tls: _TlsFiles | None) -> None:
+        """A gateway's node id must be a name (CN or DNS SAN) of its certificate, or the other half refuses
+        it (protocol §5.4). The PEM files to create are named after the node id, so that holds for them;
+        a certificate converted from a keystore may name something else, which is said here."""
+        if tls is None or tls.leaf is None:
+            return
+        names = _cert_names(tls.leaf)
+        usable = [n for n in names if NAME_PATTERN.fullmatch(n)]
+        shown = ", ".join(repr(n) for n in names[:8]) or "none"
+        if node_id is None:  # on-prem: config.load takes the certificate's first usable name
+            if not usable:
+                self.report("note", None, f"the certificate converted from {tls.source} ({_subject(tls.leaf)}) has "
+                            f"no name that can be a node id (names: {shown}); set gateway.node_id (--node-id) and "
+                            "issue a certificate that names it, or the cloud refuses this gateway")
+            return
+        if node_id in names:
+            return
+        refuses = ("on-prem gateways refuse this cloud gateway (and cluster members refuse it as a member)"
+                   if role == "cloud" else "the cloud refuses this gateway (when it verifies client certificates)")
+        instead = f"give --node-id {usable[0]}" if usable else "give --node-id a name of the certificate"
+        flag = "--cloud" if role == "cloud" else "--onprem"
+        self.report("note", None, f"gateway.node_id {node_id!r} ({node_comment}) is not a name of the certificate "
+                    f"converted from {tls.source} ({_subject(tls.leaf)}; names: {shown}): {refuses}, since a "
+                    f"gateway's node id must be a name of its certificate. Either {instead}, or put a certificate "
+                    f"for {node_id!r} in the keystore (`intercloud certs init pki {flag} {node_id}` makes one)")
 
     def _verify_client(self, mine: list[_Kwic], out: _Toml, tls: _TlsFiles | None) -> None:
         if tls is None:
@@ -1431,8 +1458,10 @@ class _Importer:
         node_id, node_comment = self._node_id("onprem", [])
         self._gateway(out, "onprem", node_id, node_comment)
         if node_id is None:
-            out.comment("node_id defaults to this machine's host name; give every on-prem gateway its own")
-        self._tls(root, "onprem", out, node_id or _stem_name(self.source), plain, None)
+            out.comment("node_id defaults to the first name (CN) of tls.cert, or the host name without one: give "
+                        "every on-prem gateway a certificate of its own")
+        tls = self._tls(root, "onprem", out, node_id or _stem_name(self.source), plain, None)
+        self._identity("onprem", node_id, node_comment, tls)
         out.table("tunnel")
         if not unique:
             raise KaazingImportError(f"{self.source}: no tunnel found (no socks.transport and no ws(s):// connect); "
@@ -1768,6 +1797,7 @@ class _TlsFiles:
     ca: str
     leaf: x509.Certificate | None
     converted: bool
+    source: str = ""  # the keystore entry the certificate was converted from
 
 
 def _parses(text: str) -> bool:

@@ -31,6 +31,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from pydantic import BaseModel, ValidationError
 
 from .. import certs
+from ..transport.tls import certificate_names
 from .model import (
     ClusterConfig,
     Config,
@@ -41,6 +42,7 @@ from .model import (
     TlsConfig,
     TunnelConfig,
     WsUrl,
+    default_node_id,
 )
 from .units import format_duration, format_size
 
@@ -324,6 +326,7 @@ class _Checker:
         self.warnings: list[Problem] = []
         self._reported: set[str] = set()  # key paths that already have a problem
         self._broken: set[str] = set()  # key paths whose value failed validation
+        self._leaf: x509.Certificate | None = None  # the certificate of tls.cert, once loaded
 
     # -- bookkeeping -------------------------------------------------------------------------
 
@@ -402,6 +405,8 @@ class _Checker:
             self._check_transport_security(role, tunnel, tls)
         if tls is not None:
             self._check_tls_files(role, tls)
+        if gateway is not None:
+            gateway = self._node_identity(gateway, tls)
         if role is not None and tls is not None:
             self._check_tls_role_keys(role, tls)
         if services is not None:
@@ -503,19 +508,6 @@ class _Checker:
     # -- rules -------------------------------------------------------------------------------
 
     def _check_gateway(self, gw: GatewayConfig) -> None:
-        if gw.node_id is None and self.ok("gateway.node_id"):
-            if gw.role == "cloud":
-                self.problem(
-                    "gateway.node_id",
-                    'required for role = "cloud": every cloud member needs a stable, unique node id, '
-                    'e.g. node_id = "cloud1"',
-                )
-            else:
-                self.problem(
-                    "gateway.node_id",
-                    f"the host name {socket.gethostname()[:80]!r} is not a valid node id, so it cannot be "
-                    "the default; set gateway.node_id (1-64 characters from A-Z a-z 0-9 . _ -)",
-                )
         if (
             gw.admin is not None
             and not gw.admin.is_loopback
@@ -529,6 +521,55 @@ class _Checker:
             )
         if gw.admin is None and gw.admin_token is not None and self.ok("gateway.admin"):
             self.warn("gateway.admin_token", "set but gateway.admin is not, so there is no admin endpoint to protect")
+
+    def _node_identity(self, gw: GatewayConfig, tls: TlsConfig | None) -> GatewayConfig:
+        """gateway.node_id and this gateway's certificate (protocol §5.4). The other side admits only a
+        node id that the certificate names, so an on-prem gateway without node_id takes the first name
+        of tls.cert (its CN), and a node id that tls.cert does not name is a warning here rather than
+        a refused tunnel later. Without a certificate (tls.insecure) the on-prem default is the host
+        name. Returns ``gw`` with the default filled in."""
+        if not self.ok("gateway.node_id"):
+            return gw
+        presented = tls is not None and not tls.insecure and tls.cert is not None
+        if presented and self._leaf is None:
+            return gw  # tls.cert is broken: that problem is reported, and nothing can be checked
+        names = certificate_names(self._leaf) if presented else None
+        shown_names = ", ".join(repr(n[:80]) for n in (names or [])[:8]) or "none"
+        if gw.node_id is None:
+            if gw.role == "cloud":
+                self.problem(
+                    "gateway.node_id",
+                    'required for role = "cloud": every cloud member needs a stable, unique node id that '
+                    'its certificate names, e.g. node_id = "cloud1"',
+                )
+                return gw
+            node_id = default_node_id(names)
+            if node_id is not None:
+                return gw.model_copy(update={"node_id": node_id})
+            if names is not None:
+                self.problem(
+                    "gateway.node_id",
+                    f"not set, and no name of tls.cert {tls.cert} (CN and DNS names: {shown_names}) is a valid "
+                    "node id, so none can be the default; set gateway.node_id (1-64 characters from "
+                    "A-Z a-z 0-9 . _ -) and issue a certificate that names it",
+                )
+            else:
+                self.problem(
+                    "gateway.node_id",
+                    f"the host name {socket.gethostname()[:80]!r} is not a valid node id, so it cannot be "
+                    "the default; set gateway.node_id (1-64 characters from A-Z a-z 0-9 . _ -)",
+                )
+            return gw
+        if names is not None and gw.node_id not in names:
+            who = ("on-prem gateways refuse this cloud gateway" if gw.role == "cloud"
+                   else "a cloud gateway that verifies client certificates refuses this gateway")
+            self.warn(
+                "gateway.node_id",
+                f"{gw.node_id!r} is not a name of tls.cert {tls.cert} (CN and DNS names: {shown_names}); {who} "
+                f"(a node id must be a name of the gateway's certificate): set node_id to one of those names, "
+                f"or issue a certificate for {gw.node_id!r}",
+            )
+        return gw
 
     def _check_role_tunnel(self, role: str, tunnel: TunnelConfig) -> None:
         if role == "cloud":
@@ -684,7 +725,7 @@ class _Checker:
                 "give the key that the certificate was issued for",
             )
         if cert_chain:
-            leaf = cert_chain[0]
+            leaf = self._leaf = cert_chain[0]
             assert tls.cert is not None
             self._check_validity("tls.cert", tls.cert, leaf)
             if role is not None:

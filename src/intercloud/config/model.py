@@ -573,8 +573,15 @@ def _resolve_path(value: object, info: ValidationInfo) -> Path:
 ConfigPath = Annotated[Path, PlainValidator(_resolve_path)]
 
 
-def default_node_id() -> str | None:
-    """This machine's host name if it is a valid node id (the on-prem default), else None."""
+def default_node_id(cert_names: list[str] | None = None) -> str | None:
+    """The on-prem default node id, or None if there is no valid one.
+
+    With a certificate (``cert_names``: its CN, then its DNS SANs) it is the first of those names that
+    is a valid node id: the cloud admits only a node id that its certificate names (protocol §5.4), and
+    cloned VMs, which share a host name, do not share a certificate. Without one (plain ws://), the
+    host name."""
+    if cert_names is not None:
+        return next((n for n in cert_names if NAME_PATTERN.fullmatch(n)), None)
     name = socket.gethostname()
     return name if NAME_PATTERN.fullmatch(name) else None
 
@@ -594,7 +601,9 @@ class GatewayConfig(_Section):
     """``[gateway]``: who this gateway is."""
 
     role: Literal["cloud", "onprem"]
-    #: Stable member/gateway identity. Required for cloud; on-prem defaults to the host name.
+    #: Stable member/gateway identity; must be a name of tls.cert where there is one (protocol §5.4).
+    #: Required for cloud; on-prem defaults to tls.cert's first name (CN), else the host name (see
+    #: config.load, which knows the certificate).
     node_id: Name | None = None
     #: Address of the admin HTTP endpoint (health, metrics, status). None: no admin endpoint.
     admin: HostPort | None = None
@@ -610,15 +619,6 @@ class GatewayConfig(_Section):
     #: Process-wide budget for credit granted beyond each stream's initial 64 KiB window, which bounds
     #: the bytes received from tunnels and held in user space (docs/protocol.md §6.4).
     max_buffered: Size(ge=1 * MiB, le=64 * GiB) = 256 * MiB
-
-    @model_validator(mode="before")
-    @classmethod
-    def _default_node_id(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("role") == "onprem" and "node_id" not in data:
-            node_id = default_node_id()
-            if node_id is not None:
-                data = {**data, "node_id": node_id}
-        return data
 
 
 class TlsConfig(_Section):

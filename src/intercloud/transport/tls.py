@@ -106,16 +106,21 @@ def session_info(ssl_object) -> dict:
     return {"tls": ssl_object.version(), "cipher": cipher[0] if cipher else "?"}
 
 
+def certificate_names(cert: x509.Certificate) -> list[str]:
+    """The names a gateway's node_id may be (protocol §5.4): the subject CN first, then the DNS SANs,
+    in certificate order, without repeats. The first one is the on-prem gateway's default node id."""
+    names = [str(a.value) for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    try:
+        names += cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value \
+            .get_values_for_type(x509.DNSName)
+    except x509.ExtensionNotFound:
+        pass
+    return list(dict.fromkeys(names))
+
+
 def cert_names(der: bytes | None) -> set[str]:
     """CN and DNS SANs of a DER certificate: the names a gateway's node_id must be among
     (protocol §5.4)."""
     if not der:
         return set()
-    cert = x509.load_der_x509_certificate(der)
-    names = {str(a.value) for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)}
-    try:
-        names |= set(cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-                     .get_values_for_type(x509.DNSName))
-    except x509.ExtensionNotFound:
-        pass
-    return names
+    return set(certificate_names(x509.load_der_x509_certificate(der)))

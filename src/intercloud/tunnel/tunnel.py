@@ -81,6 +81,7 @@ class Tunnel(Listener):
         self.expected_node = expected_node  # dialed a member's own URL: its HELLO must name it
         self.members: list[dict] = []  # the member list the cloud side sent (on-prem view)
         self.refused = False
+        self.refusal_logged = False  # the gateway logged why it refused this tunnel (one line per refusal)
         self.tenant = "default"  # cloud: from the client certificate (issue 3); on-prem: always default
         self.tenant_problem: str | None = None
         self.refused_by_peer: str | None = None  # the peer's GOAWAY FORBIDDEN text  # why the certificate maps to no single tenant
