@@ -18,8 +18,8 @@ from cryptography import x509
 
 from . import logs
 from .errors import StartupError
+from .router import NOT_TRIED, Router
 from .config import Config
-from .protocol import State
 from .protocol import peer_input
 from .protocol.frames import Reason
 from .transport.tls import certificate_names
@@ -57,7 +57,7 @@ class Gateway:
         self.stopping = asyncio.Event()
         self.draining = False
         self.serving = asyncio.Event()  # listeners bound (readiness)
-        self._route_waiters: set[asyncio.Future] = set()
+        self.router = Router()
         self.events: deque[dict] = deque(maxlen=200)
         self.counters = {"streams_opened": 0, "streams_closed": 0, "open_failures": 0, "route_timeouts": 0,
                          "bytes_up": 0, "bytes_down": 0, "tunnels_opened": 0, "tunnels_closed": 0,
@@ -96,7 +96,7 @@ class Gateway:
 
     def admit(self, tunnel: Tunnel) -> str | None:
         """A reason to refuse a tunnel whose HELLO just arrived, or None to admit it."""
-        peer = tunnel.conn.peer
+        peer = tunnel.peer
         if peer.role == self.role:
             return (f"peer {peer.node_id} is a {peer.role} gateway like this one; "
                     "a tunnel joins a cloud and an on-prem gateway")
@@ -335,7 +335,7 @@ class Gateway:
         self.connect_services = new_connect
         if names_changed:
             for t in list(self.tunnels):
-                t.send_frame(t.conn.services(self.connect_service_names(t)))
+                t.send_services(self.connect_service_names(t))
         self.after_reload()
         log.info("SIGHUP: configuration reloaded (%d services)", len(new.services),
                  extra={"event": "gateway.reloaded"})
@@ -351,11 +351,11 @@ class Gateway:
         for server in self.listeners + list(self.service_listeners.values()):
             server.close()
         for t in self.all_tunnels():
-            if t.conn.peer is not None:
+            if t.peer is not None:
                 t.goaway(f"{self.node_id} is shutting down")
         deadline = time.monotonic() + timeout
         while any(t.streams or t.open_tasks for t in self.all_tunnels()) and time.monotonic() < deadline:
-            await self._wait_route_change(min(0.5, deadline - time.monotonic()))
+            await self.router.wait_route_change(min(0.5, deadline - time.monotonic()))
         left = sum(len(t.streams) for t in self.all_tunnels())
         closing = self.all_tunnels()
         for t in closing:
@@ -392,7 +392,7 @@ class Gateway:
             if now >= next_ping:
                 next_ping = now + t_cfg.ping_interval
                 for t in live:
-                    if not t.close_reason and t.conn.peer is not None:
+                    if not t.close_reason and t.peer is not None:
                         t.ping()
             deadline = min((t.last_rx + t_cfg.ping_timeout for t in live if not t.close_reason), default=next_ping)
             # at least 20 ms: a timer that fires a hair early must not spin, and tunnels whose deadlines
@@ -408,12 +408,12 @@ class Gateway:
 
     # --- tunnels -----------------------------------------------------------------------
     def tunnel_ready(self, tunnel: Tunnel) -> None:
-        peer = tunnel.conn.peer
+        peer = tunnel.peer
         refusal = self.admit(tunnel)
         if refusal is not None:
             tunnel.refused = True
-            if self.role == "cloud" and tunnel.conn.hello_sent:  # whole reason; a close reason holds 123 bytes
-                tunnel.send_frame(tunnel.conn.goaway(Reason.FORBIDDEN, refusal))
+            if self.role == "cloud" and tunnel.hello_sent:  # whole reason; a close reason holds 123 bytes
+                tunnel.goaway(refusal, Reason.FORBIDDEN)
             # one line per refusal: the cloud's admit logged it (tenant.refused), a dialer logs it as its
             # dial failure (landing on an already covered member, routine behind a load balancer, at INFO)
             tunnel.fail(refusal, code=1008, quiet=tunnel.refusal_logged or tunnel.client
@@ -433,12 +433,12 @@ class Gateway:
                          "peer_node": peer.node_id, "node": self.node_id, **tunnel.tls,
                          "peer_cert": tunnel.peer_cert.get("subject"), "services": peer.services})
         self._event("tunnel.opened", peer=peer.node_id, tunnel=tunnel.id)
-        twins = [t for t in self.tunnels if t.peer_node == peer.node_id and t.conn.peer.incarnation != peer.incarnation]
+        twins = [t for t in self.tunnels if t.peer_node == peer.node_id and t.peer.incarnation != peer.incarnation]
         if twins:  # a cloned VM (same certificate and node id): both serve, neither hides the other
             tlog.warning("[%s] DUPLICATE IDENTITY: %s from %s (incarnation %s) while %s (incarnation %s) is live; "
                          "both are used, but give every gateway its own node_id and certificate",
                          tunnel.label, peer.node_id, tunnel.peer_addr, peer.incarnation,
-                         ", ".join(sorted({t.peer_addr for t in twins})), twins[0].conn.peer.incarnation,
+                         ", ".join(sorted({t.peer_addr for t in twins})), twins[0].peer.incarnation,
                          extra={"event": "tunnel.duplicate_identity", "peer_node": peer.node_id,
                                 "peer_addr": tunnel.peer_addr, "incarnation": peer.incarnation})
             self._event("tunnel.duplicate_identity", peer=peer.node_id, tunnel=tunnel.id)
@@ -459,36 +459,21 @@ class Gateway:
         """Node ids held by more than one live gateway instance: node id -> their incarnations."""
         seen: dict[str, set[str]] = {}
         for t in self.tunnels:
-            seen.setdefault(t.peer_node, set()).add(t.conn.peer.incarnation)
+            seen.setdefault(t.peer_node, set()).add(t.peer.incarnation)
         return {n: sorted(incs) for n, incs in sorted(seen.items()) if len(incs) > 1}
 
     def routes_changed(self) -> None:
-        for fut in self._route_waiters:
-            if not fut.done():
-                fut.set_result(None)
-        self._route_waiters.clear()
-
-    async def _wait_route_change(self, timeout: float) -> None:
-        if timeout <= 0:
-            return
-        fut = asyncio.get_running_loop().create_future()
-        self._route_waiters.add(fut)
-        try:
-            await asyncio.wait_for(fut, timeout)
-        except TimeoutError:
-            pass
-        finally:
-            self._route_waiters.discard(fut)
+        self.router.routes_changed()
 
     def pick_tunnel(self, service: str, exclude: set[tuple[str, str]], tenant: str = "default") -> Tunnel | None:
         """DESIGN §3.5: the least loaded live tunnel of ``tenant`` whose peer connects ``service``."""
         best, best_load = None, None
         for t in self.tunnels:
-            peer = t.conn.peer
-            if (t.tenant != tenant or t.conn.goaway_received or t.peer_key in exclude
+            peer = t.peer
+            if (t.tenant != tenant or t.goaway_received or t.peer_key in exclude
                     or service not in peer.services):
                 continue
-            load = t.conn.stream_count
+            load = t.stream_count
             if best is None or load < best_load:
                 best, best_load = t, load
         return best
@@ -506,87 +491,49 @@ class Gateway:
         self._hold_slot(stream)
         # The first OPEN leaves from this callback when a tunnel is up, not one loop iteration later
         # from the task: it is on the client's first-byte path (docs/performance.md, P10).
-        tunnel = self._pick_route(stream, _NOT_TRIED)
-        first = (tunnel, self._open(tunnel, stream)) if tunnel is not None else None
+        tunnel = self._pick_route(stream, NOT_TRIED)
+        first = (tunnel, tunnel.open(stream)) if tunnel is not None else None
         self._stream_task(stream, self._route(stream, first))
 
     def _pick_route(self, stream: LocalStream, tried: set[tuple[str, str]] | frozenset) -> Tunnel | None:
         return (self.pick_tunnel(stream.service, tried, stream.tenant)
                 or self.relay_link(f"{stream.tenant}/{stream.service}", tried))
 
-    @staticmethod
-    def _open(tunnel: Tunnel, stream: LocalStream) -> asyncio.Future:
-        stream.take_sent()  # what the client has sent already leaves in the OPEN's write (P13)
-        if stream.finished:  # it reset the connection instead
-            fut = asyncio.get_running_loop().create_future()
-            fut.set_result((Reason.ABORTED, "client left before the stream opened"))
-            return fut
-        tunnel.hold()
-        fut = tunnel.open(stream)
-        stream.begin_early()  # the client's first bytes go right behind the OPEN (protocol §4.5)
-        tunnel.flush()
-        return fut
-
     async def _route(self, stream: LocalStream, first: tuple[Tunnel, asyncio.Future] | None) -> None:
         """Await the answer to the first OPEN (``first``, sent by client_connected) or find a tunnel,
-        OPEN, retry elsewhere on refusal; never leave the client hanging (§3.4)."""
+        OPEN, retry elsewhere on refusal; never leave the client hanging (docs/ha.md §6)."""
         svc = stream.service
         wait = self.config.gateway.route_wait
-        deadline = time.monotonic() + wait
-        tried: set[tuple[str, str]] = set()  # gateway instances (node id, incarnation) that refused
-        last = None
-        while not stream.finished:
-            if first is not None:
-                (tunnel, fut), first = first, None
-            else:
-                tunnel = self._pick_route(stream, tried)
-                if tunnel is None:
-                    if tried:  # every gateway offering the service refused: give up at once
-                        break
-                    left = deadline - time.monotonic()
-                    if left <= 0 or self.draining:
-                        break
-                    await self._wait_route_change(left)
-                    continue
-                fut = self._open(tunnel, stream)
-            result = await _answer(fut, self.config.tunnel.connect_timeout + _OPEN_SLACK)
-            if svc == self._fault_service:
-                raise RuntimeError("fault injected by INTERCLOUD_TEST_STREAM_FAULT (a test hook; unset it)")
-            if result is _TIMED_OUT:
-                result = (Reason.TIMEOUT, f"no answer to OPEN from {tunnel.peer_node}")
-                frame = tunnel.conn.reset(stream.sid, Reason.TIMEOUT, "OPEN timed out")
-                if frame:
-                    tunnel.send_frame(frame)
-                tunnel.pending_opens.pop(stream.sid, None)
-            if stream.finished:  # the client left while we opened
-                return
-            if result is None:
-                stream.start()  # parked bytes first: the OPENED line is not on the client's path
-                self._stream_opened(tunnel, stream)
-                return
-            tunnel.streams.pop(stream.sid, None)
-            last = (tunnel.peer_node, *result)
-            # the instance, not the name: a clone with the same node id (and certificate) may still
-            # serve the stream, and an impostor's refusals must not hide the real gateway (issue 12)
-            tried.add(tunnel.peer_key)
-            self.counters["open_failures"] += 1
-            self.count("open_failures", service=svc, tenant=stream.tenant, reason=Reason.name_of(result[0]))
-            slog.info("OPEN %s via %s refused: %s %s; trying another gateway", svc, tunnel.peer_node,
-                      Reason.name_of(result[0]), result[1],
-                      extra={"event": "stream.open_failed", "service": svc, "peer_node": tunnel.peer_node,
-                             "reason": Reason.name_of(result[0]), "detail": result[1]})
-            stream.tunnel, stream.sid = None, 0
-        if stream.finished:
+        result = await self.router.open_with_retry(
+            stream, lambda tried: self._pick_route(stream, tried), first=first, route_wait=wait,
+            answer_within=self.config.tunnel.connect_timeout + _OPEN_SLACK, stop=lambda: self.draining,
+            refused=lambda tunnel, code, text: self._open_refused(stream, tunnel, code, text))
+        if svc == self._fault_service:
+            raise RuntimeError("fault injected by INTERCLOUD_TEST_STREAM_FAULT (a test hook; unset it)")
+        if stream.finished:  # the client left while we opened
             return
-        if last is None:
+        if result.ok:
+            stream.start()  # parked bytes first: the OPENED line is not on the client's path
+            self._stream_opened(result.tunnel, stream)
+            return
+        if result.peer is None:
             self.counters["route_timeouts"] += 1
             self.count("route_timeouts", service=svc, tenant=stream.tenant)
             why = (f"no route: no tunnel offers service {svc!r} (waited {wait:g}s, gateway.route_wait); "
                    "check that a gateway on the other side connects this service and its tunnels are up")
         else:
-            why = (f"every gateway offering {svc!r} refused; last {last[0]}: "
-                   f"{Reason.name_of(last[1])} {last[2]}")
+            why = (f"every gateway offering {svc!r} refused; last {result.peer}: "
+                   f"{Reason.name_of(result.code)} {result.text}")
         self._refuse_client(stream, why)
+
+    def _open_refused(self, stream: LocalStream, tunnel: Tunnel, code: int, text: str) -> None:
+        svc = stream.service
+        self.counters["open_failures"] += 1
+        self.count("open_failures", service=svc, tenant=stream.tenant, reason=Reason.name_of(code))
+        slog.info("OPEN %s via %s refused: %s %s; trying another gateway", svc, tunnel.peer_node,
+                  Reason.name_of(code), text,
+                  extra={"event": "stream.open_failed", "service": svc, "peer_node": tunnel.peer_node,
+                         "reason": Reason.name_of(code), "detail": text})
 
     def _refuse_client(self, stream: LocalStream, why: str) -> None:
         svc = stream.service
@@ -605,15 +552,13 @@ class Gateway:
             tenant, _, name = service.partition("/")
             limit = self.stream_limit(tenant)
             if limit is not None:
-                tunnel.send_frame(tunnel.conn.open_fail(sid, Reason.LIMIT, limit))
+                tunnel.refuse(sid, Reason.LIMIT, limit)
                 return
             from .tunnel.bridge import BridgeEnd
 
             inner, outer = BridgeEnd.pair(name, client, target="", tenant=tenant)
             self._hold_slot(inner)  # the inner end is the one counted and logged (stream_closed)
-            task = self._stream_task(inner, self._relay(tunnel, sid, inner, outer), tunnel, sid)
-            tunnel.open_tasks[sid] = task
-            task.add_done_callback(lambda _t: tunnel.open_tasks.pop(sid, None))
+            tunnel.track_open(sid, self._stream_task(inner, self._relay(tunnel, sid, inner, outer), tunnel, sid))
             return
         svc = self.connect_services.get((tunnel.tenant, service))
         if svc is None:
@@ -621,14 +566,14 @@ class Gateway:
             who = f" for tenant {tunnel.tenant!r}" if tunnel.tenant != DEFAULT_TENANT else ""
             text = (f"{self.node_id} connects no service named {service!r}{who} "
                     f"(it connects: {', '.join(mine) or 'none'})")
-            tunnel.send_frame(tunnel.conn.open_fail(sid, Reason.UNKNOWN_SERVICE, text))
+            tunnel.refuse(sid, Reason.UNKNOWN_SERVICE, text)
             slog.warning("OPEN from %s refused: %s", tunnel.peer_node, text,
                          extra={"event": "stream.open_refused", "service": service, "peer_node": tunnel.peer_node,
                                 "tenant": tunnel.tenant})
             return
         limit = self.stream_limit(tunnel.tenant)
         if limit is not None:
-            tunnel.send_frame(tunnel.conn.open_fail(sid, Reason.LIMIT, limit))
+            tunnel.refuse(sid, Reason.LIMIT, limit)
             slog.warning("OPEN %s from %s refused: %s", service, tunnel.peer_node, limit,
                          extra={"event": "stream.open_refused", "service": service, "peer_node": tunnel.peer_node,
                                 "tenant": tunnel.tenant, "reason": limit})
@@ -637,9 +582,7 @@ class Gateway:
         stream = LocalStream(svc.name, "connect", client=client, target=f"{ep.host}:{ep.port}", tenant=tunnel.tenant,
                              on_connected=lambda s: self._target_connected(tunnel, sid, s))
         self._hold_slot(stream)
-        task = self._stream_task(stream, self._dial_target(tunnel, sid, svc, stream), tunnel, sid)
-        tunnel.open_tasks[sid] = task
-        task.add_done_callback(lambda _t: (tunnel.open_tasks.pop(sid, None), tunnel.early.pop(sid, None)))
+        tunnel.track_open(sid, self._stream_task(stream, self._dial_target(tunnel, sid, svc, stream), tunnel, sid))
 
     async def _dial_target(self, tunnel: Tunnel, sid: int, svc, stream: LocalStream) -> None:
         ep = svc.connect
@@ -658,8 +601,7 @@ class Gateway:
             code, text = Reason.UNREACHABLE, f"{ep.host}:{ep.port} unreachable: {exc.strerror or exc}"
         if code is None or stream.sid:  # connected: _target_connected took it from there
             return  # (a timeout that fired after it did closes the socket; the stream reports that itself)
-        if tunnel.conn.state(sid) is State.OPENING_IN:
-            tunnel.send_frame(tunnel.conn.open_fail(sid, code, text))
+        tunnel.refuse(sid, code, text)
         self.counters["open_failures"] += 1
         self.count("open_failures", service=svc.name, tenant=tunnel.tenant, reason=Reason.name_of(code))
         slog.warning("[%s] target failed for client %s via %s: %s", svc.name, client, tunnel.peer_node, text,
@@ -669,63 +611,34 @@ class Gateway:
     def _target_connected(self, tunnel: Tunnel, sid: int, stream: LocalStream) -> None:
         """The target accepted: answer OPEN_OK and hand it the early bytes from connection_made,
         one loop iteration before the dial task would resume (docs/performance.md, P12)."""
-        if tunnel.conn.state(sid) is not State.OPENING_IN or tunnel.ws is None or tunnel.ws.is_disconnected:
+        if not tunnel.accept(sid, stream):
             reset(stream.transport)  # the peer gave up (RST) or the tunnel is gone meanwhile
             return
-        stream.attach(tunnel, sid)
-        tunnel.streams[sid] = stream
-        early = tunnel.early.pop(sid, None)
-        if early:  # the early bytes are on the client's path, OPEN_OK is not: write them first (P11)
-            tunnel.hold()
-        tunnel.send_frame(tunnel.conn.open_ok(sid))  # the stream is OPEN from here: early bytes earn credit
-        if early:
-            for chunk in early:  # early data first (protocol §4.5)
-                stream.deliver(memoryview(chunk))
-            tunnel.flush()  # OPEN_OK, then any WINDOW or RST the delivery produced, in that order
-        if stream.finished:  # the target could not take it
+        if stream.finished:  # the target could not take the early data
             return
         stream.start()
         self._stream_opened(tunnel, stream)
 
     async def _relay(self, link: Tunnel, sid: int, inner, outer) -> None:
-        """Carry a stream another member relayed to us over one of our own tunnels (docs/ha.md).
+        """Carry a stream another member relayed to us over one of our own tunnels (docs/ha.md §5).
         Never over another peer link (protocol §3.2), so a stream is relayed at most once."""
         service, tenant = inner.service, inner.tenant
-        inner.attach(link, sid)
-        tried: set[tuple[str, str]] = set()
-        last = None
-        while True:
-            tunnel = self.pick_tunnel(service, tried, tenant)  # never another tenant's tunnel
-            if tunnel is None:
-                break
-            fut = tunnel.open(outer)
-            result = await _answer(fut, self.config.tunnel.connect_timeout + 2)  # before the relaying member gives up
-            if result is _TIMED_OUT:
-                result = (Reason.TIMEOUT, f"no answer to OPEN from {tunnel.peer_node}")
-                frame = tunnel.conn.reset(outer.sid, Reason.TIMEOUT, "OPEN timed out")
-                if frame:
-                    tunnel.send_frame(frame)
-            if result is None:
-                if link.conn.state(sid) is not State.OPENING_IN:  # the relaying member gave up meanwhile
-                    outer.abort(Reason.ABORTED, "relaying member reset the stream", tell_peer=True)
-                    return
-                outer.target = tunnel.peer_node
-                inner.target = tunnel.peer_node
-                link.streams[sid] = inner
-                link.send_frame(link.conn.open_ok(sid))
-                self._stream_opened(link, inner)
-                inner.start()
-                outer.start()
+        inner.attach(link, sid)  # so that a failure here can reset the relaying member's stream
+        result = await self.router.open_with_retry(
+            outer, lambda tried: self.pick_tunnel(service, tried, tenant),  # never another tenant's tunnel
+            answer_within=self.config.tunnel.connect_timeout + 2)  # before the relaying member gives up
+        if result.ok:
+            if not link.accept(sid, inner):  # the relaying member gave up meanwhile
+                outer.abort(Reason.ABORTED, "relaying member reset the stream", tell_peer=True)
                 return
-            tunnel.streams.pop(outer.sid, None)
-            tried.add(tunnel.peer_key)
-            last = (tunnel.peer_node, *result)
-        if link.conn.state(sid) is State.OPENING_IN:
-            if last is None:
-                code, text = Reason.UNKNOWN_SERVICE, f"{self.node_id} has no tunnel offering {service!r} any more"
-            else:
-                code, text = last[1], f"via {self.node_id}: {last[0]}: {last[2]}"
-            link.send_frame(link.conn.open_fail(sid, code, text))
+            outer.target = inner.target = result.tunnel.peer_node
+            self._stream_opened(link, inner)
+            inner.start()
+            outer.start()
+        elif result.peer is None:
+            link.refuse(sid, Reason.UNKNOWN_SERVICE, f"{self.node_id} has no tunnel offering {service!r} any more")
+        else:
+            link.refuse(sid, result.code, f"via {self.node_id}: {result.peer}: {result.text}")
 
     # --- accounting and logs -----------------------------------------------------------
     # A tenant's stream counts from the moment it is accepted or its OPEN arrives (relayed OPENs
@@ -769,8 +682,8 @@ class Gateway:
         slog.debug("traceback of the internal error on stream %s", stream.sid, exc_info=exc,
                    extra={"event": "internal.traceback", "service": stream.service})
         text = "internal error in the gateway"
-        if tunnel is not None and sid and tunnel.conn.state(sid) is State.OPENING_IN:
-            tunnel.send_frame(tunnel.conn.open_fail(sid, Reason.INTERNAL, text))  # still unanswered
+        if tunnel is not None and sid:
+            tunnel.refuse(sid, Reason.INTERNAL, text)  # if still unanswered
         if not stream.finished:
             stream.abort(Reason.INTERNAL, text)
 
@@ -832,7 +745,7 @@ def identity_refusal(tunnel: Tunnel) -> str | None:
     taken on trust there."""
     if not tunnel.peer_der:
         return None
-    node = tunnel.conn.peer.node_id
+    node = tunnel.peer.node_id
     names = certificate_names(x509.load_der_x509_certificate(tunnel.peer_der))
     if node in names:
         return None
@@ -851,25 +764,6 @@ def identity_refusal(tunnel: Tunnel) -> str | None:
 
 def svc_key(svc) -> tuple[str, str]:
     return (svc.tenant or DEFAULT_TENANT, svc.name)
-
-
-_TIMED_OUT = object()
-_NOT_TRIED: frozenset = frozenset()
-
-
-def _expire(fut: asyncio.Future) -> None:
-    if not fut.done():
-        fut.set_result(_TIMED_OUT)
-
-
-async def _answer(fut: asyncio.Future, timeout: float):
-    """The peer's answer to an OPEN (None or (code, text)), or _TIMED_OUT. A timer rather than
-    wait_for(shield(...)): two futures and a task wake-up less per OPEN (docs/performance.md P3)."""
-    timer = asyncio.get_running_loop().call_later(timeout, _expire, fut)
-    try:
-        return await fut
-    finally:
-        timer.cancel()
 
 
 class _Stop(Exception):

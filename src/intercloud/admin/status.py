@@ -19,7 +19,7 @@ def status(gw, limit: int = STREAMS_LIMIT, offset: int = 0) -> dict:
     now = time.time()
     tunnels, streams = [], []
     for t in sorted(gw.tunnels, key=lambda t: t.id):
-        peer = t.conn.peer
+        peer = t.peer
         tunnels.append({
             "id": t.id, "peer_node": t.peer_node, "tenant": t.tenant, "peer_role": peer.role if peer else None,
             "peer_addr": t.peer_addr, "url": t.url or None, "age": round(now - t.opened_at, 3),
@@ -27,7 +27,7 @@ def status(gw, limit: int = STREAMS_LIMIT, offset: int = 0) -> dict:
             "streams": len(t.streams), "tls": t.tls.get("tls"), "cipher": t.tls.get("cipher"),
             "peer_cert": t.peer_cert.get("subject"), "peer_cert_sha256": t.peer_cert.get("fingerprint"),
             "peer_services": peer.services if peer else [],
-            "draining": t.conn.goaway_received or t.conn.goaway_sent, "paused": t.paused,
+            "draining": t.goaway_received or t.goaway_sent, "paused": t.paused,
         })
     streams_total, skip, mono = 0, offset, time.monotonic()
     for t in gw.all_tunnels():
@@ -40,7 +40,7 @@ def status(gw, limit: int = STREAMS_LIMIT, offset: int = 0) -> dict:
             streams.append({
                 "id": sid, "tunnel": t.id, "relay": t.kind == "peer", "service": s.service, "side": s.side, "client": s.client,
                 "target": s.target, "bytes_in": s.bytes_down, "bytes_out": s.bytes_up,
-                "buffered": s.buffered, "send_credit": t.conn.credit(sid), "reading": s.reading,
+                "buffered": s.buffered, "send_credit": t.send_credit(sid), "reading": s.reading,
                 "age": round(mono - s.started, 3),
             })
         skip = 0
@@ -49,7 +49,7 @@ def status(gw, limit: int = STREAMS_LIMIT, offset: int = 0) -> dict:
         entry = {"name": svc.name, "tenant": svc.tenant, "side": "accept" if svc.accept else "connect",
                  "endpoint": str(svc.accept or svc.connect)}
         if svc.accept:
-            entry["routes"] = sorted({t.peer_node for t in gw.tunnels if svc.name in t.conn.peer.services
+            entry["routes"] = sorted({t.peer_node for t in gw.tunnels if svc.name in t.peer.services
                                       and t.tenant == (svc.tenant or "default")})
         services.append(entry)
     members = _members(gw, now)

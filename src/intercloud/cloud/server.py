@@ -46,7 +46,7 @@ class CloudGateway(Gateway):
 
     def route_keys(self) -> set[str]:
         """"tenant/service" for every service some live on-prem tunnel of ours connects."""
-        return {f"{t.tenant}/{s}" for t in self.tunnels if not t.conn.goaway_received for s in t.conn.peer.services}
+        return {f"{t.tenant}/{s}" for t in self.tunnels if not t.goaway_received for s in t.peer.services}
 
     # --- tenants (issue 3) ---------------------------------------------------------------
     def screen(self, tunnel: Tunnel) -> str | None:
@@ -66,7 +66,7 @@ class CloudGateway(Gateway):
         if tunnel.tenant_problem:
             return f"certificate {subject!r} refused: {tunnel.tenant_problem}"
         tenant = tunnel.tenant
-        peer = tunnel.conn.peer
+        peer = tunnel.peer
         allowed = {name for t, name in self.accept_services if t == tenant}
         foreign = [s for s in peer.services if s not in allowed]
         if foreign:
@@ -97,7 +97,7 @@ class CloudGateway(Gateway):
                             t.peer_cert.get("subject"), why,
                             extra={"event": "tenant.revoked", "tunnel": t.id, "peer_node": t.peer_node,
                                    "subject": t.peer_cert.get("subject"), "reason": why})
-                t.send_frame(t.conn.goaway(Reason.FORBIDDEN, f"after a configuration reload: {why}"))
+                t.goaway(f"after a configuration reload: {why}", Reason.FORBIDDEN)
                 t.fail(f"certificate no longer maps to tenant {before!r}: {why}", code=1008)
 
     def _tenant(self, name: str):
@@ -141,8 +141,7 @@ class CloudGateway(Gateway):
         super().tunnel_ready(tunnel)
         if self.cluster and tunnel.kind != "peer" and tunnel in self.tunnels:
             self.cluster.local_routes_changed()
-            for frame in tunnel.conn.members(self.cluster.onprem_view()):  # changed since our HELLO, or left out (§5.5)
-                tunnel.send_frame(frame)
+            tunnel.send_members(self.cluster.onprem_view())  # changed since our HELLO, or left out of it (§5.5)
 
     def tunnel_closed(self, tunnel: Tunnel, reason: str) -> None:
         self._handshakes.discard(tunnel)
@@ -173,7 +172,7 @@ class CloudGateway(Gateway):
                 log.warning("tunnel %s from %s closed: its SERVICES %s", tunnel.id, tunnel.peer_addr, refusal,
                             extra={"event": "tenant.refused", "peer_addr": tunnel.peer_addr, "reason": refusal,
                                    "tenant": tunnel.tenant})
-                tunnel.send_frame(tunnel.conn.goaway(Reason.FORBIDDEN, refusal))
+                tunnel.goaway(refusal, Reason.FORBIDDEN)
                 tunnel.fail(f"SERVICES refused: {refusal}", code=1008, quiet=True)
                 return
         if self.cluster and tunnel.kind != "peer":

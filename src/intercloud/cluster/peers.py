@@ -210,7 +210,7 @@ class Cluster:
 
     # --- links -------------------------------------------------------------------------
     def admit_link(self, tunnel: Tunnel) -> str | None:
-        peer = tunnel.conn.peer
+        peer = tunnel.peer
         if peer.node_id == self.gw.node_id:
             if peer.incarnation == self.gw.incarnation:
                 tunnel.self_link = True
@@ -229,11 +229,11 @@ class Cluster:
                         f"peer-link certificate ({', '.join(sorted(names)[:8])}); give it a certificate for its "
                         "node id (intercloud certs init DIR --cloud NODE_ID) or set gateway.node_id to a name in it")
         for other in self.links:
-            if other.peer_node == peer.node_id and other.conn.peer.incarnation != peer.incarnation:
+            if other.peer_node == peer.node_id and other.peer.incarnation != peer.incarnation:
                 m = self.table.members.get(peer.node_id)
-                if m is not None and m.incarnation == other.conn.peer.incarnation and not other.done.done():
+                if m is not None and m.incarnation == other.peer.incarnation and not other.done.done():
                     return (f"duplicate node id {peer.node_id!r}: a live member already uses it "
-                            f"(incarnation {other.conn.peer.incarnation}); give every member its own node_id")
+                            f"(incarnation {other.peer.incarnation}); give every member its own node_id")
         self.links.add(tunnel)
         tunnel.routes = frozenset(peer.services)
         now = time.monotonic()
@@ -263,7 +263,7 @@ class Cluster:
         return None
 
     def _entry_of(self, tunnel: Tunnel) -> dict:
-        peer = tunnel.conn.peer
+        peer = tunnel.peer
         return {"node_id": peer.node_id, "incarnation": peer.incarnation, "url": peer.extra.get("advertise"),
                 "services": peer.services}
 
@@ -291,7 +291,7 @@ class Cluster:
     def goaway(self, tunnel: Tunnel) -> None:
         if tunnel.refused_by_peer is not None:  # a refusal, not the member leaving (protocol §9.1)
             return
-        if self.table.forget(tunnel.peer_node, tunnel.conn.peer.incarnation):
+        if self.table.forget(tunnel.peer_node, tunnel.peer.incarnation):
             log.info("member %s left the cluster (GOAWAY)", tunnel.peer_node,
                      extra={"event": "cluster.member_left", "member": tunnel.peer_node})
             self.members_changed()
@@ -306,9 +306,9 @@ class Cluster:
         """A peer link whose member routes ``route`` ("tenant/service") to its own on-prem tunnels."""
         best = None
         for link in self.links:
-            if link.peer_key in exclude or link.conn.goaway_received or route not in link.routes:
+            if link.peer_key in exclude or link.goaway_received or route not in link.routes:
                 continue
-            if best is None or link.conn.stream_count < best.conn.stream_count:
+            if best is None or link.stream_count < best.stream_count:
                 best = link
         return best
 
@@ -321,8 +321,7 @@ class Cluster:
     def _push_link(self, link: Tunnel, frame_body: list | None = None) -> None:
         if link not in self.links or link.ws is None:
             return
-        for frame in link.conn.members(frame_body if frame_body is not None else self.table.wire(time.monotonic())):
-            link.send_frame(frame)
+        link.send_members(frame_body if frame_body is not None else self.table.wire(time.monotonic()))
 
     def onprem_view(self) -> list[dict]:
         """What on-prem gateways learn: who the members are and where to dial them."""
@@ -339,8 +338,7 @@ class Cluster:
         log.info("members now: %s", ", ".join(m["node_id"] for m in view),
                  extra={"event": "cluster.members", "members": [m["node_id"] for m in view]})
         for t in self.gw.tunnels:
-            for frame in t.conn.members(view):
-                t.send_frame(frame)
+            t.send_members(view)
         self._push_links()
 
 

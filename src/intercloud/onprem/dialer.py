@@ -67,13 +67,13 @@ class OnpremGateway(Gateway):
             for m in t.members:
                 if isinstance(m, dict) and isinstance(m.get("node_id"), str):
                     known.setdefault(m["node_id"], m)
-            known.setdefault(t.peer_node, {"node_id": t.peer_node, "incarnation": t.conn.peer.incarnation})
+            known.setdefault(t.peer_node, {"node_id": t.peer_node, "incarnation": t.peer.incarnation})
         return known
 
     def coverage(self, exclude: Tunnel | None = None) -> dict[str, int]:
         cov: dict[str, int] = {}
         for t in self.tunnels:
-            if t is not exclude and not t.conn.goaway_received:
+            if t is not exclude and not t.goaway_received:
                 cov[t.peer_node] = cov.get(t.peer_node, 0) + 1
         return cov
 
@@ -121,7 +121,7 @@ class OnpremGateway(Gateway):
         refusal = super().admit(tunnel)
         if refusal:
             return refusal
-        peer = tunnel.conn.peer
+        peer = tunnel.peer
         tunnel.members = [m for m in peer.extra.get("members", []) if isinstance(m, dict)]
         if tunnel.expected_node and peer.node_id != tunnel.expected_node:
             return (f"dialed member {tunnel.expected_node} at {tunnel.url} but reached {peer.node_id}; "

@@ -17,7 +17,7 @@ from ..protocol import State
 from ..protocol.frames import Reason
 
 if TYPE_CHECKING:
-    from .tunnel import Tunnel
+    from .owner import Tunnel
 
 
 class BridgeEnd:
@@ -92,6 +92,12 @@ class BridgeEnd:
                 if frame:
                     t.send_frame(frame)
             end.finish(f"reset: {Reason.name_of(code)} {text}")
+
+    def take_sent(self) -> None:
+        """Nothing to take: a relay end has no socket of its own (StreamEnd)."""
+
+    def begin_early(self) -> None:
+        """No early data through a relay: peer links accept none (protocol §4.5)."""
 
     def finish(self, reason: str | None) -> None:
         if self.finished:

@@ -27,7 +27,7 @@ from ..protocol import State
 from ..protocol.frames import Reason
 
 if TYPE_CHECKING:
-    from .tunnel import Tunnel
+    from .owner import Tunnel
 
 log = logging.getLogger("intercloud.stream")
 _LINGER_RESET = struct.pack("ii", 1, 0)

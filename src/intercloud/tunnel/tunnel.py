@@ -15,7 +15,7 @@ import time
 from typing import TYPE_CHECKING
 
 from ..protocol import (
-    Connection, CreditAvailable, Data, GoAway, Hello, Members, OpenAccepted, OpenRefused, Ping, Pong,
+    Connection, CreditAvailable, State, Data, GoAway, Hello, Members, OpenAccepted, OpenRefused, Ping, Pong,
     ProtocolError, RemoteFin, RemoteReset, ServicesChanged, StreamOpened,
 )
 from .. import logs
@@ -27,7 +27,7 @@ from .budget import INITIAL_WINDOW
 from .stream import LocalStream
 
 if TYPE_CHECKING:
-    from ..gateway import Gateway
+    from .owner import StreamEnd, TunnelOwner
 
 log = logging.getLogger("intercloud.tunnel")
 _ids = itertools.count(1)
@@ -73,7 +73,7 @@ def ws_frames(frames: list[bytes], client: bool) -> bytes:
 
 
 class Tunnel(Listener):
-    def __init__(self, gateway: Gateway, *, client: bool, url: str = "", kind: str = "tunnel",
+    def __init__(self, gateway: TunnelOwner, *, client: bool, url: str = "", kind: str = "tunnel",
                  expected_node: str | None = None):
         t = gateway.config.tunnel
         self.gateway = gateway
@@ -132,6 +132,39 @@ class Tunnel(Listener):
     @property
     def label(self) -> str:
         return f"tunnel#{self.id} {self.peer_addr}"
+
+    # --- what the rest of the gateway may read (the Connection is this tunnel's own) -----
+    @property
+    def peer(self) -> Hello | None:
+        """The peer's HELLO, once received (validated, protocol §5.3)."""
+        return self.conn.peer
+
+    @property
+    def stream_count(self) -> int:
+        return self.conn.stream_count
+
+    @property
+    def goaway_received(self) -> bool:
+        return self.conn.goaway_received
+
+    @property
+    def goaway_sent(self) -> bool:
+        return self.conn.goaway_sent
+
+    @property
+    def hello_sent(self) -> bool:
+        return self.conn.hello_sent
+
+    def send_credit(self, sid: int) -> int:
+        return self.conn.credit(sid)
+
+    def opening(self, sid: int) -> bool:
+        """The peer's OPEN ``sid`` is still unanswered (neither OPEN_OK nor OPEN_FAIL nor RST yet)."""
+        return self.conn.state(sid) is State.OPENING_IN
+
+    @property
+    def usable(self) -> bool:
+        return self.ws is not None and not self.ws.is_disconnected
 
     # --- picows callbacks --------------------------------------------------------------
     def on_ws_connected(self, transport) -> None:
@@ -372,18 +405,79 @@ class Tunnel(Listener):
         self.send_frame(HEADER.pack(FrameType.DATA, 0, sid) + payload)
 
     # --- streams -----------------------------------------------------------------------
-    def open(self, stream: LocalStream) -> asyncio.Future:
-        """Send OPEN for ``stream``; the future resolves to None (OPEN_OK) or (code, text).
-        On a peer link the OPEN is flagged RELAYED (protocol §3.2)."""
+    def open(self, end: StreamEnd) -> asyncio.Future:
+        """Send OPEN for ``end``; the future resolves to None (OPEN_OK) or (code, text). What a client
+        has sent already leaves in the same write as the OPEN, and its next bytes right behind it as
+        early data (protocol §4.5, docs/performance.md P13). On a peer link the OPEN is flagged
+        RELAYED (protocol §3.2)."""
+        end.take_sent()
+        if end.finished:  # it reset the connection instead
+            fut = self._loop.create_future()
+            fut.set_result((Reason.ABORTED, "client left before the stream opened"))
+            return fut
+        self.hold()
         relayed = self.kind == "peer"
-        name = f"{stream.tenant}/{stream.service}" if relayed else stream.service
-        sid, frame = self.conn.open_stream(name, stream.client, relayed=relayed)
-        stream.attach(self, sid)
-        self.streams[sid] = stream
-        fut = asyncio.get_running_loop().create_future()
+        name = f"{end.tenant}/{end.service}" if relayed else end.service
+        sid, frame = self.conn.open_stream(name, end.client, relayed=relayed)
+        end.attach(self, sid)
+        self.streams[sid] = end
+        fut = self._loop.create_future()
         self.pending_opens[sid] = fut
         self.send_frame(frame)
+        end.begin_early()
+        self.flush()
         return fut
+
+    def cancel_open(self, end: StreamEnd, code: int, text: str) -> None:
+        """Our OPEN for ``end`` got no answer in time: RST it (the peer may still answer; that answer
+        is then ignored) and stop waiting."""
+        frame = self.conn.reset(end.sid, code, text)
+        if frame:
+            self.send_frame(frame)
+        self.pending_opens.pop(end.sid, None)
+
+    def detach(self, end: StreamEnd) -> None:
+        """``end``'s OPEN was refused: it is no stream of this tunnel any more (it may retry elsewhere)."""
+        if self.streams.get(end.sid) is end:
+            del self.streams[end.sid]
+        end.tunnel, end.sid = None, 0
+
+    def track_open(self, sid: int, task: asyncio.Task) -> None:
+        """The task that answers the peer's OPEN ``sid`` (dial the target, relay): early DATA for ``sid``
+        is kept for it, an RST or the tunnel's end cancels it."""
+        self.open_tasks[sid] = task
+        task.add_done_callback(lambda _t: (self.open_tasks.pop(sid, None), self.early.pop(sid, None)))
+
+    def refuse(self, sid: int, code: int, text: str) -> None:
+        """Answer the peer's OPEN ``sid`` with OPEN_FAIL, unless it is answered or reset already."""
+        if self.opening(sid):
+            self.send_frame(self.conn.open_fail(sid, code, text))
+
+    def accept(self, sid: int, end: StreamEnd) -> bool:
+        """Answer the peer's OPEN ``sid`` with OPEN_OK and make ``end`` its stream; the early data that
+        came with the OPEN goes to ``end`` right behind it (protocol §4.5). False when the OPEN is no
+        longer waiting (the peer reset it) or the tunnel is gone: ``end`` is not attached."""
+        if not self.opening(sid) or not self.usable:
+            return False
+        end.attach(self, sid)
+        self.streams[sid] = end
+        early = self.early.pop(sid, None)
+        if early:  # the early bytes are on the client's path, OPEN_OK is not: write them first (P11)
+            self.hold()
+        self.send_frame(self.conn.open_ok(sid))  # the stream is OPEN from here: early bytes earn credit
+        if early:
+            for chunk in early:
+                end.deliver(memoryview(chunk))
+            self.flush()  # OPEN_OK, then any WINDOW or RST the delivery produced, in that order
+        return True
+
+    def send_services(self, names: list[str]) -> None:
+        self.send_frame(self.conn.services(names))
+
+    def send_members(self, entries: list[dict]) -> None:
+        """MEMBERS, in as many frames as the peer's max_frame needs (protocol §5.5)."""
+        for frame in self.conn.members(entries):
+            self.send_frame(frame)
 
     def stream_finished(self, stream: LocalStream, reason: str) -> None:
         fut = self.pending_opens.pop(stream.sid, None)
@@ -398,9 +492,10 @@ class Tunnel(Listener):
     def ping(self) -> None:
         self.send_frame(self.conn.ping(_PING.pack(time.monotonic())))
 
-    def goaway(self, text: str) -> None:
+    def goaway(self, text: str, code: int = Reason.DRAINING) -> None:
+        """GOAWAY (once): DRAINING when this side shuts down, FORBIDDEN when it refuses the peer."""
         if not self.conn.goaway_sent:
-            self.send_frame(self.conn.goaway(Reason.DRAINING, text))
+            self.send_frame(self.conn.goaway(code, text))
 
     def fail(self, reason: str, code: CloseCode = CloseCode.PROTOCOL_ERROR, quiet: bool = False) -> None:
         """Close the tunnel at once (protocol §9.2): its streams are reset now, not when the
