@@ -323,6 +323,26 @@ def test_protocol_abuse_closes_only_that_tunnel(started_pair, script, fault):
     assert_cloud_unharmed(pair, cloud, mark)
 
 
+def test_oversized_control_frame_is_refused_not_read(started_pair):
+    """A SERVICES frame over the 256 KiB every gateway takes (protocol §5.5): picows answers 1009 but goes
+    on reading and, when the rest arrives within its 10 ms disconnect delay, still delivers the frame; the
+    tunnel acts on nothing once a close is out, so the frame is never decoded (issue 12)."""
+    pair, cloud, _onprem = started_pair
+    mark = cloud.log_mark()
+    payload = json.dumps([f"s{i:063d}" for i in range(4500)]).encode()  # 301,500 bytes, 4,500 names
+
+    async def script(c, hello):
+        c.send(encode(FrameType.SERVICES, 0, payload))
+        return await c.closed()
+
+    _client, close = asyncio.run(raw_session(pair, script))
+    assert close is not None and close[0] == WSCloseCode.MESSAGE_TOO_BIG == 1009, close
+    rec = cloud.wait_log(lambda r: r["event"] in ("tunnel.ws_violation", "tunnel.error"), since=mark)
+    assert rec["event"] == "tunnel.ws_violation", f"the oversized frame was read: {rec['msg']}"
+    assert "1009" in rec["msg"] and "exceeding max allowed size" in rec["msg"], rec
+    assert_cloud_unharmed(pair, cloud, mark)
+
+
 def test_open_for_unknown_service(started_pair):
     pair, cloud, _onprem = started_pair
     mark = cloud.log_mark()

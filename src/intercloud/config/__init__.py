@@ -13,22 +13,9 @@ Durations are float seconds, sizes int bytes; secrets are :class:`Secret` object
 """
 
 from .load import ConfigError, Problem, load_config, parse_config
-from .model import (
-    ClusterConfig,
-    Tenant,
-    Config,
-    Endpoint,
-    GatewayConfig,
-    HostPort,
-    ProxyUrl,
-    Secret,
-    Service,
-    TlsConfig,
-    TunnelConfig,
-    WsUrl,
-    is_loopback_host,
-)
+from .model import ClusterConfig, Config, GatewayConfig, Service, Tenant, TlsConfig, TunnelConfig
 from .units import format_duration, format_size, parse_duration, parse_size
+from .values import Endpoint, HostPort, ProxyUrl, Secret, WsUrl, is_loopback_host
 
 __all__ = [
     "ClusterConfig",

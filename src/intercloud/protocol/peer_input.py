@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-# The config's name rule (config/model.py NAME_PATTERN): node ids, service and tenant names.
+# The config's name rule (config/fields.py NAME_PATTERN): node ids, service and tenant names.
 NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 ROUTE = re.compile(r"[A-Za-z0-9._-]{1,64}/[A-Za-z0-9._-]{1,64}")  # "tenant/service" on peer links
 INCARNATION = NAME  # ours are 16 hex digits; any name is as safe

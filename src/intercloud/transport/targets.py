@@ -26,7 +26,7 @@ import time
 from typing import Awaitable, Callable, Sequence
 from urllib.parse import urlsplit
 
-from ..config.model import is_ip_literal
+from ..config.values import is_ip_literal
 
 log = logging.getLogger("intercloud.targets")
 

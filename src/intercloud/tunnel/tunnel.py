@@ -197,6 +197,13 @@ class Tunnel(Listener):
 
     def on_ws_frame(self, transport, frame) -> None:
         self.last_rx = time.monotonic()
+        closing = transport.close_handshake
+        if closing is not None and closing.sent is not None:
+            # A close frame is out (ours, or picows's for a WebSocket violation): nothing more is acted on.
+            # picows goes on parsing after it refused a frame over max_frame_size with 1009 and still
+            # delivers it when the rest arrives within its 10 ms disconnect delay: a 1 MiB SERVICES was
+            # decoded here although the limit is 256 KiB (protocol §5.5).
+            return
         mt = frame.msg_type
         if mt is _BINARY and frame.fin and not frame.rsv1:  # RSV1: no extension was negotiated
             try:
