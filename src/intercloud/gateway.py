@@ -23,6 +23,7 @@ from .config import Config
 from .protocol import peer_input
 from .protocol.frames import Reason
 from .transport.tls import certificate_names
+from .tunnel.bridge import BridgeEnd
 from .tunnel.budget import BufferBudget
 from .tunnel.stream import LocalStream, reset
 from .tunnel.tunnel import Tunnel
@@ -209,7 +210,7 @@ class Gateway:
                 log.error("SIGHUP: reload of %s failed (%s: %s); %s", self.config.source, type(exc).__name__,
                           exc, self._reload_state, extra={"event": "gateway.reload_failed",
                                                           "error": type(exc).__name__})
-                self._event("gateway.reload_failed", reason=f"{type(exc).__name__}: {exc}")
+                self.event("gateway.reload_failed", reason=f"{type(exc).__name__}: {exc}")
             if not self._reload_again or self.stopping.is_set():
                 return
 
@@ -291,14 +292,14 @@ class Gateway:
         except ConfigError as exc:
             log.error("SIGHUP: configuration NOT reloaded, the running one stays in force:\n%s", exc,
                       extra={"event": "gateway.reload_failed"})
-            self._event("gateway.reload_failed", reason="invalid configuration")
+            self.event("gateway.reload_failed", reason="invalid configuration")
             return
         except TimeoutError:
             log.error("SIGHUP: reading %s and its certificate files took longer than %gs (gateway.reload_timeout); "
                       "reload abandoned, the running configuration stays in force. Look for a hung network file "
                       "system or a FIFO at one of those paths", self.config.source, timeout,
                       extra={"event": "gateway.reload_failed", "reason": "timeout"})
-            self._event("gateway.reload_failed", reason="timeout")
+            self.event("gateway.reload_failed", reason="timeout")
             return
         if os.environ.get("INTERCLOUD_TEST_RELOAD_FAULT"):  # test hook only (tests/security/test_reload.py)
             raise RuntimeError("fault injected by INTERCLOUD_TEST_RELOAD_FAULT (a test hook; unset it)")
@@ -339,7 +340,7 @@ class Gateway:
         self.after_reload()
         log.info("SIGHUP: configuration reloaded (%d services)", len(new.services),
                  extra={"event": "gateway.reloaded"})
-        self._event("gateway.reloaded")
+        self.event("gateway.reloaded")
 
     async def _drain(self) -> None:
         """DESIGN §3.7: stop listening, GOAWAY, let streams finish up to drain_timeout."""
@@ -421,8 +422,6 @@ class Gateway:
             return
         if tunnel.client:
             tunnel.send_hello()  # protocol §5.2: the dialer answers after admitting the peer
-        if tunnel.kind == "peer":
-            return
         self.tunnels.add(tunnel)
         self.counters["tunnels_opened"] += 1
         tlog.info("[%s] OPENED: %s %s %s <-> %s %s, %s %s, peer services %s", tunnel.label,
@@ -432,7 +431,7 @@ class Gateway:
                   extra={"event": "tunnel.opened", "tunnel": tunnel.id, "peer_addr": tunnel.peer_addr,
                          "peer_node": peer.node_id, "node": self.node_id, **tunnel.tls,
                          "peer_cert": tunnel.peer_cert.get("subject"), "services": peer.services})
-        self._event("tunnel.opened", peer=peer.node_id, tunnel=tunnel.id)
+        self.event("tunnel.opened", peer=peer.node_id, tunnel=tunnel.id)
         twins = [t for t in self.tunnels if t.peer_node == peer.node_id and t.peer.incarnation != peer.incarnation]
         if twins:  # a cloned VM (same certificate and node id): both serve, neither hides the other
             tlog.warning("[%s] DUPLICATE IDENTITY: %s from %s (incarnation %s) while %s (incarnation %s) is live; "
@@ -441,7 +440,7 @@ class Gateway:
                          ", ".join(sorted({t.peer_addr for t in twins})), twins[0].peer.incarnation,
                          extra={"event": "tunnel.duplicate_identity", "peer_node": peer.node_id,
                                 "peer_addr": tunnel.peer_addr, "incarnation": peer.incarnation})
-            self._event("tunnel.duplicate_identity", peer=peer.node_id, tunnel=tunnel.id)
+            self.event("tunnel.duplicate_identity", peer=peer.node_id, tunnel=tunnel.id)
         self.routes_changed()
 
     def tunnel_closed(self, tunnel: Tunnel, reason: str) -> None:
@@ -452,7 +451,7 @@ class Gateway:
                       self.node_id, tunnel.peer_node, time.time() - tunnel.opened_at, tunnel.streams_total,
                       reason, extra={"event": "tunnel.closed", "tunnel": tunnel.id, "peer_node": tunnel.peer_node,
                                      "peer_addr": tunnel.peer_addr, "reason": reason})
-            self._event("tunnel.closed", peer=tunnel.peer_node, tunnel=tunnel.id, reason=reason)
+            self.event("tunnel.closed", peer=tunnel.peer_node, tunnel=tunnel.id, reason=reason)
             self.routes_changed()
 
     def duplicate_identities(self) -> dict[str, list[str]]:
@@ -540,26 +539,24 @@ class Gateway:
         slog.warning("[%s] REFUSED client %s: %s", svc, stream.client, why,
                      extra={"event": "stream.refused", "service": svc, "client": stream.client, "reason": why,
                             "tenant": stream.tenant})
-        self._event("stream.refused", service=svc, client=stream.client, reason=why)
+        self.event("stream.refused", service=svc, client=stream.client, reason=why)
         tr = stream.transport
         if tr is not None:
             reset(tr)
         stream.finished = True
 
     # --- connect side: the peer asks us to dial one of our services ---------------------
-    def stream_requested(self, tunnel: Tunnel, sid: int, service: str, client: str) -> None:
-        if tunnel.kind == "peer":  # a relayed OPEN names "tenant/service" (protocol §3.2)
-            tenant, _, name = service.partition("/")
-            limit = self.stream_limit(tenant)
-            if limit is not None:
-                tunnel.refuse(sid, Reason.LIMIT, limit)
-                return
-            from .tunnel.bridge import BridgeEnd
-
-            inner, outer = BridgeEnd.pair(name, client, target="", tenant=tenant)
-            self._hold_slot(inner)  # the inner end is the one counted and logged (stream_closed)
-            tunnel.track_open(sid, self._stream_task(inner, self._relay(tunnel, sid, inner, outer), tunnel, sid))
+    def relay_requested(self, link: Tunnel, sid: int, tenant: str, service: str, client: str) -> None:
+        """A member relays a stream of ``tenant`` to us (protocol §3.2): carry it over our own tunnels."""
+        limit = self.stream_limit(tenant)
+        if limit is not None:
+            link.refuse(sid, Reason.LIMIT, limit)
             return
+        inner, outer = BridgeEnd.pair(service, client, target="", tenant=tenant)
+        self._hold_slot(inner)  # the inner end is the one counted and logged (stream_closed)
+        link.track_open(sid, self._stream_task(inner, self._relay(link, sid, inner, outer), link, sid))
+
+    def stream_requested(self, tunnel: Tunnel, sid: int, service: str, client: str) -> None:
         svc = self.connect_services.get((tunnel.tenant, service))
         if svc is None:
             mine = self.connect_service_names(tunnel)
@@ -728,7 +725,7 @@ class Gateway:
         key = (name, tuple(sorted(labels.items())))
         self.labelled[key] = self.labelled.get(key, 0) + n
 
-    def _event(self, kind: str, **fields) -> None:
+    def event(self, kind: str, **fields) -> None:
         self.events.append({"ts": time.time(), "event": kind, **fields})
 
 

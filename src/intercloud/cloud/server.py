@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
 
 from ..errors import StartupError
@@ -39,23 +38,27 @@ class CloudGateway(Gateway):
     def _handshaking(self) -> list[Tunnel]:
         return [t for t in self._handshakes if not t.done.done()]
 
-    def connect_service_names(self, tunnel: Tunnel) -> list[str]:
-        if tunnel.kind == "peer":  # what we can carry for a relaying member: our on-prem routes
-            return sorted(self.route_keys())
-        return super().connect_service_names(tunnel)
-
     def route_keys(self) -> set[str]:
         """"tenant/service" for every service some live on-prem tunnel of ours connects."""
         return {f"{t.tenant}/{s}" for t in self.tunnels if not t.goaway_received for s in t.peer.services}
 
-    # --- tenants (issue 3) ---------------------------------------------------------------
-    def screen(self, tunnel: Tunnel) -> str | None:
-        if tunnel.kind == "peer" and self.cluster is not None:
-            return self.cluster.screen_link(tunnel)
-        return None
+    # --- ClusterHost (cluster/host.py) ---------------------------------------------------
+    def members_changed(self, view: list[dict]) -> None:
+        for t in self.tunnels:
+            t.send_members(view)
 
+    def watch_handshake(self, tunnel: Tunnel) -> None:
+        self._handshakes.add(tunnel)
+
+    def handshake_done(self, tunnel: Tunnel) -> None:
+        self._handshakes.discard(tunnel)
+
+    def add_listener(self, server) -> None:
+        self.listeners.append(server)
+
+    # --- tenants (issue 3) ---------------------------------------------------------------
     def classify(self, tunnel: Tunnel) -> None:
-        if tunnel.kind == "peer" or not self.config.tenants:
+        if not self.config.tenants:
             return
         tunnel.tenant, tunnel.tenant_problem = match_tenant(self.config.tenants, tunnel.peer_der)
 
@@ -114,19 +117,12 @@ class CloudGateway(Gateway):
 
     def hello_extra(self, tunnel: Tunnel) -> dict:
         advertise = str(self.config.cluster.advertise) if self.config.cluster.advertise else None
-        if tunnel.kind == "peer":
-            return {"link": "peer", "advertise": advertise,
-                    "members": self.cluster.table.wire(time.monotonic())}
         members = (self.cluster.onprem_view() if self.cluster else
                    [{"node_id": self.node_id, "incarnation": self.incarnation, "url": advertise}])
         return {"members": members}
 
     def admit(self, tunnel: Tunnel) -> str | None:
         self._handshakes.discard(tunnel)
-        if tunnel.kind == "peer":
-            if self.cluster is None:
-                return "this cloud gateway has no [cluster]"
-            return self.cluster.admit_link(tunnel)
         # the role, then the node id against the certificate (protocol §5.4), then tenant and services
         refusal = super().admit(tunnel) or self.admit_tenant(tunnel)
         if refusal is not None:
@@ -139,43 +135,31 @@ class CloudGateway(Gateway):
 
     def tunnel_ready(self, tunnel: Tunnel) -> None:
         super().tunnel_ready(tunnel)
-        if self.cluster and tunnel.kind != "peer" and tunnel in self.tunnels:
+        if self.cluster and tunnel in self.tunnels:
             self.cluster.local_routes_changed()
             tunnel.send_members(self.cluster.onprem_view())  # changed since our HELLO, or left out of it (§5.5)
 
     def tunnel_closed(self, tunnel: Tunnel, reason: str) -> None:
         self._handshakes.discard(tunnel)
-        if tunnel.kind == "peer":
-            if self.cluster:
-                self.cluster.link_closed(tunnel, reason)
-            return
         super().tunnel_closed(tunnel, reason)
         if self.cluster:
             self.cluster.local_routes_changed()
 
-    def members_received(self, tunnel: Tunnel, members: list) -> None:
-        if tunnel.kind == "peer" and self.cluster:
-            self.cluster.members_received(tunnel, members)
-
     def goaway_received(self, tunnel: Tunnel) -> None:
         if self.cluster:
-            if tunnel.kind == "peer":
-                self.cluster.goaway(tunnel)
-            else:
-                self.cluster.local_routes_changed()
+            self.cluster.local_routes_changed()
         super().goaway_received(tunnel)
 
     def services_changed(self, tunnel: Tunnel) -> None:
-        if tunnel.kind != "peer":  # SERVICES passes the same admission as HELLO (issue 12)
-            refusal = self.admit_tenant(tunnel, again=True)
-            if refusal is not None:
-                log.warning("tunnel %s from %s closed: its SERVICES %s", tunnel.id, tunnel.peer_addr, refusal,
-                            extra={"event": "tenant.refused", "peer_addr": tunnel.peer_addr, "reason": refusal,
-                                   "tenant": tunnel.tenant})
-                tunnel.goaway(refusal, Reason.FORBIDDEN)
-                tunnel.fail(f"SERVICES refused: {refusal}", code=1008, quiet=True)
-                return
-        if self.cluster and tunnel.kind != "peer":
+        refusal = self.admit_tenant(tunnel, again=True)  # SERVICES passes the same admission as HELLO (issue 12)
+        if refusal is not None:
+            log.warning("tunnel %s from %s closed: its SERVICES %s", tunnel.id, tunnel.peer_addr, refusal,
+                        extra={"event": "tenant.refused", "peer_addr": tunnel.peer_addr, "reason": refusal,
+                               "tenant": tunnel.tenant})
+            tunnel.goaway(refusal, Reason.FORBIDDEN)
+            tunnel.fail(f"SERVICES refused: {refusal}", code=1008, quiet=True)
+            return
+        if self.cluster:
             self.cluster.local_routes_changed()
         super().services_changed(tunnel)
 

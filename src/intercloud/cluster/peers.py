@@ -21,18 +21,22 @@ from ..backoff import backoff
 from ..protocol.connection import ws_frame_limit
 from ..transport import tls_server, ws
 from ..transport.targets import DialTarget, DialTargets, connect_in_order
+from ..protocol.frames import Reason
 from ..transport.tls import cert_names, client_context, server_context
 from ..tunnel.tunnel import Tunnel
 from .members import MemberTable
 
 if TYPE_CHECKING:
-    from ..cloud.server import CloudGateway
+    from .host import ClusterHost
 
 log = logging.getLogger("intercloud.cluster")
 
 
 class Cluster:
-    def __init__(self, gw: CloudGateway):
+    """The member table and the peer links of a cloud member. It owns its peer links (the
+    TunnelOwner of each, tunnel/owner.py) and talks to its gateway only through ClusterHost."""
+
+    def __init__(self, gw: ClusterHost):
         self.gw = gw
         self.cfg = gw.config.cluster
         self.table = MemberTable(gw.node_id, self.cfg.member_ttl)
@@ -109,8 +113,8 @@ class Cluster:
                                      peer or "?", status, why, reason=why, peer_addr=peer, listener="cluster.listen")
 
         def accept(peer: str | None, source: str | None):
-            tunnel = Tunnel(self.gw, client=False, kind="peer")
-            self.gw._handshakes.add(tunnel)  # watched for liveness like any tunnel
+            tunnel = Tunnel(self, client=False, kind="peer")
+            self.gw.watch_handshake(tunnel)  # watched for liveness like any tunnel
             return tunnel
 
         factory = ws.upgrade_policy(url.path, accept, refused)
@@ -124,7 +128,7 @@ class Cluster:
         except OSError as exc:
             raise StartupError(f"{self.gw.config.source}: cluster.listen {url}: cannot listen: {exc.strerror}; "
                              "free the port or change cluster.listen") from None
-        self.gw.listeners.append(server)
+        self.gw.add_listener(server)
         self._server = server
         log.info("peer-link endpoint listening on %s", url, extra={"event": "cluster.listening", "url": str(url)})
 
@@ -177,7 +181,7 @@ class Cluster:
 
         async with asyncio.timeout(cfg.handshake_timeout * 2):
             tunnel = await ws.dial_ws(
-                lambda: Tunnel(self.gw, client=True, url=str(url), kind="peer"), str(url), self.client_ssl,
+                lambda: Tunnel(self, client=True, url=str(url), kind="peer"), str(url), self.client_ssl,
                 handshake_timeout=cfg.handshake_timeout, max_frame_size=ws_frame_limit(cfg.max_frame),
                 socket_factory=to_address if url.addresses else None)
             if tunnel is None:  # closed before the upgrade answer: TLS 1.3 refusal of our certificate
@@ -207,6 +211,74 @@ class Cluster:
             self._push_links()
             if gone:
                 self.members_changed()
+
+    # --- TunnelOwner of the peer links (tunnel/owner.py) ----------------------------------------
+    @property
+    def config(self):
+        return self.gw.config
+
+    @property
+    def node_id(self) -> str:
+        return self.gw.node_id
+
+    @property
+    def role(self) -> str:
+        return self.gw.role
+
+    @property
+    def incarnation(self) -> str:
+        return self.gw.incarnation
+
+    @property
+    def budget(self):
+        return self.gw.budget
+
+    @property
+    def counters(self) -> dict[str, int]:
+        return self.gw.counters
+
+    def classify(self, tunnel: Tunnel) -> None:
+        """A peer link has no tenant: its certificate is a member's (screen)."""
+
+    def screen(self, tunnel: Tunnel) -> str | None:
+        return self.screen_link(tunnel)
+
+    def connect_service_names(self, tunnel: Tunnel) -> list[str]:
+        return sorted(self.gw.route_keys())  # what we can carry for a relaying member: our on-prem routes
+
+    def hello_extra(self, tunnel: Tunnel) -> dict:
+        return {"link": "peer", "advertise": self._self_url, "members": self.table.wire(time.monotonic())}
+
+    def tunnel_ready(self, tunnel: Tunnel) -> None:
+        self.gw.handshake_done(tunnel)
+        refusal = self.admit_link(tunnel)
+        if refusal is not None:
+            tunnel.refused = True
+            if tunnel.hello_sent:  # the whole reason; a close reason holds 123 bytes
+                tunnel.goaway(refusal, Reason.FORBIDDEN)
+            tunnel.fail(refusal, code=1008, quiet=refusal.startswith("peer link to this member itself"))
+            return
+        if tunnel.client:
+            tunnel.send_hello()  # protocol §5.2: the dialer answers after admitting the peer
+
+    def tunnel_closed(self, tunnel: Tunnel, reason: str) -> None:
+        self.gw.handshake_done(tunnel)
+        self.link_closed(tunnel, reason)
+
+    def stream_requested(self, tunnel: Tunnel, sid: int, service: str, client: str) -> None:
+        tenant, _, name = service.partition("/")  # a relayed OPEN names "tenant/service" (protocol §3.2)
+        self.gw.relay_requested(tunnel, sid, tenant, name, client)
+
+    def stream_closed(self, tunnel: Tunnel, end, reason: str) -> None:
+        self.gw.stream_closed(tunnel, end, reason)
+
+    def goaway_received(self, tunnel: Tunnel) -> None:
+        self.goaway(tunnel)
+        self.gw.routes_changed()
+
+    def services_changed(self, tunnel: Tunnel) -> None:
+        """Members announce their routes in MEMBERS; SERVICES on a peer link only wakes the router."""
+        self.gw.routes_changed()
 
     # --- links -------------------------------------------------------------------------
     def admit_link(self, tunnel: Tunnel) -> str | None:
@@ -243,7 +315,7 @@ class Cluster:
                 self.table.heard(entry, now, direct=False)
         log.info("peer link %s with member %s (%s) up", tunnel.label, peer.node_id, tunnel.peer_addr,
                  extra={"event": "cluster.link_up", "member": peer.node_id, "peer_addr": tunnel.peer_addr})
-        self.gw._event("cluster.link_up", member=peer.node_id)
+        self.gw.event("cluster.link_up", member=peer.node_id)
         # after the caller has sent our HELLO (a dialer sends it only once admitted, protocol §5.2)
         loop = asyncio.get_running_loop()
         loop.call_soon(self._push_link, tunnel)  # the whole table now: a big HELLO left it out (protocol §5.5)
@@ -272,7 +344,7 @@ class Cluster:
             self.links.discard(tunnel)
             log.info("peer link with member %s down: %s", tunnel.peer_node, reason,
                      extra={"event": "cluster.link_down", "member": tunnel.peer_node, "reason": reason})
-            self.gw._event("cluster.link_down", member=tunnel.peer_node, reason=reason)
+            self.gw.event("cluster.link_down", member=tunnel.peer_node, reason=reason)
             self.gw.routes_changed()
 
     def members_received(self, tunnel: Tunnel, members: list) -> None:
@@ -337,8 +409,7 @@ class Cluster:
         self._pushed = key
         log.info("members now: %s", ", ".join(m["node_id"] for m in view),
                  extra={"event": "cluster.members", "members": [m["node_id"] for m in view]})
-        for t in self.gw.tunnels:
-            t.send_members(view)
+        self.gw.members_changed(view)
         self._push_links()
 
 

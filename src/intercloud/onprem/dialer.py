@@ -224,7 +224,7 @@ class OnpremGateway(Gateway):
                 level = logging.INFO if "already has its" in msg else logging.WARNING
                 log.log(level, "dial %s failed: %s", url, msg,
                         extra={"event": "tunnel.dial_failed", "url": str(url), "reason": msg})
-                self._event("tunnel.dial_failed", url=str(url), reason=msg)
+                self.event("tunnel.dial_failed", url=str(url), reason=msg)
             last_error[0] = msg
 
         async def on_up(up: tuple[DialTarget, Tunnel]) -> bool:
@@ -238,7 +238,7 @@ class OnpremGateway(Gateway):
             if msg != last_error[0]:
                 log.error("dial %s failed: %s", url, msg,
                           extra={"event": "tunnel.dial_failed", "url": str(url), "reason": msg})
-                self._event("tunnel.dial_failed", url=str(url), reason=msg)
+                self.event("tunnel.dial_failed", url=str(url), reason=msg)
             last_error[0] = msg
             return False
 
