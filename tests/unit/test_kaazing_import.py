@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import serialization
 from intercloud.certs import init_certs, load_certificates, load_private_key
 from intercloud.cli import import_kaazing as cli_import
 from intercloud.config import load_config
-from intercloud.config.kaazing import (
+from intercloud.kwic import (
     EXIT_BAD_INPUT,
     EXIT_DROPPED,
     EXIT_OK,
