@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.x509.oid import NameOID
 
+from ..transport.tls import certificate_names
 from .report import KaazingImportError
 from .xmltree import Node
 
@@ -160,10 +160,5 @@ def subject(cert: x509.Certificate) -> str:
 
 
 def cert_names(cert: x509.Certificate) -> list[str]:
-    names = [a.value for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME) if isinstance(a.value, str)]
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        names += san.get_values_for_type(x509.DNSName)
-    except x509.ExtensionNotFound:
-        pass
-    return list(dict.fromkeys(n for n in names if "*" not in n))
+    """The certificate's names a node id can be (CN, then DNS SANs, in order), wildcards left out."""
+    return [n for n in certificate_names(cert) if "*" not in n]
