@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import serialization
 from intercloud.certs import init_certs, load_certificates, load_private_key
 from intercloud.cli import import_kaazing as cli_import
 from intercloud.config import load_config
-from intercloud.config.kaazing import (
+from intercloud.kwic import (
     EXIT_BAD_INPUT,
     EXIT_DROPPED,
     EXIT_OK,
@@ -136,6 +136,19 @@ def make_stores(directory: Path, pki: Path, name: str, *, password: str = "chang
     files["keystore_pw"].write_text(password + "\n")
     files["truststore_pw"].write_text(trust_password + "\n")
     return files
+
+
+def test_cert_names_are_the_tls_names_without_wildcards(tmp_path):
+    """The importer's certificate names are transport.tls.certificate_names (CN first, then DNS SANs,
+    in order), less wildcards, which a node id cannot be."""
+    from intercloud.kwic.keystores import cert_names
+    from intercloud.transport.tls import certificate_names
+
+    init_certs(tmp_path, cloud=["cloud1"], onprem=[], sans=["b.example.com", "*.wild.example.com", "cloud1"])
+    cert = load_certificates(tmp_path / "cloud1.pem")[0]
+    assert "*.wild.example.com" in certificate_names(cert)
+    assert cert_names(cert) == [n for n in certificate_names(cert) if n != "*.wild.example.com"]
+    assert cert_names(cert)[:2] == ["cloud1", "b.example.com"]
 
 
 def test_write_jceks_is_read_by_pyjks(tmp_path):

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError, load_config
-from ..config.kaazing import (
+from ..kwic import (
     EXIT_BAD_INPUT,
     EXIT_DROPPED,
     EXIT_OK,
