@@ -12,28 +12,25 @@ import os
 import signal
 import threading
 import time
-from collections import deque
 
 from cryptography import x509
 
-from . import logs
 from .errors import StartupError
-from .router import NOT_TRIED, Router
+from .router import Router
+from .stats import GatewayStats
+from .streams import DEFAULT_TENANT, StreamDispatch
 from .config import Config
 from .protocol import peer_input
 from .protocol.frames import Reason
 from .transport.tls import certificate_names
-from .tunnel.bridge import BridgeEnd
 from .tunnel.budget import BufferBudget
-from .tunnel.stream import LocalStream, reset
+from .tunnel.owner import StreamEnd
+from .tunnel.stream import LocalStream
 from .tunnel.tunnel import Tunnel
 
 log = logging.getLogger("intercloud.gateway")
-slog = logging.getLogger("intercloud.stream")
 tlog = logging.getLogger("intercloud.tunnel")
 
-# OPEN is answered once the far side has dialed its target; allow its connect_timeout plus slack.
-_OPEN_SLACK = 5.0
 # On shutdown, how long closing tunnels may take to flush their queued frames.
 _FLUSH_GRACE = 5.0
 
@@ -49,9 +46,6 @@ class Gateway:
         # services are keyed by (tenant, name): two tenants may both have a "serviceA" (issue 3)
         self.accept_services = {svc_key(s): s for s in config.services if s.accept}
         self.connect_services = {svc_key(s): s for s in config.services if s.connect}
-        self.tenant_streams: dict[str, int] = {}
-        # test hook only (tests/e2e/test_stream_faults.py): streams of this service raise inside their task
-        self._fault_service = os.environ.get("INTERCLOUD_TEST_STREAM_FAULT")
         self.listeners: list[asyncio.AbstractServer] = []
         self.service_listeners: dict[str, asyncio.AbstractServer] = {}
         self.tg: asyncio.TaskGroup | None = None
@@ -59,13 +53,9 @@ class Gateway:
         self.draining = False
         self.serving = asyncio.Event()  # listeners bound (readiness)
         self.router = Router()
-        self.events: deque[dict] = deque(maxlen=200)
-        self.counters = {"streams_opened": 0, "streams_closed": 0, "open_failures": 0, "route_timeouts": 0,
-                         "bytes_up": 0, "bytes_down": 0, "tunnels_opened": 0, "tunnels_closed": 0,
-                         "liveness_misses": 0, "protocol_errors": 0, "internal_errors": 0}
+        self.stats = GatewayStats()
+        self.dispatch = StreamDispatch(self, self.stats)  # what happens to each new stream
         self.started = time.time()
-        # labelled counters for /metrics: (name, ((label, value), ...)) -> count
-        self.labelled: dict[tuple[str, tuple], float] = {}
         # SIGHUP: the reload in progress, whether another SIGHUP came meanwhile, and the thread that
         # reads the files of the last one (it may outlive its reload, stuck on a hung file system)
         self._reload_task: asyncio.Task | None = None
@@ -178,7 +168,7 @@ class Gateway:
     async def _listen(self, svc) -> None:
         ep = svc.accept
         server = await asyncio.get_running_loop().create_server(
-            lambda: LocalStream(svc.name, "accept", on_connected=self.client_connected, tenant=svc.tenant or DEFAULT_TENANT),
+            lambda: LocalStream(svc.name, "accept", on_connected=self.dispatch.client_connected, tenant=svc.tenant or DEFAULT_TENANT),
             ep.host, ep.port, reuse_address=True, backlog=1024)
         self.service_listeners[svc_key(svc)] = server
         log.info("service %s listening on %s", svc.name, ep,
@@ -477,259 +467,31 @@ class Gateway:
                 best, best_load = t, load
         return best
 
-    # --- accept side: a local client wants the peer's service ----------------------------
-    def client_connected(self, stream: LocalStream) -> None:
-        """A client connected to an accept listener (called from LocalStream.connection_made)."""
-        if self.draining:
-            reset(stream.transport)
-            return
-        limit = self.stream_limit(stream.tenant)
-        if limit is not None:
-            self._refuse_client(stream, limit)
-            return
-        self._hold_slot(stream)
-        # The first OPEN leaves from this callback when a tunnel is up, not one loop iteration later
-        # from the task: it is on the client's first-byte path (docs/performance.md, P10).
-        tunnel = self._pick_route(stream, NOT_TRIED)
-        first = (tunnel, tunnel.open(stream)) if tunnel is not None else None
-        self._stream_task(stream, self._route(stream, first))
 
-    def _pick_route(self, stream: LocalStream, tried: set[tuple[str, str]] | frozenset) -> Tunnel | None:
-        return (self.pick_tunnel(stream.service, tried, stream.tenant)
-                or self.relay_link(f"{stream.tenant}/{stream.service}", tried))
-
-    async def _route(self, stream: LocalStream, first: tuple[Tunnel, asyncio.Future] | None) -> None:
-        """Await the answer to the first OPEN (``first``, sent by client_connected) or find a tunnel,
-        OPEN, retry elsewhere on refusal; never leave the client hanging (docs/ha.md §6)."""
-        svc = stream.service
-        wait = self.config.gateway.route_wait
-        result = await self.router.open_with_retry(
-            stream, lambda tried: self._pick_route(stream, tried), first=first, route_wait=wait,
-            answer_within=self.config.tunnel.connect_timeout + _OPEN_SLACK, stop=lambda: self.draining,
-            refused=lambda tunnel, code, text: self._open_refused(stream, tunnel, code, text))
-        if svc == self._fault_service:
-            raise RuntimeError("fault injected by INTERCLOUD_TEST_STREAM_FAULT (a test hook; unset it)")
-        if stream.finished:  # the client left while we opened
-            return
-        if result.ok:
-            stream.start()  # parked bytes first: the OPENED line is not on the client's path
-            self._stream_opened(result.tunnel, stream)
-            return
-        if result.peer is None:
-            self.counters["route_timeouts"] += 1
-            self.count("route_timeouts", service=svc, tenant=stream.tenant)
-            why = (f"no route: no tunnel offers service {svc!r} (waited {wait:g}s, gateway.route_wait); "
-                   "check that a gateway on the other side connects this service and its tunnels are up")
-        else:
-            why = (f"every gateway offering {svc!r} refused; last {result.peer}: "
-                   f"{Reason.name_of(result.code)} {result.text}")
-        self._refuse_client(stream, why)
-
-    def _open_refused(self, stream: LocalStream, tunnel: Tunnel, code: int, text: str) -> None:
-        svc = stream.service
-        self.counters["open_failures"] += 1
-        self.count("open_failures", service=svc, tenant=stream.tenant, reason=Reason.name_of(code))
-        slog.info("OPEN %s via %s refused: %s %s; trying another gateway", svc, tunnel.peer_node,
-                  Reason.name_of(code), text,
-                  extra={"event": "stream.open_failed", "service": svc, "peer_node": tunnel.peer_node,
-                         "reason": Reason.name_of(code), "detail": text})
-
-    def _refuse_client(self, stream: LocalStream, why: str) -> None:
-        svc = stream.service
-        slog.warning("[%s] REFUSED client %s: %s", svc, stream.client, why,
-                     extra={"event": "stream.refused", "service": svc, "client": stream.client, "reason": why,
-                            "tenant": stream.tenant})
-        self.event("stream.refused", service=svc, client=stream.client, reason=why)
-        tr = stream.transport
-        if tr is not None:
-            reset(tr)
-        stream.finished = True
-
-    # --- connect side: the peer asks us to dial one of our services ---------------------
-    def relay_requested(self, link: Tunnel, sid: int, tenant: str, service: str, client: str) -> None:
-        """A member relays a stream of ``tenant`` to us (protocol §3.2): carry it over our own tunnels."""
-        limit = self.stream_limit(tenant)
-        if limit is not None:
-            link.refuse(sid, Reason.LIMIT, limit)
-            return
-        inner, outer = BridgeEnd.pair(service, client, target="", tenant=tenant)
-        self._hold_slot(inner)  # the inner end is the one counted and logged (stream_closed)
-        link.track_open(sid, self._stream_task(inner, self._relay(link, sid, inner, outer), link, sid))
-
+    # --- streams (TunnelOwner) and accounting: StreamDispatch and GatewayStats do the work ----
     def stream_requested(self, tunnel: Tunnel, sid: int, service: str, client: str) -> None:
-        svc = self.connect_services.get((tunnel.tenant, service))
-        if svc is None:
-            mine = self.connect_service_names(tunnel)
-            who = f" for tenant {tunnel.tenant!r}" if tunnel.tenant != DEFAULT_TENANT else ""
-            text = (f"{self.node_id} connects no service named {service!r}{who} "
-                    f"(it connects: {', '.join(mine) or 'none'})")
-            tunnel.refuse(sid, Reason.UNKNOWN_SERVICE, text)
-            slog.warning("OPEN from %s refused: %s", tunnel.peer_node, text,
-                         extra={"event": "stream.open_refused", "service": service, "peer_node": tunnel.peer_node,
-                                "tenant": tunnel.tenant})
-            return
-        limit = self.stream_limit(tunnel.tenant)
-        if limit is not None:
-            tunnel.refuse(sid, Reason.LIMIT, limit)
-            slog.warning("OPEN %s from %s refused: %s", service, tunnel.peer_node, limit,
-                         extra={"event": "stream.open_refused", "service": service, "peer_node": tunnel.peer_node,
-                                "tenant": tunnel.tenant, "reason": limit})
-            return
-        ep = svc.connect
-        stream = LocalStream(svc.name, "connect", client=client, target=f"{ep.host}:{ep.port}", tenant=tunnel.tenant,
-                             on_connected=lambda s: self._target_connected(tunnel, sid, s))
-        self._hold_slot(stream)
-        tunnel.track_open(sid, self._stream_task(stream, self._dial_target(tunnel, sid, svc, stream), tunnel, sid))
+        self.dispatch.stream_requested(tunnel, sid, service, client)
 
-    async def _dial_target(self, tunnel: Tunnel, sid: int, svc, stream: LocalStream) -> None:
-        ep = svc.connect
-        client = stream.client
-        loop = asyncio.get_running_loop()
-        code = None
-        try:
-            async with asyncio.timeout(self.config.tunnel.connect_timeout):
-                await loop.create_connection(lambda: stream, ep.host, ep.port)
-        except ConnectionRefusedError:
-            code, text = Reason.REFUSED, f"{ep.host}:{ep.port} refused the connection (service {svc.name} on {self.node_id})"
-        except TimeoutError:
-            code, text = Reason.UNREACHABLE, (f"{ep.host}:{ep.port} did not answer within "
-                                              f"{self.config.tunnel.connect_timeout:g}s (tunnel.connect_timeout)")
-        except OSError as exc:
-            code, text = Reason.UNREACHABLE, f"{ep.host}:{ep.port} unreachable: {exc.strerror or exc}"
-        if code is None or stream.sid:  # connected: _target_connected took it from there
-            return  # (a timeout that fired after it did closes the socket; the stream reports that itself)
-        tunnel.refuse(sid, code, text)
-        self.counters["open_failures"] += 1
-        self.count("open_failures", service=svc.name, tenant=tunnel.tenant, reason=Reason.name_of(code))
-        slog.warning("[%s] target failed for client %s via %s: %s", svc.name, client, tunnel.peer_node, text,
-                     extra={"event": "stream.target_failed", "service": svc.name, "client": client,
-                            "target": stream.target, "reason": Reason.name_of(code), "detail": text})
+    def relay_requested(self, link: Tunnel, sid: int, tenant: str, service: str, client: str) -> None:
+        self.dispatch.relay_requested(link, sid, tenant, service, client)
 
-    def _target_connected(self, tunnel: Tunnel, sid: int, stream: LocalStream) -> None:
-        """The target accepted: answer OPEN_OK and hand it the early bytes from connection_made,
-        one loop iteration before the dial task would resume (docs/performance.md, P12)."""
-        if not tunnel.accept(sid, stream):
-            reset(stream.transport)  # the peer gave up (RST) or the tunnel is gone meanwhile
-            return
-        if stream.finished:  # the target could not take the early data
-            return
-        stream.start()
-        self._stream_opened(tunnel, stream)
-
-    async def _relay(self, link: Tunnel, sid: int, inner, outer) -> None:
-        """Carry a stream another member relayed to us over one of our own tunnels (docs/ha.md §5).
-        Never over another peer link (protocol §3.2), so a stream is relayed at most once."""
-        service, tenant = inner.service, inner.tenant
-        inner.attach(link, sid)  # so that a failure here can reset the relaying member's stream
-        result = await self.router.open_with_retry(
-            outer, lambda tried: self.pick_tunnel(service, tried, tenant),  # never another tenant's tunnel
-            answer_within=self.config.tunnel.connect_timeout + 2)  # before the relaying member gives up
-        if result.ok:
-            if not link.accept(sid, inner):  # the relaying member gave up meanwhile
-                outer.abort(Reason.ABORTED, "relaying member reset the stream", tell_peer=True)
-                return
-            outer.target = inner.target = result.tunnel.peer_node
-            self._stream_opened(link, inner)
-            inner.start()
-            outer.start()
-        elif result.peer is None:
-            link.refuse(sid, Reason.UNKNOWN_SERVICE, f"{self.node_id} has no tunnel offering {service!r} any more")
-        else:
-            link.refuse(sid, result.code, f"via {self.node_id}: {result.peer}: {result.text}")
-
-    # --- accounting and logs -----------------------------------------------------------
-    # A tenant's stream counts from the moment it is accepted or its OPEN arrives (relayed OPENs
-    # included), not from OPEN_OK: otherwise a burst of 1,000 clients all pass a max_streams of 20
-    # while the first OPEN is still in flight (issue 12). The slot is freed once: by stream_closed
-    # for a stream that opened, by its task's end for one that never did (refused, no route, the
-    # client left, the target refused, the task cancelled before it ran).
-    def _hold_slot(self, stream) -> None:
-        stream.counted = True
-        self.tenant_streams[stream.tenant] = self.tenant_streams.get(stream.tenant, 0) + 1
-
-    def _free_slot(self, stream) -> None:
-        if stream.counted:
-            stream.counted = False
-            self.tenant_streams[stream.tenant] -= 1
-
-    def _stream_task(self, stream, coro, tunnel: Tunnel | None = None, sid: int = 0) -> asyncio.Task:
-        """Run a stream's open task (route, dial, relay) under a guard: an unexpected exception resets
-        that one stream and is logged, instead of cancelling the gateway's TaskGroup and with it every
-        tenant's streams. The stream's slot goes when the task ends unless the stream opened (a done
-        callback, which runs even when the task is cancelled before its first step)."""
-        task = self.tg.create_task(self._guarded(stream, coro, tunnel, sid))
-        task.add_done_callback(lambda _t: None if stream.in_service else self._free_slot(stream))
-        return task
-
-    async def _guarded(self, stream, coro, tunnel: Tunnel | None, sid: int) -> None:
-        try:
-            await coro
-        except Exception as exc:  # noqa: BLE001 - containment is the point; CancelledError passes
-            self._internal_error(stream, exc, tunnel, sid)
-
-    def _internal_error(self, stream, exc: BaseException, tunnel: Tunnel | None, sid: int) -> None:
-        self.counters["internal_errors"] += 1
-        self.count("internal_errors", service=stream.service, tenant=stream.tenant)
-        what = f"{type(exc).__name__}: {exc}"
-        slog.error("[%s] internal error on stream %s %s -> %s: %s; the stream was reset, the gateway goes on "
-                   "(a bug: please report it with the debug-level traceback)", stream.service, stream.sid,
-                   stream.client, stream.target or "?", what,
-                   extra={"event": "internal.error", "service": stream.service, "stream": stream.sid,
-                          "client": stream.client, "tenant": stream.tenant, "error": what})
-        slog.debug("traceback of the internal error on stream %s", stream.sid, exc_info=exc,
-                   extra={"event": "internal.traceback", "service": stream.service})
-        text = "internal error in the gateway"
-        if tunnel is not None and sid:
-            tunnel.refuse(sid, Reason.INTERNAL, text)  # if still unanswered
-        if not stream.finished:
-            stream.abort(Reason.INTERNAL, text)
-
-    def _stream_opened(self, tunnel: Tunnel, stream: LocalStream) -> None:
-        self.counters["streams_opened"] += 1
-        self.count("streams_opened", service=stream.service, tenant=stream.tenant)
-        if tunnel.kind == "peer" or stream.side.startswith("relay"):
-            self.count("relays", service=stream.service, tenant=stream.tenant,
-                       direction="out" if tunnel.kind == "peer" and stream.side == "accept" else "in")
-        stream.in_service = True  # its slot is freed by stream_closed from now on
-        relayed = tunnel.kind == "peer"
-        peer = tunnel.peer_node
-        logs.emit(slog, logging.INFO,
-                  f"[{stream.service}] OPENED: stream {stream.sid} {stream.client} -> {stream.target or peer} "
-                  f"via {peer}{' (relay)' if relayed else ''} ({stream.side})",
-                  {"event": "stream.opened", "service": stream.service, "stream": stream.sid,
-                   "tunnel": tunnel.id, "client": stream.client, "target": stream.target,
-                   "peer_node": peer, "side": stream.side, "relayed": relayed})
-
-    def stream_closed(self, tunnel: Tunnel, stream: LocalStream, reason: str) -> None:
-        if stream.side == "relay-out":  # a relayed stream is logged and counted once, by its inner end
-            return
-        self.counters["streams_closed"] += 1
-        self._free_slot(stream)
-        self.counters["bytes_up"] += stream.bytes_up
-        self.counters["bytes_down"] += stream.bytes_down
-        self.count("bytes_out", stream.bytes_up, service=stream.service, tenant=stream.tenant)
-        self.count("bytes_in", stream.bytes_down, service=stream.service, tenant=stream.tenant)
-        dur = time.monotonic() - stream.started
-        peer = tunnel.peer_node
-        logs.emit(slog, logging.INFO,
-                  f"[{stream.service}] CLOSED: stream {stream.sid} {stream.client} -> {stream.target or peer} "
-                  f"via {peer}, {stream.bytes_up} bytes out, {stream.bytes_down} bytes in, {dur:.3f}s: {reason}",
-                  {"event": "stream.closed", "service": stream.service, "stream": stream.sid,
-                   "tunnel": tunnel.id, "client": stream.client, "target": stream.target,
-                   "peer_node": peer, "bytes_out": stream.bytes_up,
-                   "bytes_in": stream.bytes_down, "duration": round(dur, 6), "reason": reason})
-        if self.draining:
+    def stream_closed(self, tunnel: Tunnel, stream: StreamEnd, reason: str) -> None:
+        if self.stats.stream_closed(tunnel, stream, reason) and self.draining:
             self.routes_changed()  # wakes the drain loop
 
+    @property
+    def counters(self) -> dict[str, int]:
+        return self.stats.counters
+
+    @property
+    def tenant_streams(self) -> dict[str, int]:
+        return self.stats.tenant_streams
+
     def count(self, name: str, n: float = 1, **labels) -> None:
-        key = (name, tuple(sorted(labels.items())))
-        self.labelled[key] = self.labelled.get(key, 0) + n
+        self.stats.count(name, n, **labels)
 
     def event(self, kind: str, **fields) -> None:
-        self.events.append({"ts": time.time(), "event": kind, **fields})
-
-
-DEFAULT_TENANT = "default"
+        self.stats.event(kind, **fields)
 
 
 def identity_refusal(tunnel: Tunnel) -> str | None:

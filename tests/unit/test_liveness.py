@@ -23,15 +23,13 @@ def gateway() -> Gateway:
 
 
 class FakeTunnel:
-    """What _liveness uses of a Tunnel: kind, last_rx, close_reason, conn.peer, ping(), fail()."""
+    """What _liveness uses of a Tunnel: kind, last_rx, close_reason, peer, ping(), fail()."""
 
-    class _Conn:
-        peer = object()  # HELLO exchanged
+    peer = object()  # HELLO exchanged
 
     def __init__(self, name: str) -> None:
         self.kind = "tunnel"
         self.peer_node = name
-        self.conn = self._Conn()
         self.last_rx = time.monotonic()
         self.close_reason = ""
         self.failed_at: float | None = None

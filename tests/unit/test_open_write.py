@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import socket
 
-from intercloud.gateway import Gateway
 from intercloud.protocol import frames
 from intercloud.protocol.frames import FrameType
 from intercloud.tunnel.stream import LocalStream
@@ -53,7 +52,7 @@ async def open_through(early: int, sent: bytes) -> list[frames.Frame]:
         if sent:
             client.sendall(sent)
         stream = accepted_stream(client, server)
-        Gateway._open(tunnel, stream)
+        tunnel.open(stream)  # OPEN, then the early data, in one write (P13)
         writes = len(tunnel.ws.wire)
         out = [frames.decode(f) for f in tunnel.ws.frames()]
         assert writes == 1, f"OPEN and the client's first bytes leave in one write, got {tunnel.ws.wire}"
@@ -85,7 +84,7 @@ async def test_more_than_a_small_frame_still_goes_whole_and_in_order() -> None:
     with client, server:
         payload = bytes(range(256)) * 40  # 10 KiB: larger than a corked frame, read in one go
         client.sendall(payload)
-        Gateway._open(tunnel, accepted_stream(client, server))
+        tunnel.open(accepted_stream(client, server))
         got = [frames.decode(f) for f in tunnel.ws.frames()]
     assert [f.type for f in got] == [FrameType.OPEN, FrameType.DATA]
     assert bytes(got[1].payload) == payload
@@ -104,7 +103,7 @@ async def test_a_client_that_reset_gets_no_open_and_its_stream_ends() -> None:
             client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             client.close()  # RST
             stream = accepted_stream(client, server)
-            fut = Gateway._open(tunnel, stream)
+            fut = tunnel.open(stream)
             assert fut.done() and fut.result()[0] == frames.Reason.ABORTED
             assert stream.finished and stream.transport.aborted
             assert tunnel.ws.wire == [], "no OPEN for a client that is gone"

@@ -13,7 +13,8 @@ class _Collector:
 
     def collect(self):
         gw = self.gw
-        c = gw.counters
+        snap = gw.stats.snapshot()  # the accounting, copied once per scrape
+        c = snap["counters"]
         # one pass over the streams (there may be 100,000s): bytes of live streams, streams per service
         live_up = live_down = 0
         per_svc: dict[str, int] = {}
@@ -44,11 +45,11 @@ class _Collector:
         ts = GaugeMetricFamily("intercloud_tenant_streams", "Open streams per tenant", labels=["tenant"])
         for spec in gw.config.tenants:
             tt.add_metric([spec.name], sum(1 for t in gw.tunnels if t.tenant == spec.name))
-            ts.add_metric([spec.name], gw.tenant_streams.get(spec.name, 0))
+            ts.add_metric([spec.name], snap["tenant_streams"].get(spec.name, 0))
         yield tt
         yield ts
         families: dict[str, CounterMetricFamily] = {}
-        for (name, labels), value in sorted(gw.labelled.items()):
+        for (name, labels), value in sorted(snap["labelled"].items()):
             keys = [k for k, _ in labels]
             fam_key = f"{name}|{','.join(keys)}"
             fam = families.get(fam_key)

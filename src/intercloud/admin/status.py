@@ -17,6 +17,7 @@ MAX_STREAMS_LIMIT = 10_000
 def status(gw, limit: int = STREAMS_LIMIT, offset: int = 0) -> dict:
     """The status document, listing streams[offset:offset + limit] (in tunnel order, then stream id)."""
     now = time.time()
+    snap = gw.stats.snapshot()
     tunnels, streams = [], []
     for t in sorted(gw.tunnels, key=lambda t: t.id):
         peer = t.peer
@@ -56,7 +57,7 @@ def status(gw, limit: int = STREAMS_LIMIT, offset: int = 0) -> dict:
     tenants = []
     for spec in gw.config.tenants:
         tenants.append({"name": spec.name, "tunnels": sum(1 for t in gw.tunnels if t.tenant == spec.name),
-                        "streams": gw.tenant_streams.get(spec.name, 0), "max_tunnels": spec.max_tunnels,
+                        "streams": snap["tenant_streams"].get(spec.name, 0), "max_tunnels": spec.max_tunnels,
                         "max_streams": spec.max_streams})
     cluster = getattr(gw, "cluster", None)
     if hasattr(gw, "dial_targets_view"):
@@ -68,7 +69,7 @@ def status(gw, limit: int = STREAMS_LIMIT, offset: int = 0) -> dict:
         "uptime": round(now - gw.started, 3), "ready": gw.is_ready(), "draining": gw.draining,
         "tunnels": tunnels, "streams": streams, "streams_total": streams_total, "streams_offset": offset,
         "streams_limit": limit, "services": services,
-        "counters": dict(gw.counters), "events": list(gw.events)[-50:],
+        "counters": snap["counters"], "events": snap["events"][-50:],
         "duplicate_identities": gw.duplicate_identities(),
         "buffers": _buffers(gw),  # protocol §6.4
         "tasks": len(asyncio.all_tasks()),  # asyncio tasks of the process (the chaos soak checks it stays flat)

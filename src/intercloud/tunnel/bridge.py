@@ -24,7 +24,7 @@ class BridgeEnd:
     def __init__(self, service: str, side: str, client: str, target: str, tenant: str = "default"):
         self.service = service
         self.tenant = tenant
-        self.counted = False  # holds one of its tenant's stream slots (Gateway._hold_slot)
+        self.counted = False  # holds one of its tenant's stream slots (GatewayStats.hold_slot)
         self.in_service = False  # opened and logged: stream_closed frees the slot
         self.side = side
         self.client = client

@@ -54,7 +54,7 @@ class LocalStream(asyncio.BufferedProtocol):
                  tenant: str = "default"):
         self.service = service
         self.tenant = tenant
-        self.counted = False  # holds one of its tenant's stream slots (Gateway._hold_slot)
+        self.counted = False  # holds one of its tenant's stream slots (GatewayStats.hold_slot)
         self.in_service = False  # opened and logged: stream_closed frees the slot
         self.on_connected = on_connected  # called from connection_made (both sides)
         self.side = side

@@ -1,0 +1,92 @@
+"""The gateway's accounting (docs/operations.md §6): counters, labelled counters for /metrics, each
+tenant's stream slots, recent events for the dashboard, and the OPENED and CLOSED lines of every
+stream. What the admin endpoint reads (``snapshot``); nothing here routes or holds a connection."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from typing import TYPE_CHECKING
+
+from . import logs
+
+if TYPE_CHECKING:
+    from .tunnel.owner import StreamEnd, Tunnel
+
+slog = logging.getLogger("intercloud.stream")
+COUNTERS = ("streams_opened", "streams_closed", "open_failures", "route_timeouts", "bytes_up", "bytes_down",
+            "tunnels_opened", "tunnels_closed", "liveness_misses", "protocol_errors", "internal_errors")
+
+
+class GatewayStats:
+    def __init__(self) -> None:
+        self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
+        # labelled counters for /metrics: (name, ((label, value), ...)) -> count. Label values come
+        # from the config or validated identities only, never a per-tunnel value (issue 12)
+        self.labelled: dict[tuple[str, tuple], float] = {}
+        self.tenant_streams: dict[str, int] = {}  # slots held: open and opening streams per tenant
+        self.events: deque[dict] = deque(maxlen=200)
+
+    def snapshot(self) -> dict:
+        """Copies of the counters, for a status document or a metrics page."""
+        return {"counters": dict(self.counters), "labelled": dict(self.labelled),
+                "tenant_streams": dict(self.tenant_streams), "events": list(self.events)}
+
+    # A tenant's stream counts from the moment it is accepted or its OPEN arrives (relayed OPENs
+    # included), not from OPEN_OK: otherwise a burst of 1,000 clients all pass a max_streams of 20
+    # while the first OPEN is still in flight (issue 12). The slot is freed once: by stream_closed
+    # for a stream that opened, by its task's end for one that never did (refused, no route, the
+    # client left, the target refused, the task cancelled before it ran).
+    def hold_slot(self, stream) -> None:
+        stream.counted = True
+        self.tenant_streams[stream.tenant] = self.tenant_streams.get(stream.tenant, 0) + 1
+
+    def free_slot(self, stream) -> None:
+        if stream.counted:
+            stream.counted = False
+            self.tenant_streams[stream.tenant] -= 1
+
+    def stream_opened(self, tunnel: Tunnel, stream: StreamEnd) -> None:
+        self.counters["streams_opened"] += 1
+        self.count("streams_opened", service=stream.service, tenant=stream.tenant)
+        if tunnel.kind == "peer" or stream.side.startswith("relay"):
+            self.count("relays", service=stream.service, tenant=stream.tenant,
+                       direction="out" if tunnel.kind == "peer" and stream.side == "accept" else "in")
+        stream.in_service = True  # its slot is freed by stream_closed from now on
+        relayed = tunnel.kind == "peer"
+        peer = tunnel.peer_node
+        logs.emit(slog, logging.INFO,
+                  f"[{stream.service}] OPENED: stream {stream.sid} {stream.client} -> {stream.target or peer} "
+                  f"via {peer}{' (relay)' if relayed else ''} ({stream.side})",
+                  {"event": "stream.opened", "service": stream.service, "stream": stream.sid,
+                   "tunnel": tunnel.id, "client": stream.client, "target": stream.target,
+                   "peer_node": peer, "side": stream.side, "relayed": relayed})
+
+    def stream_closed(self, tunnel: Tunnel, stream: StreamEnd, reason: str) -> bool:
+        """Count and log a stream's end; False for the outer end of a relay (its inner end does)."""
+        if stream.side == "relay-out":  # a relayed stream is logged and counted once, by its inner end
+            return False
+        self.counters["streams_closed"] += 1
+        self.free_slot(stream)
+        self.counters["bytes_up"] += stream.bytes_up
+        self.counters["bytes_down"] += stream.bytes_down
+        self.count("bytes_out", stream.bytes_up, service=stream.service, tenant=stream.tenant)
+        self.count("bytes_in", stream.bytes_down, service=stream.service, tenant=stream.tenant)
+        dur = time.monotonic() - stream.started
+        peer = tunnel.peer_node
+        logs.emit(slog, logging.INFO,
+                  f"[{stream.service}] CLOSED: stream {stream.sid} {stream.client} -> {stream.target or peer} "
+                  f"via {peer}, {stream.bytes_up} bytes out, {stream.bytes_down} bytes in, {dur:.3f}s: {reason}",
+                  {"event": "stream.closed", "service": stream.service, "stream": stream.sid,
+                   "tunnel": tunnel.id, "client": stream.client, "target": stream.target,
+                   "peer_node": peer, "bytes_out": stream.bytes_up,
+                   "bytes_in": stream.bytes_down, "duration": round(dur, 6), "reason": reason})
+        return True
+
+    def count(self, name: str, n: float = 1, **labels) -> None:
+        key = (name, tuple(sorted(labels.items())))
+        self.labelled[key] = self.labelled.get(key, 0) + n
+
+    def event(self, kind: str, **fields) -> None:
+        self.events.append({"ts": time.time(), "event": kind, **fields})
