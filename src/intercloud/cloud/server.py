@@ -11,7 +11,7 @@ from ..errors import StartupError
 from ..cluster.peers import Cluster
 from .tenants import match_tenant
 from ..gateway import Gateway
-from ..protocol.connection import ws_frame_limit
+from ..protocol.announce import ws_frame_limit
 from ..protocol.frames import Reason
 from ..transport import tls_server, ws
 from ..transport.tls import server_context

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import StartupError
 from ..backoff import backoff
-from ..protocol.connection import ws_frame_limit
+from ..protocol.announce import ws_frame_limit
 from ..transport import tls_server, ws
 from ..transport.targets import DialTarget, DialTargets, connect_in_order
 from ..protocol.frames import Reason

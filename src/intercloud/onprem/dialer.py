@@ -11,7 +11,7 @@ import ssl
 
 from ..backoff import backoff
 from ..gateway import Gateway
-from ..protocol.connection import ws_frame_limit
+from ..protocol.announce import ws_frame_limit
 from ..transport import proxy as proxymod
 from ..transport import ws
 from ..transport.targets import ConnectError, DialTarget, DialTargets, connect_in_order

@@ -10,173 +10,17 @@ from this side.
 
 from __future__ import annotations
 
-import enum
-from dataclasses import dataclass, field
-
 from . import frames, peer_input
+from .announce import HELLO_MAX, _MEMBERS_SLACK, _entry_parts, _parse_hello, _services
+from .events import (  # noqa: F401  (re-exported: the events are part of this module's interface)
+    PROTOCOL_VERSION, CreditAvailable, Data, Event, GoAway, Hello, LocalProtocolError, Members, OpenAccepted,
+    OpenRefused, Ping, Pong, ProtocolError, RemoteFin, RemoteReset, ServicesChanged, State, StreamOpened,
+    RECV, SEND, _TRANSITIONS, transition,
+)
 from .frames import HEADER, HEADER_SIZE, FrameError, FrameType, Reason
-
-PROTOCOL_VERSION = 1
-
-
-class State(enum.IntEnum):
-    IDLE = 0
-    OPENING_OUT = 1
-    OPENING_IN = 2
-    OPEN = 3
-    HALF_CLOSED_LOCAL = 4
-    HALF_CLOSED_REMOTE = 5
-    CLOSED = 6
-
 
 S = State
 F = FrameType
-SEND, RECV = "send", "recv"
-
-# protocol §4.2: (state, direction, frame type) -> next state
-_TRANSITIONS: dict[tuple[State, str, FrameType], State] = {
-    (S.IDLE, SEND, F.OPEN): S.OPENING_OUT,
-    (S.IDLE, RECV, F.OPEN): S.OPENING_IN,
-    (S.OPENING_OUT, SEND, F.DATA): S.OPENING_OUT,  # early data, §4.5: only as much as the peer announced
-    (S.OPENING_OUT, RECV, F.OPEN_OK): S.OPEN,
-    (S.OPENING_OUT, RECV, F.OPEN_FAIL): S.CLOSED,
-    (S.OPENING_OUT, SEND, F.RST): S.CLOSED,
-    (S.OPENING_OUT, RECV, F.RST): S.CLOSED,
-    (S.OPENING_IN, RECV, F.DATA): S.OPENING_IN,  # early data, §4.5: only as much as we announced
-    (S.OPENING_IN, SEND, F.OPEN_OK): S.OPEN,
-    (S.OPENING_IN, SEND, F.OPEN_FAIL): S.CLOSED,
-    (S.OPENING_IN, SEND, F.RST): S.CLOSED,
-    (S.OPENING_IN, RECV, F.RST): S.CLOSED,
-    (S.OPEN, SEND, F.DATA): S.OPEN,
-    (S.OPEN, RECV, F.DATA): S.OPEN,
-    (S.OPEN, SEND, F.WINDOW): S.OPEN,
-    (S.OPEN, RECV, F.WINDOW): S.OPEN,
-    (S.OPEN, SEND, F.FIN): S.HALF_CLOSED_LOCAL,
-    (S.OPEN, RECV, F.FIN): S.HALF_CLOSED_REMOTE,
-    (S.OPEN, SEND, F.RST): S.CLOSED,
-    (S.OPEN, RECV, F.RST): S.CLOSED,
-    (S.HALF_CLOSED_LOCAL, RECV, F.DATA): S.HALF_CLOSED_LOCAL,
-    (S.HALF_CLOSED_LOCAL, SEND, F.WINDOW): S.HALF_CLOSED_LOCAL,
-    (S.HALF_CLOSED_LOCAL, RECV, F.WINDOW): S.HALF_CLOSED_LOCAL,
-    (S.HALF_CLOSED_LOCAL, RECV, F.FIN): S.CLOSED,
-    (S.HALF_CLOSED_LOCAL, SEND, F.RST): S.CLOSED,
-    (S.HALF_CLOSED_LOCAL, RECV, F.RST): S.CLOSED,
-    (S.HALF_CLOSED_REMOTE, SEND, F.DATA): S.HALF_CLOSED_REMOTE,
-    (S.HALF_CLOSED_REMOTE, SEND, F.WINDOW): S.HALF_CLOSED_REMOTE,
-    (S.HALF_CLOSED_REMOTE, RECV, F.WINDOW): S.HALF_CLOSED_REMOTE,
-    (S.HALF_CLOSED_REMOTE, SEND, F.FIN): S.CLOSED,
-    (S.HALF_CLOSED_REMOTE, SEND, F.RST): S.CLOSED,
-    (S.HALF_CLOSED_REMOTE, RECV, F.RST): S.CLOSED,
-}
-
-
-def transition(state: State, direction: str, ftype: FrameType) -> State | None:
-    """The next state, or None when the table has no such transition (protocol §4.2)."""
-    return _TRANSITIONS.get((state, direction, ftype))
-
-
-class ProtocolError(Exception):
-    """The peer broke the protocol. The tunnel must be closed (protocol §9.2)."""
-
-    def __init__(self, message: str, stream_id: int = 0):
-        super().__init__(message)
-        self.stream_id = stream_id
-
-
-class LocalProtocolError(RuntimeError):
-    """This side tried something the protocol forbids: a bug in the caller."""
-
-
-# --- events ------------------------------------------------------------------------------
-
-@dataclass(slots=True)
-class Hello:
-    node_id: str
-    role: str
-    services: list[str]
-    window: int
-    max_frame: int
-    max_streams: int
-    incarnation: str
-    early_data: int = 0  # bytes the peer accepts on a stream before it answers OPEN (§4.5)
-    extra: dict = field(default_factory=dict)
-
-
-@dataclass(slots=True)
-class StreamOpened:
-    stream_id: int
-    service: str
-    client: str
-    relayed: bool = False  # OPEN flag RELAYED (protocol §3.2): never relay it again
-
-
-@dataclass(slots=True)
-class OpenAccepted:
-    stream_id: int
-
-
-@dataclass(slots=True)
-class OpenRefused:
-    stream_id: int
-    code: int
-    text: str
-
-
-@dataclass(slots=True)
-class Data:
-    stream_id: int
-    data: memoryview
-
-
-@dataclass(slots=True)
-class CreditAvailable:
-    stream_id: int
-    credit: int
-
-
-@dataclass(slots=True)
-class RemoteFin:
-    stream_id: int
-    closed: bool  # both directions are now finished
-
-
-@dataclass(slots=True)
-class RemoteReset:
-    stream_id: int
-    code: int
-    text: str
-
-
-@dataclass(slots=True)
-class Ping:
-    payload: bytes
-
-
-@dataclass(slots=True)
-class Pong:
-    payload: bytes
-
-
-@dataclass(slots=True)
-class GoAway:
-    code: int
-    text: str
-
-
-@dataclass(slots=True)
-class Members:
-    members: list
-
-
-@dataclass(slots=True)
-class ServicesChanged:
-    services: list[str]
-
-
-Event = (
-    Hello | StreamOpened | OpenAccepted | OpenRefused | Data | CreditAvailable | RemoteFin
-    | RemoteReset | Ping | Pong | GoAway | Members | ServicesChanged
-)
 
 
 class _Stream:
@@ -192,39 +36,6 @@ class _Stream:
         # in our memory. It starts at the window we announced and grows from the budget (§6.4).
         self.grant = recv_allowed
         self.threshold = max(1, recv_allowed // 4)  # return credit in batches of this (§6.2)
-
-
-HELLO_MAX = 16 * 1024  # the smallest max_frame a gateway accepts (config): any peer takes a HELLO this big
-CONTROL_MAX = 256 * 1024  # every gateway takes control frames (HELLO, SERVICES, MEMBERS) this big (§5.5)
-
-
-def ws_frame_limit(max_frame: int) -> int:
-    """The largest WebSocket frame to accept: DATA up to ``max_frame`` (checked per frame, §6), control
-    frames up to CONTROL_MAX whatever max_frame is (1,024 service names fit), plus the frame header."""
-    return max(max_frame, CONTROL_MAX) + HEADER_SIZE + 64
-_MEMBERS_SLACK = 64  # frame header and the "more" marker, with room to spare
-
-
-def _entry_parts(entry: dict, limit: int) -> list[bytes]:
-    """One MEMBERS entry, encoded; in parts of at most ``limit`` bytes when its routes do not fit
-    (§5.5). Every part repeats node_id, incarnation and url; all but the last say ``more``."""
-    whole = frames.encode_json(entry)
-    routes = entry.get("services") or []
-    if len(whole) <= limit or not routes:
-        return [whole]
-    head = {k: v for k, v in entry.items() if k != "services"}
-    room = limit - len(frames.encode_json({**head, "services": [], "more": True}))
-    parts, chunk, size = [], [], 0
-    for r in routes:
-        cost = len(r) + 3  # quotes and comma
-        if chunk and size + cost > room:
-            parts.append(chunk)
-            chunk, size = [], 0
-        chunk.append(r)
-        size += cost
-    parts.append(chunk)
-    return [frames.encode_json({**head, "services": c, **({"more": True} if i < len(parts) - 1 else {})})
-            for i, c in enumerate(parts)]
 
 
 class Connection:
@@ -661,57 +472,3 @@ class Connection:
         st.recv_allowed -= n
         mv = message if isinstance(message, memoryview) else memoryview(message)
         return Data(sid, mv[HEADER_SIZE:])
-
-
-def _parse_hello(payload: bytes) -> Hello:
-    """The peer's HELLO, every field checked (protocol §5.3): a violation is a ProtocolError whose
-    message shows the value escaped and capped, never raw."""
-    body = frames.decode_json(payload, "HELLO")
-    if not isinstance(body, dict):
-        raise ProtocolError("HELLO payload is not a JSON object")
-    version = body.get("version")
-    if version != PROTOCOL_VERSION:
-        raise ProtocolError(f"peer speaks protocol version {peer_input.shown(version)}; "
-                            f"this gateway speaks {PROTOCOL_VERSION}")
-    try:
-        ints = {k: body[k] for k in ("window", "max_frame", "max_streams")}
-        ints["early_data"] = body.get("early_data", 0)
-        for k, v in ints.items():
-            if not isinstance(v, int) or isinstance(v, bool):
-                raise ProtocolError(f"HELLO {k} {peer_input.shown(v)} is not an integer")
-        hello = Hello(
-            node_id=peer_input.name(body["node_id"], "HELLO node_id"),
-            role=str(body["role"]) if body["role"] in ("cloud", "onprem") else "",
-            services=_services(body.get("services", []), "HELLO services", body.get("link") == "peer"),
-            incarnation=peer_input.incarnation(body.get("incarnation"), "HELLO incarnation"),
-            **ints,
-        )
-        extra: dict = {}
-        if "members" in body:
-            extra["members"] = peer_input.members(body["members"], "HELLO members")
-        if "advertise" in body:
-            extra["advertise"] = peer_input.url(body["advertise"], "HELLO advertise")
-        if "link" in body:
-            if body["link"] != "peer":
-                raise peer_input.Invalid(f"HELLO link {peer_input.shown(body['link'])} is not \"peer\"")
-            extra["link"] = "peer"
-    except KeyError as exc:
-        raise ProtocolError(f"HELLO lacks the field {exc.args[0]!r}") from None
-    except peer_input.Invalid as exc:
-        raise ProtocolError(str(exc)) from None
-    if not hello.role:
-        raise ProtocolError(f"HELLO role {peer_input.shown(body['role'])} is neither 'cloud' nor 'onprem'")
-    if not (1 <= hello.window <= 2**31 and 1024 <= hello.max_frame <= 16 * 2**20 and hello.max_streams >= 1
-            and 0 <= hello.early_data <= 2**31):
-        raise ProtocolError(
-            f"HELLO limits out of range: window={hello.window} max_frame={hello.max_frame} "
-            f"max_streams={hello.max_streams} early_data={hello.early_data}")
-    hello.extra = extra  # keys a receiver does not know are ignored (§5.1), and not kept
-    return hello
-
-
-def _services(value: object, field: str, peer_link: bool) -> list[str]:
-    """Service names; on a peer link the routes a member carries, "tenant/service" (protocol §3.2)."""
-    if peer_link:
-        return peer_input.names(value, field, peer_input.MAX_ROUTES, peer_input.ROUTE)
-    return peer_input.names(value, field)
