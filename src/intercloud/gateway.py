@@ -565,7 +565,7 @@ class Gateway:
             # serve the stream, and an impostor's refusals must not hide the real gateway (issue 12)
             tried.add(tunnel.peer_key)
             self.counters["open_failures"] += 1
-            self.count("open_failures", service=svc, tenant=stream.tenant, reason=Reason.name_of(result[0]))
+            self.count("open_failures", service=svc, tenant=stream.tenant, reason=Reason.label(result[0]))
             slog.info("OPEN %s via %s refused: %s %s; trying another gateway", svc, tunnel.peer_node,
                       Reason.name_of(result[0]), result[1],
                       extra={"event": "stream.open_failed", "service": svc, "peer_node": tunnel.peer_node,
@@ -649,7 +649,7 @@ class Gateway:
         if tunnel.conn.state(sid) is State.OPENING_IN:
             tunnel.send_frame(tunnel.conn.open_fail(sid, code, text))
         self.counters["open_failures"] += 1
-        self.count("open_failures", service=svc.name, tenant=tunnel.tenant, reason=Reason.name_of(code))
+        self.count("open_failures", service=svc.name, tenant=tunnel.tenant, reason=Reason.label(code))
         slog.warning("[%s] target failed for client %s via %s: %s", svc.name, client, tunnel.peer_node, text,
                      extra={"event": "stream.target_failed", "service": svc.name, "client": client,
                             "target": stream.target, "reason": Reason.name_of(code), "detail": text})
