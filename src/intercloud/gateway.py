@@ -369,26 +369,33 @@ class Gateway:
         PING (ping_timeout > ping_interval is enforced)."""
         next_ping = time.monotonic() + self.config.tunnel.ping_interval
         while True:
-            t_cfg = self.config.tunnel  # re-read: SIGHUP may change the timings
-            now = time.monotonic()
-            live = [t for t in self.all_tunnels() if not t.close_reason]  # a failed one is on its way out
+            next_ping, wake = self._liveness_round(next_ping)
+            await asyncio.sleep(wake)
+
+    def _liveness_round(self, next_ping: float) -> tuple[float, float]:
+        """One round of _liveness: (the next PING time, seconds to sleep). A method of its own so that
+        the list of tunnels dies with the round: held across the sleep, it kept every tunnel that closed
+        meanwhile, with its TLS transport, alive for up to ping_interval (test_metric_series.py)."""
+        t_cfg = self.config.tunnel  # re-read: SIGHUP may change the timings
+        now = time.monotonic()
+        live = [t for t in self.all_tunnels() if not t.close_reason]  # a failed one is on its way out
+        for t in live:
+            if now - t.last_rx >= t_cfg.ping_timeout:
+                self.counters["liveness_misses"] += 1
+                # no peer_node label: a series per peer-chosen name would outlive the tunnel
+                self.count("liveness_misses", kind=t.kind)
+                t.fail(f"no frame from {t.peer_node} for {now - t.last_rx:.1f}s "
+                       f"(tunnel.ping_timeout = {t_cfg.ping_timeout:g}s); peer dead or path broken",
+                       code=1011)
+        if now >= next_ping:
+            next_ping = now + t_cfg.ping_interval
             for t in live:
-                if now - t.last_rx >= t_cfg.ping_timeout:
-                    self.counters["liveness_misses"] += 1
-                    # no peer_node label: a series per peer-chosen name would outlive the tunnel
-                    self.count("liveness_misses", kind=t.kind)
-                    t.fail(f"no frame from {t.peer_node} for {now - t.last_rx:.1f}s "
-                           f"(tunnel.ping_timeout = {t_cfg.ping_timeout:g}s); peer dead or path broken",
-                           code=1011)
-            if now >= next_ping:
-                next_ping = now + t_cfg.ping_interval
-                for t in live:
-                    if not t.close_reason and t.peer is not None:
-                        t.ping()
-            deadline = min((t.last_rx + t_cfg.ping_timeout for t in live if not t.close_reason), default=next_ping)
-            # at least 20 ms: a timer that fires a hair early must not spin, and tunnels whose deadlines
-            # are close together (a burst of handshakes) are checked in one wake-up, not one each
-            await asyncio.sleep(max(min(next_ping, deadline) - now, 0.02))
+                if not t.close_reason and t.peer is not None:
+                    t.ping()
+        deadline = min((t.last_rx + t_cfg.ping_timeout for t in live if not t.close_reason), default=next_ping)
+        # at least 20 ms: a timer that fires a hair early must not spin, and tunnels whose deadlines
+        # are close together (a burst of handshakes) are checked in one wake-up, not one each
+        return next_ping, max(min(next_ping, deadline) - now, 0.02)
 
     def _handshaking(self) -> list[Tunnel]:
         return []

@@ -50,12 +50,62 @@ def _timestamp(created: float) -> str:
     return f"{_second[1]}.{int((created - sec) * 1000):03d}Z"
 
 
-class TextFormatter(logging.Formatter):
-    def __init__(self) -> None:
-        super().__init__("%(asctime)s %(levelname)-5s %(name)s %(message)s")
+# --- text lines: one event, one line, nothing for a terminal to obey --------------------------------------
+#
+# Peer fields are checked where they enter (protocol/peer_input.py), but a line also carries text nobody
+# checked: client addresses, reason texts, TLS errors, upgrade paths, config strings, exception messages.
+# In the text format a raw newline would forge a line, ESC (or the C1 CSI, 0x9b) would drive the operator's
+# terminal, and NEL, U+2028 and U+2029 break the line for Unicode-aware readers. So the message and any
+# exception text are escaped: C0 (\n \r \t as such, the rest as \xNN), DEL and C1 as \xNN, U+2028/U+2029 as
+# \uNNNN. A backslash stays as it is: ordinary lines (Windows paths, regexes in config errors) must not
+# change, and an escape a peer wrote itself forges nothing. The JSON format escapes all of it already.
+MAX_LINE = 4096  # characters of message kept per line (after escaping): a 100 KB reason stays one screen
+MAX_EXC_TEXT = 8192  # characters of traceback kept, from its end: the last line names the exception
 
-    def formatTime(self, record, datefmt=None):  # noqa: N802 (logging API)
-        return _timestamp(record.created)
+# Why str.isprintable and str.translate: the formatter runs for every line, the per-stream OPENED/CLOSED
+# ones included (emit below), and almost no line has anything to escape. isprintable() is one C-level scan
+# that allocates nothing and is False for every character escaped here (categories Cc, Zl, Zp), so a clean
+# line costs ~0.5 us (a precompiled regex search measured ~1.2 us); only a line that fails it is copied,
+# once, by translate with a prebuilt table (no Python-level loop over characters either way). Other
+# non-printable characters (a no-break space, a lone surrogate) take that path too and come out unchanged.
+_ESCAPES = str.maketrans(
+    {chr(c): f"\\x{c:02x}" for c in (*range(0x20), *range(0x7f, 0xa0))}
+    | {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def escape_line(text: str, cap: int = MAX_LINE) -> str:
+    """``text`` for a text log line: control characters escaped, cut after ``cap`` characters with a
+    marker saying how many more there were."""
+    if not text.isprintable():
+        text = text.translate(_ESCAPES)
+    if len(text) > cap:
+        text = f"{text[:cap]}\u2026 ({len(text) - cap} more characters)"
+    return text
+
+
+def _escape_tail(text: str, cap: int = MAX_EXC_TEXT) -> str:
+    """Like escape_line, but a traceback keeps its end (the exception) and loses its start."""
+    if not text.isprintable():
+        text = text.translate(_ESCAPES)
+    if len(text) > cap:
+        text = f"\u2026 ({len(text) - cap} earlier characters) {text[-cap:]}"
+    return text
+
+
+class TextFormatter(logging.Formatter):
+    """``TIME LEVEL LOGGER MESSAGE`` on one line; an exception's traceback follows on the same line,
+    escaped like the message (see escape_line)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = (f"{_timestamp(record.created)} {record.levelname:<5} {record.name} "
+                f"{escape_line(record.getMessage())}")
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            line += "\\n" + _escape_tail(record.exc_text)
+        if record.stack_info:
+            line += "\\n" + _escape_tail(self.formatStack(record.stack_info))
+        return line
 
 
 class _Writer:
@@ -139,7 +189,7 @@ def emit(logger: logging.Logger, level: int, msg: str, fields: dict) -> None:
         line = json.dumps({"ts": round(now, 6), "level": logging.getLevelName(level), "logger": logger.name,
                            "msg": msg, **fields}, default=str)
     else:
-        line = f"{_timestamp(now)} {logging.getLevelName(level):<5} {logger.name} {msg}"
+        line = f"{_timestamp(now)} {logging.getLevelName(level):<5} {logger.name} {escape_line(msg)}"
     writer.write(line + "\n")
 
 

@@ -105,7 +105,7 @@ class StreamDispatch:
     def _open_refused(self, stream: LocalStream, tunnel: Tunnel, code: int, text: str) -> None:
         svc = stream.service
         self.stats.counters["open_failures"] += 1
-        self.stats.count("open_failures", service=svc, tenant=stream.tenant, reason=Reason.name_of(code))
+        self.stats.count("open_failures", service=svc, tenant=stream.tenant, reason=Reason.label(code))
         slog.info("OPEN %s via %s refused: %s %s; trying another gateway", svc, tunnel.peer_node,
                   Reason.name_of(code), text,
                   extra={"event": "stream.open_failed", "service": svc, "peer_node": tunnel.peer_node,
@@ -177,7 +177,7 @@ class StreamDispatch:
             return  # (a timeout that fired after it did closes the socket; the stream reports that itself)
         tunnel.refuse(sid, code, text)
         self.stats.counters["open_failures"] += 1
-        self.stats.count("open_failures", service=svc.name, tenant=tunnel.tenant, reason=Reason.name_of(code))
+        self.stats.count("open_failures", service=svc.name, tenant=tunnel.tenant, reason=Reason.label(code))
         slog.warning("[%s] target failed for client %s via %s: %s", svc.name, client, tunnel.peer_node, text,
                      extra={"event": "stream.target_failed", "service": svc.name, "client": client,
                             "target": stream.target, "reason": Reason.name_of(code), "detail": text})

@@ -136,6 +136,12 @@ def test_reason_names() -> None:
     assert Reason.name_of(999) == "CODE_999"
 
 
+def test_reason_labels_are_a_closed_set() -> None:
+    # metric labels: a peer's made-up codes all count as OTHER, not one series each
+    assert Reason.label(4) == "LIMIT"
+    assert {Reason.label(code) for code in range(1 << 16)} == {r.name for r in Reason} | {"OTHER"}
+
+
 # --- WINDOW ----------------------------------------------------------------------------------
 
 @FAST

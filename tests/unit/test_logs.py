@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import logging
 import os
@@ -56,7 +57,9 @@ def test_emit_writes_what_the_formatter_writes(captured, fmt) -> None:
                             **FIELDS}
     else:
         assert a.split(" ", 1)[1] == b.split(" ", 1)[1] == "INFO  intercloud.stream [svc] CLOSED: stream 5"
-        assert a[:19] == b[:19] and a[19] == "." and a[23] == "Z"  # 2026-11-25T13:15:10.092Z
+        # 2026-11-25T13:15:10.092Z; the two calls may straddle a second on a busy machine
+        ta, tb = (datetime.datetime.strptime(x[:23], "%Y-%m-%dT%H:%M:%S.%f") for x in (a, b))
+        assert a[23] == b[23] == "Z" and abs((tb - ta).total_seconds()) < 1
 
 
 def test_emit_respects_the_level(captured) -> None:
@@ -92,3 +95,95 @@ def test_one_write_per_loop_iteration(captured, monkeypatch) -> None:
     assert len(writes) == 1
     lines = writes[0].decode().splitlines()
     assert len(lines) == 100 and lines[0].endswith("line 0") and lines[-1].endswith("warning 49")
+
+
+# --- the text format escapes control characters and caps lines ---------------------------------------
+#
+# Peer-supplied fields are validated where they enter (protocol/peer_input.py), but log lines also carry
+# text nobody validated: client addresses, reason texts, TLS errors, upgrade paths, config strings,
+# exception messages. In the text format a raw newline would forge a second line, ESC or a C1 CSI would
+# drive the operator's terminal, and U+2028/U+2029 or NEL split the line for Unicode-aware readers.
+
+HOSTILE = {
+    "newline": ("evil\nINFO  intercloud.tunnel forged", "evil\\nINFO  intercloud.tunnel forged"),
+    "crlf-tab": ("a\r\nb\tc", "a\\r\\nb\\tc"),
+    "esc": ("\x1b[31mred\x1b[0m", "\\x1b[31mred\\x1b[0m"),
+    "c1-del": ("x\x9b2Jy\x85z\x7f\x00", "x\\x9b2Jy\\x85z\\x7f\\x00"),
+    "u2028": ("one\u2028two\u2029three", "one\\u2028two\\u2029three"),
+}
+
+
+def _only_line(text: str) -> str:
+    lines = text.split("\n")
+    assert lines[-1] == "", f"no final newline: {text!r}"
+    assert len(lines) == 2, f"{len(lines) - 1} lines: {text!r}"
+    line = lines[0]
+    assert line.splitlines() == [line], f"a Unicode line break in {line!r}"
+    assert not any(c < " " or "\x7f" <= c <= "\x9f" for c in line), f"a control character in {line!r}"
+    return line
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+def test_text_lines_escape_control_characters(captured, name) -> None:
+    raw, escaped = HOSTILE[name]
+    captured.setup("text", "info")
+    logging.getLogger("intercloud.tunnel").warning("reason from peer: %s", raw)
+    line = _only_line(captured())
+    assert line.endswith(f" WARNING intercloud.tunnel reason from peer: {escaped}")
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+def test_emit_escapes_control_characters_too(captured, name) -> None:
+    raw, escaped = HOSTILE[name]
+    captured.setup("text", "info")
+    logs.emit(logging.getLogger("intercloud.stream"), logging.INFO, f"[svc] OPENED: client {raw}", FIELDS)
+    assert _only_line(captured()).endswith(f" INFO  intercloud.stream [svc] OPENED: client {escaped}")
+
+
+def test_ordinary_text_is_left_alone(captured) -> None:
+    captured.setup("text", "info")
+    text = "[serviceA] CLOSED: stream 7 10.0.0.5:40000 -> db:5432 via onprem1, 12 bytes, 0.5s: peer said 'no' \\n é"
+    logging.getLogger("intercloud.stream").info(text)
+    assert _only_line(captured()).split(" ", 1)[1] == f"INFO  intercloud.stream {text}"
+
+
+def test_a_100kb_message_is_cut_with_a_marker(captured) -> None:
+    captured.setup("text", "info")
+    logs.emit(logging.getLogger("intercloud.stream"), logging.INFO, "x" * 100_000, FIELDS)
+    logging.getLogger("intercloud.tunnel").warning("%s", "\n" * 100_000)
+    a, b = captured().splitlines()
+    assert a.endswith(" intercloud.stream " + "x" * logs.MAX_LINE + f"… ({100_000 - logs.MAX_LINE} more characters)")
+    # escaped first, then cut: 100,000 newlines are 200,000 characters once escaped
+    assert b.endswith(" intercloud.tunnel " + "\\n" * (logs.MAX_LINE // 2) +
+                      f"… ({200_000 - logs.MAX_LINE} more characters)")
+    assert len(a) < logs.MAX_LINE + 100 and len(b) < logs.MAX_LINE + 100
+
+
+def test_exception_text_is_escaped_on_the_same_line(captured) -> None:
+    captured.setup("text", "info")
+    try:
+        raise ValueError("bad\nINFO  forged\x1b[2J")
+    except ValueError:
+        logging.getLogger("intercloud").exception("internal error: %s", "ctx\nx")
+    line = _only_line(captured())
+    assert " ERROR intercloud internal error: ctx\\nx\\nTraceback (most recent call last):\\n  File " in line
+    assert line.endswith("\\nValueError: bad\\nINFO  forged\\x1b[2J")
+
+
+def test_a_long_traceback_keeps_its_end(captured) -> None:
+    captured.setup("text", "info")
+    try:
+        raise ValueError("y" * 100_000 + " the end")
+    except ValueError:
+        logging.getLogger("intercloud").exception("internal error")
+    line = _only_line(captured())
+    assert " ERROR intercloud internal error\\n\u2026 (" in line and " earlier characters) yyy" in line
+    assert line.endswith("y" * 100 + " the end")  # the last line names the exception
+    assert len(line) < logs.MAX_EXC_TEXT + 200
+
+
+def test_json_lines_are_unchanged_by_the_text_rules(captured) -> None:
+    captured.setup("json", "info")
+    logging.getLogger("intercloud.tunnel").warning("a\nb\u2028c")
+    (line,) = captured().splitlines()
+    assert json.loads(line)["msg"] == "a\nb\u2028c"

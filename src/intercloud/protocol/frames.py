@@ -66,6 +66,15 @@ class Reason(enum.IntEnum):
         except ValueError:
             return f"CODE_{code}"
 
+    @classmethod
+    def label(cls, code: int) -> str:
+        """The code as a metric label value: its name, or OTHER for a code §7 does not define. The
+        code comes from the peer (OPEN_FAIL, RST): CODE_<n> would let it create up to 65,536 series."""
+        try:
+            return cls(code).name
+        except ValueError:
+            return "OTHER"
+
 
 class FrameError(ValueError):
     """A frame that cannot be decoded. The receiver treats it as a protocol error."""
