@@ -22,18 +22,21 @@ def _name(i: int) -> str:
 def test_a_route_set_bigger_than_max_frame_does_not_break_the_peer_link(tmp_path, gateways):
     with EchoServer() as a, EchoServer() as b:
         certs = make_certs(tmp_path / "certs", ["cloud1", "cloud2"], ["onprem1"], sans=[])
-        ports = iter(free_ports(12))
+        # every listener gets its port from one free_ports() call: 600 port-0 listeners inside the
+        # gateways would take random ephemeral ports, which collided with the ones handed out here
+        ports = iter(free_ports(12 + 2 * N))
         clouds = {n: {k: Addr(L, next(ports)) for k in ("tunnel", "peer", "client", "admin")}
                   for n in ("cloud1", "cloud2")}
         onprems = {"onprem1": {k: Addr(L, next(ports)) for k in ("client", "admin")}}
-        last_port = {n: next(ports) for n in clouds}
+        service_ports = {n: [next(ports) for _ in range(N)] for n in clouds}
+        last_port = {n: service_ports[n][-1] for n in clouds}
         # onprem1 dials cloud1 only: cloud2 reaches the services by relay through cloud1
         ha = HA(certs, clouds, onprems, Addr(L, a.port), Addr(L, b.port),
                 connect_urls=[f"wss://localhost:{clouds['cloud1']['tunnel'].port}/intercloud"], per_member=1)
 
         def cloud(n: str) -> str:
             extra = "".join(f'\n[[service]]\nname = "{_name(i)}"\n'
-                            f'accept = "tcp://{L}:{last_port[n] if i == N - 1 else 0}"\n' for i in range(N))
+                            f'accept = "tcp://{L}:{service_ports[n][i]}"\n' for i in range(N))
             return ha.cloud_config(n).replace("[tunnel]\n", '[tunnel]\nmax_frame = "16KiB"\n', 1) + extra
 
         extra = "".join(f'\n[[service]]\nname = "{_name(i)}"\nconnect = "tcp://{L}:{a.port}"\n' for i in range(N))
