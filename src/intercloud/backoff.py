@@ -1,4 +1,4 @@
-"""Reconnect pacing (DESIGN §3.6): one generator decides how long to wait before the next dial."""
+"""Reconnect pacing (docs/ha.md §3): one generator decides how long to wait before the next dial."""
 
 from __future__ import annotations
 

@@ -333,7 +333,7 @@ class Gateway:
         self.event("gateway.reloaded")
 
     async def _drain(self) -> None:
-        """DESIGN §3.7: stop listening, GOAWAY, let streams finish up to drain_timeout."""
+        """Drain (docs/ha.md §8): stop listening, GOAWAY, let streams finish up to drain_timeout."""
         self.draining = True
         timeout = self.config.gateway.drain_timeout
         n = sum(len(t.streams) for t in self.all_tunnels())  # relayed streams ride peer links
@@ -462,7 +462,7 @@ class Gateway:
         self.router.routes_changed()
 
     def pick_tunnel(self, service: str, exclude: set[tuple[str, str]], tenant: str = "default") -> Tunnel | None:
-        """DESIGN §3.5: the least loaded live tunnel of ``tenant`` whose peer connects ``service``."""
+        """The least loaded live tunnel of ``tenant`` whose peer connects ``service``."""
         best, best_load = None, None
         for t in self.tunnels:
             peer = t.peer

@@ -7,7 +7,7 @@ closes their sockets; SIGTERM: graceful drain) or cut off silently (iptables DRO
 Clients run in the test process, in the root namespace, which reaches every host over the lab
 bridge.
 
-What is shown (DESIGN §3):
+What is shown (docs/ha.md):
 * the tutorial walkthrough with direct member URLs, every step, with a recovery-time table;
 * the 4-ha-lb variant (on-prem sites reach only nginx): a restarted member serves its first
   client at once and is covered again within nginx's fail_timeout + 5 s, with no client trick;
@@ -505,7 +505,7 @@ def test_simultaneous_start_covers_every_member(topology, run):
 # --- 8. one name, several members --------------------------------------------------------------
 
 def test_a_name_with_several_addresses_counts_as_several_members(topology):
-    """DESIGN §3.1: the on-prem gateways dial one host name, which their resolver answers with both
+    """docs/ha.md §3: the on-prem gateways dial one host name, which their resolver answers with both
     members' addresses (DNS round robin; no load balancer, members advertise no URL of their own).
     Dialing the name as the OS would reaches only the address listed first; the gateways must keep
     per_member tunnels to each address, and cover a member again when it dies and comes back."""
@@ -540,7 +540,7 @@ def test_a_name_with_several_addresses_counts_as_several_members(topology):
 
 
 def test_cluster_peers_by_one_name_link_every_member(topology):
-    """DESIGN §3.2: cluster.peers is one host name that resolves to every member (as a headless
+    """docs/ha.md §4: cluster.peers is one host name that resolves to every member (as a headless
     service would), and each member's resolver lists its own address first. Dialing the name as the
     OS would, each member reaches only itself and the cluster never forms; dialing each address, each
     member recognises its own and links with the other. build() waits for both members to list both."""

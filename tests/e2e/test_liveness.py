@@ -1,4 +1,4 @@
-"""Liveness and reconnect (DESIGN §3.6): a silent peer is detected within ping_timeout, the tunnel
+"""Liveness and reconnect (docs/ha.md §3, §7): a silent peer is detected within ping_timeout, the tunnel
 is closed and redialed with backoff; a restarted cloud gateway gets its tunnel back."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""DESIGN §3.1: a tunnel.connect host name that resolves to several addresses counts as several
+"""docs/ha.md §3: a tunnel.connect host name that resolves to several addresses counts as several
 members (intercloud.transport.targets)."""
 
 from __future__ import annotations
@@ -230,7 +230,7 @@ async def test_a_hung_resolver_gets_one_lookup_per_name_at_a_time() -> None:
     assert dns.asked == ["slow.test"], "the first lookup is still running: waited on, not repeated"
 
 
-# --- the on-prem gateway keeps resolving while its tunnels are up (DESIGN §3.1) -----------------
+# --- the on-prem gateway keeps resolving while its tunnels are up (docs/ha.md §3) -----------------
 
 def onprem_gateway(connect: list[str]):
     from intercloud.config import parse_config

@@ -1,4 +1,4 @@
-"""DESIGN §3.2: cluster.peers as one name for every member. One dial loop per member address; the
+"""docs/ha.md §4: cluster.peers as one name for every member. One dial loop per member address; the
 loop of an address that left the name retires after its link ends and never cancels that link;
 readiness waits until every current address was tried once."""
 

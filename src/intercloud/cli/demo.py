@@ -194,7 +194,7 @@ def _write_configs(top: Topology) -> None:
     d = top.workdir
     certs = d / "certs"
     init_certs(certs, cloud=["cloud1", "cloud2"], onprem=["onprem1", "onprem2"])
-    init_certs(certs / "cluster", cloud=["cloud1", "cloud2"], onprem=[])  # members' own CA (DESIGN §3.2)
+    init_certs(certs / "cluster", cloud=["cloud1", "cloud2"], onprem=[])  # members' own CA (docs/ha.md §4)
     p = top.ports
     peers = ", ".join(f'"wss://{HOST}:{p[f"peer_{c}"]}/cluster"' for c in ("cloud1", "cloud2"))
     urls = ", ".join(f'"wss://localhost:{p[f"tunnel_{c}"]}/intercloud"' for c in ("cloud1", "cloud2"))

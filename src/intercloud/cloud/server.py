@@ -1,5 +1,5 @@
-"""Cloud gateway: accepts tunnels from on-prem gateways on a TLS WebSocket listener (DESIGN §2) and,
-with ``[cluster]``, joins the other members over peer links (DESIGN §3)."""
+"""Cloud gateway: accepts tunnels from on-prem gateways on a TLS WebSocket listener (docs/architecture.md) and,
+with ``[cluster]``, joins the other members over peer links (docs/ha.md)."""
 
 from __future__ import annotations
 

@@ -1,1 +1,1 @@
-"""Cloud cluster membership, peer links and routing decisions (DESIGN §3)."""
+"""Cloud cluster membership, peer links and routing decisions (docs/ha.md)."""

@@ -1,4 +1,4 @@
-"""The member table of a cloud cluster (DESIGN §3.2, docs/ha.md §2). Pure: no I/O, the clock is passed in.
+"""The member table of a cloud cluster (docs/ha.md §2). Pure: no I/O, the clock is passed in.
 
 Rules:
 - a member's own word about itself wins (it is heard directly on a peer link);

@@ -1,4 +1,4 @@
-"""Peer links between the members of a cloud cluster (DESIGN §3.2, docs/ha.md).
+"""Peer links between the members of a cloud cluster (docs/ha.md §4).
 
 Every member dials every URL in ``cluster.peers`` (a host name that resolves to several addresses, e.g. a
 headless service listing every member, is dialed at each) and accepts peer links on ``cluster.listen``.

@@ -322,7 +322,7 @@ class Rules:
                 self._check_usage(role, tls.cert, leaf)
 
     def _check_cluster(self, role: str, cl: ClusterConfig, tls: TlsConfig, tunnel: TunnelConfig) -> None:
-        """[cluster] rules (DESIGN §3.2): peer links are authenticated by their own CA and names."""
+        """[cluster] rules (docs/ha.md §4): peer links are authenticated by their own CA and names."""
         if role != "cloud":
             if cl.enabled or cl.advertise is not None:
                 self.problem("cluster", "only cloud gateways form a cluster; remove [cluster] from an on-prem config")

@@ -1,5 +1,5 @@
 """On-prem gateway: dials ``per_member`` tunnels to each configured cloud URL, redials with
-jittered exponential backoff (DESIGN §3.6), through a forward proxy when configured."""
+jittered exponential backoff (docs/ha.md §3), through a forward proxy when configured."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from ..transport.tls import client_context, describe_peer_cert
 from ..tunnel.tunnel import Tunnel
 
 log = logging.getLogger("intercloud.onprem")
-# A tunnel that stayed up this long resets the backoff (DESIGN §3.6).
+# A tunnel that stayed up this long resets the backoff (docs/ha.md §3).
 STABLE_AFTER = 10.0
 # Waiting workers wake within this many seconds of hearing that a member joined or came back.
 WAKE_JITTER = 0.5
@@ -59,7 +59,7 @@ class OnpremGateway(Gateway):
     def _handshaking(self):
         return list(self._dialing)
 
-    # --- members and coverage (DESIGN §3.1, docs/ha.md §3) ------------------------------
+    # --- members and coverage (docs/ha.md §3) ---------------------------------------
     def known_members(self) -> dict[str, dict]:
         """Members vouched for by a live member (their lists) plus the members we are connected to."""
         known: dict[str, dict] = {}

@@ -1,4 +1,4 @@
-"""Where a gateway dials a ``wss://`` URL whose host may be a name for several members (DESIGN §3.1,
+"""Where a gateway dials a ``wss://`` URL whose host may be a name for several members (docs/ha.md §3,
 §3.2): one dial target per member address the name resolves to.
 
 A name with three A records is three members (DNS round robin in front of a cluster, a headless

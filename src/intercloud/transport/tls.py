@@ -1,4 +1,4 @@
-"""TLS contexts for both roles (DESIGN §2, issue 2 item 4): TLS 1.2 minimum, mutual by default."""
+"""TLS contexts for both roles (docs/configuration.md [tls], docs/operations.md §2): TLS 1.2 minimum, mutual by default."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A relayed stream: two tunnel streams spliced together on a cloud member (DESIGN §3.3).
+"""A relayed stream: two tunnel streams spliced together on a cloud member (docs/ha.md §5).
 
 Member Y gets an OPEN flagged RELAYED on a peer link from member X and opens the same service on one
 of its own on-prem tunnels. Each side of the splice is a ``BridgeEnd``, which looks to its tunnel like

@@ -115,7 +115,7 @@ class LocalStream(asyncio.BufferedProtocol):
         self.bytes_up += nbytes
         if self._parked:
             self._park_len += nbytes
-            if self._early:
+            if self._early and self.tunnel is not None:  # detached after a refusal: park until the next OPEN
                 self._send_early()
                 if self.tunnel.conn.send_limit(self.sid) > 0:
                     return  # keep reading: the peer still accepts early data
