@@ -52,10 +52,11 @@ def test_an_exception_in_one_stream_resets_only_that_stream(tmp_path, gateways):
         victim = socket.create_connection(("127.0.0.1", boom_port))
         victim.settimeout(scaled(5))
         victim.sendall(b"x")
-        try:
-            assert victim.recv(1) == b""
+        try:  # the echo of the early byte may arrive before the reset; then the stream must end
+            while victim.recv(1024):
+                pass
         except ConnectionResetError:
-            pass  # reset: what a failed stream looks like to its client
+            pass  # reset: what a failed stream looks like to its client (a timeout here fails the test)
         rec = cloud.wait_log(lambda r: r.get("event") == "internal.error")
         assert rec["service"] == "boom" and "RuntimeError: fault injected" in rec["error"]
         assert rec["level"] == "ERROR"
