@@ -44,6 +44,11 @@ class Router:
         self._waiters: set[asyncio.Future] = set()
 
     # --- route changes ---------------------------------------------------------------------
+    @property
+    def waiting(self) -> int:
+        """Opens waiting for a route to appear (tests wait on this instead of sleeping)."""
+        return len(self._waiters)
+
     def routes_changed(self) -> None:
         """A tunnel or peer link came or went, sent GOAWAY or SERVICES, a member's routes changed."""
         for fut in self._waiters:

@@ -302,7 +302,7 @@ async def test_a_route_that_appears_during_route_wait_is_taken_at_once(world) ->
 
     started = time.monotonic()
     task = asyncio.create_task(router.open_with_retry(stream, pick, answer_within=ANSWER, route_wait=route_wait))
-    await asyncio.sleep(0.1)
+    await async_wait_until(lambda: router.waiting == 1, 2, interval=0.005, what="the open to wait for a route")
     assert not task.done() and near.picks == [set()]
     far = world.owner("onprem", on_open=dial("127.0.0.1", target.port))
     wire = await world.pair(near, far)  # near's tunnel_ready wakes the router
@@ -333,9 +333,10 @@ async def test_stop_ends_the_wait_for_a_route(world) -> None:
     started = time.monotonic()
     task = asyncio.create_task(router.open_with_retry(stream, pick, answer_within=ANSWER, route_wait=60,
                                                       stop=lambda: draining))
-    await asyncio.sleep(0.05)
+    await async_wait_until(lambda: router.waiting == 1, 2, interval=0.005, what="the open to wait for a route")
     router.routes_changed()  # a route change that brings no route: it waits on
-    await asyncio.sleep(0.05)
+    await async_wait_until(lambda: len(picks) == 2 and router.waiting == 1, 2, interval=0.005,
+                           what="a second pick, then waiting again")
     assert not task.done() and len(picks) == 2
     draining = True
     router.routes_changed()  # the gateway starts draining and wakes its waiters
