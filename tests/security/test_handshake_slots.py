@@ -49,16 +49,22 @@ class Squatter(WSListener):
             self.task.cancel()
 
 
+def from_source(source: str):
+    """A picows socket_factory: connect from ``source`` (a loopback address of its own)."""
+    async def factory(parsed):
+        s = socket.socket()
+        s.setblocking(False)
+        s.bind((source, 0))
+        await asyncio.get_running_loop().sock_connect(s, (parsed.host, parsed.port))
+        return s
+    return factory
+
+
 async def squat(url: str, ctx: ssl.SSLContext, source: str, n: int) -> list[tuple[float, Squatter | None]]:
     """Open ``n`` upgrades from ``source`` at once; (start time, listener or None when refused)."""
 
     async def one():
-        async def sock_from_source(_parsed):
-            s = socket.socket()
-            s.setblocking(False)
-            s.bind((source, 0))
-            await asyncio.get_running_loop().sock_connect(s, (_parsed.host, _parsed.port))
-            return s
+        sock_from_source = from_source(source)
         started = time.monotonic()
         try:
             _tr, listener = await ws_connect(Squatter, url, ssl_context=ctx, websocket_handshake_timeout=5,

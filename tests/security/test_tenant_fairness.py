@@ -28,7 +28,6 @@ import asyncio
 import contextlib
 import json
 import math
-import socket
 import ssl
 import time
 from pathlib import Path
@@ -42,7 +41,7 @@ from tests.support.ports import free_ports
 from tests.support.servers import EchoServer
 from tests.support.timeouts import async_wait_until, scaled, wait_until
 
-from .test_handshake_slots import Squatter
+from .test_handshake_slots import Squatter, from_source
 
 L = "127.0.0.1"
 MAX_STREAMS = 20  # tenant A's max_streams
@@ -162,15 +161,6 @@ class _Squatter(Squatter):
         super().on_ws_connected(transport)
 
 
-def _from(source: str):
-    """A picows socket_factory: connect from ``source`` (a loopback address of its own)."""
-    async def factory(parsed):
-        s = socket.socket()
-        s.setblocking(False)
-        s.bind((source, 0))
-        await asyncio.get_running_loop().sock_connect(s, (parsed.host, parsed.port))
-        return s
-    return factory
 
 
 async def _squat(url: str, ctx: ssl.SSLContext, source: str, n: int) -> list[_Squatter | None]:
@@ -180,7 +170,7 @@ async def _squat(url: str, ctx: ssl.SSLContext, source: str, n: int) -> list[_Sq
         try:
             _tr, listener = await ws_connect(_Squatter, url, ssl_context=ctx, websocket_handshake_timeout=5,
                                              extra_headers={"Sec-WebSocket-Protocol": "intercloud.v1"},
-                                             socket_factory=_from(source))
+                                             socket_factory=from_source(source))
         except Exception:  # noqa: BLE001 - refused (reset, closed after TLS) is the expected outcome
             return None
         return listener
@@ -290,7 +280,7 @@ def test_one_tenant_cannot_starve_another(tmp_path, gateways):
                 try:
                     _t, c = await ws_connect(RawClient, url, ssl_context=ctx, websocket_handshake_timeout=scaled(10),
                                              extra_headers={"Sec-WebSocket-Protocol": "intercloud.v1"},
-                                             socket_factory=_from(BOMB_SOURCE))
+                                             socket_factory=from_source(BOMB_SOURCE))
                     break
                 except (OSError, ssl.SSLError):
                     if attempt == 9:

@@ -85,7 +85,7 @@ def make_tunnel(client: bool):
     from intercloud.tunnel.tunnel import Tunnel
 
     cfg = SimpleNamespace(tunnel=SimpleNamespace(stream_window=1 << 20, max_frame=1 << 16, max_streams=100))
-    tunnel = Tunnel(SimpleNamespace(config=cfg), client=client)
+    tunnel = Tunnel(SimpleNamespace(config=cfg, budget=None), client=client)
     tunnel.ws = FakeWS(client)
     return tunnel, asyncio.get_running_loop()
 

@@ -5,20 +5,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol
 
+from ..tunnel.owner import GatewaySide
+
 if TYPE_CHECKING:
-    from ..config import Config
-    from ..tunnel.budget import BufferBudget
     from ..tunnel.owner import StreamEnd
     from ..tunnel.tunnel import Tunnel
 
 
-class ClusterHost(Protocol):
-    config: Config
-    node_id: str
-    role: str
-    incarnation: str
-    budget: BufferBudget
-    counters: dict[str, int]
+class ClusterHost(GatewaySide, Protocol):
     draining: bool
 
     def route_keys(self) -> set[str]:

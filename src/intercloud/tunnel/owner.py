@@ -80,8 +80,9 @@ class StreamEnd(Protocol):
     def abort(self, code: int, text: str, tell_peer: bool = True) -> None: ...
 
 
-class TunnelOwner(Protocol):
-    """What a tunnel tells, and asks, whoever holds it (the gateway, or the cluster for peer links)."""
+class GatewaySide(Protocol):
+    """Who this side of a tunnel is and what it shares: the gateway's config, identity, buffer
+    budget and counters (a TunnelOwner has them, and so does the gateway behind a cluster)."""
 
     config: Config
     node_id: str
@@ -89,6 +90,10 @@ class TunnelOwner(Protocol):
     incarnation: str
     budget: BufferBudget
     counters: dict[str, int]
+
+
+class TunnelOwner(GatewaySide, Protocol):
+    """What a tunnel tells, and asks, whoever holds it (the gateway, or the cluster for peer links)."""
 
     def classify(self, tunnel: Tunnel) -> None:
         """The TLS session is up: decide what the tunnel is (a cloud: its tenant) before HELLO."""

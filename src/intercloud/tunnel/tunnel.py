@@ -95,7 +95,7 @@ class Tunnel(Listener):
         # protocol §6.4: streams start at INITIAL_WINDOW and grow to stream_window from the process budget
         self.conn = Connection(client=client, window=t.stream_window, max_frame=t.max_frame,
                                max_streams=t.max_streams, early_data=EARLY_DATA if kind == "tunnel" else 0,
-                               initial_window=INITIAL_WINDOW, budget=getattr(gateway, "budget", None),
+                               initial_window=INITIAL_WINDOW, budget=gateway.budget,
                                sink=self.send_frame)
         self.ws = None
         self.streams: dict[int, LocalStream] = {}
