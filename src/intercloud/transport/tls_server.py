@@ -149,12 +149,13 @@ class _HeapTrim:
     (mallinfo2), and it kept growing; ``malloc_trim(0)`` took it back to the baseline in 4-7 ms on a
     170 MB heap. A lower M_MMAP_THRESHOLD (256 KiB) was measured too: the heap still grew (~10 MB per
     3,000 handshakes, the smaller OpenSSL buffers fragment it too) and bulk transfers paid 230 extra
-    mmap/munmap pairs per 600 MB. So: after at least ``CHURN`` handshakes ended, trim once things are
-    quiet for ``DELAY`` s, or every ``EVERY`` s during a flood (~0.1 % of a core). Closed tunnels count
-    too (heap_churn): 1,000 silent tunnels that closed left the RSS 135 MB above its start value, with
-    8 MB in use; a trim took it back to within 15 MB."""
+    mmap/munmap pairs per 600 MB. So: once handshakes ended, trim when things are quiet for ``DELAY``
+    s, or every ``EVERY`` s during a flood (~0.1 % of a core). Every ended handshake counts: a threshold
+    (32 once) left the tail of a flood, up to 31 handshakes' worth of freed pages, resident for good,
+    and the flood test's RSS bound failed in one of five fresh-clone runs. Closed tunnels count too
+    (heap_churn): 1,000 silent tunnels that closed left the RSS 135 MB above its start value, with 8 MB
+    in use; a trim took it back to within 15 MB."""
 
-    CHURN = 32
     DELAY = 1.0
     EVERY = 10.0
     ended = 0
@@ -165,8 +166,6 @@ class _HeapTrim:
     @classmethod
     def note(cls, loop: asyncio.AbstractEventLoop) -> None:
         cls.ended += 1
-        if cls.ended < cls.CHURN:
-            return
         if cls.timer is not None:
             if loop.time() - cls.last < cls.EVERY:  # a flood: push the quiet-time trim back
                 cls.timer.cancel()
