@@ -221,7 +221,12 @@ class StreamDispatch:
         tenant's streams. The stream's slot goes when the task ends unless the stream opened (a done
         callback, which runs even when the task is cancelled before its first step)."""
         task = self.gw.tg.create_task(self._guarded(stream, coro, tunnel, sid))
-        task.add_done_callback(lambda _t: None if stream.in_service else self.stats.free_slot(stream))
+
+        def done(_t) -> None:
+            coro.close()  # cancelled before its first step, the guard never awaited it: no "never awaited" warning
+            if not stream.in_service:
+                self.stats.free_slot(stream)
+        task.add_done_callback(done)
         return task
 
     async def _guarded(self, stream, coro, tunnel: Tunnel | None, sid: int) -> None:
