@@ -26,6 +26,7 @@ registered with ``Tunnel.track_open``, so early data is kept for it and an RST c
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import struct
 from collections import defaultdict
@@ -585,3 +586,64 @@ class Target:
             for w in self._writers:
                 w.close()
             await self.server.wait_closed()
+
+
+# --- a test's world ------------------------------------------------------------------------
+def bounded(seconds: float = 10.0):
+    """Run the test body under asyncio.timeout (scaled): a hang fails the test, it does not stall."""
+
+    def deco(fn):
+        @functools.wraps(fn)
+        async def run(*args, **kwargs):
+            async with asyncio.timeout(scaled(seconds)):
+                await fn(*args, **kwargs)
+
+        return run
+
+    return deco
+
+
+class World:
+    """What a test started, closed at teardown whatever happened."""
+
+    def __init__(self) -> None:
+        self.wires: list[FakeWire] = []
+        self.owners: list[FakeOwner] = []
+        self.servers: list = []
+        self.writers: list[asyncio.StreamWriter] = []
+
+    def owner(self, *args, **kwargs) -> FakeOwner:
+        owner = FakeOwner(*args, **kwargs)
+        self.owners.append(owner)
+        return owner
+
+    async def pair(self, server: FakeOwner, client: FakeOwner, kind: str = "tunnel") -> FakeWire:
+        wire = await tunnel_pair(server, client, kind=kind)
+        self.wires.append(wire)
+        return wire
+
+    async def listener(self, service: str = "echo") -> AcceptListener:
+        listener = await AcceptListener(service).start()
+        self.servers.append(listener)
+        return listener
+
+    async def target(self, echo: bool = False) -> Target:
+        target = await Target(echo).start()
+        self.servers.append(target)
+        return target
+
+    async def client(self, listener: AcceptListener):
+        reader, writer, stream = await listener.connect()
+        self.writers.append(writer)
+        return reader, writer, stream
+
+    async def aclose(self) -> None:
+        for w in self.writers:
+            w.close()
+        for wire in self.wires:
+            wire.close()
+        for owner in self.owners:
+            await owner.aclose()
+        for server in self.servers:
+            await server.aclose()
+        await asyncio.sleep(0.02)  # disconnects and socket closes run

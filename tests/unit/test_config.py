@@ -27,7 +27,8 @@ from intercloud.config import (
     parse_config,
 )
 
-MiB = 1024 * 1024
+KiB = 1024
+MiB = 1024 * KiB
 PASSWORD = "hunter2-S3cr3t"  # must never show up in any output
 TOKEN = "admin-T0ken-xyz"
 
@@ -179,7 +180,7 @@ def test_defaults(tmp_path: Path, pki: Path) -> None:
     assert t.connect == [] and t.per_member == 2 and t.proxy is None and t.proxy_disabled is False
     assert (t.ping_interval, t.ping_timeout, t.handshake_timeout, t.connect_timeout) == (5.0, 15.0, 10.0, 10.0)
     assert t.stream_window == 4 * MiB and t.max_frame == 256 * 1024
-    assert t.max_streams == 10000 and t.max_tunnel_buffer == 16 * MiB
+    assert t.max_streams == 10000 and t.max_tunnel_buffer == 256 * KiB
     assert (t.reconnect_min, t.reconnect_max) == (0.2, 30.0)
     assert cfg.services == []
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
-import functools
 import os
 import socket
 import struct
@@ -23,91 +22,12 @@ from intercloud.protocol.frames import FLAG_RELAYED, FrameType, Reason, decode_o
 from intercloud.router import OpenResult, Router
 from intercloud.tunnel.bridge import BridgeEnd
 from tests.support.fake_wire import (
-    AcceptListener, FakeOwner, FakeWire, OpenRequest, Target, dial, make_config, never_answer, refuse,
-    tunnel_pair,
+    FakeOwner, OpenRequest, World, bounded, dial, make_config, never_answer, refuse,
 )
 from tests.support.timeouts import FACTOR, async_wait_until, scaled
 
 ANSWER = scaled(5.0)  # answer_within where the far side answers: never the limit under test
 F = FrameType
-
-
-def bounded(seconds: float = 10.0):
-    """Run the test body under asyncio.timeout (scaled): a hang fails the test, it does not stall."""
-
-    def deco(fn):
-        @functools.wraps(fn)
-        async def run(*args, **kwargs):
-            async with asyncio.timeout(scaled(seconds)):
-                await fn(*args, **kwargs)
-
-        return run
-
-    return deco
-
-
-class World:
-    """What a test started, closed at teardown whatever happened."""
-
-    def __init__(self) -> None:
-        self.wires: list[FakeWire] = []
-        self.owners: list[FakeOwner] = []
-        self.servers: list = []
-        self.writers: list[asyncio.StreamWriter] = []
-
-    def owner(self, *args, **kwargs) -> FakeOwner:
-        owner = FakeOwner(*args, **kwargs)
-        self.owners.append(owner)
-        return owner
-
-    async def pair(self, server: FakeOwner, client: FakeOwner, kind: str = "tunnel") -> FakeWire:
-        wire = await tunnel_pair(server, client, kind=kind)
-        self.wires.append(wire)
-        return wire
-
-    async def listener(self, service: str = "echo") -> AcceptListener:
-        listener = await AcceptListener(service).start()
-        self.servers.append(listener)
-        return listener
-
-    async def target(self, echo: bool = False) -> Target:
-        target = await Target(echo).start()
-        self.servers.append(target)
-        return target
-
-    async def client(self, listener: AcceptListener):
-        reader, writer, stream = await listener.connect()
-        self.writers.append(writer)
-        return reader, writer, stream
-
-    async def aclose(self) -> None:
-        for w in self.writers:
-            w.close()
-        for wire in self.wires:
-            wire.close()
-        for owner in self.owners:
-            await owner.aclose()
-        for server in self.servers:
-            await server.aclose()
-        await asyncio.sleep(0.02)  # disconnects and socket closes run
-
-
-@pytest.fixture
-async def world():
-    """A World, and every error the event loop reports meanwhile (an exception in a tunnel's frame
-    handler or a protocol callback only gets logged there) fails the test."""
-    loop = asyncio.get_running_loop()
-    errors: list[dict] = []
-    loop.set_exception_handler(lambda _loop, context: errors.append(context))
-    w = World()
-    try:
-        yield w
-    finally:
-        await w.aclose()
-        loop.set_exception_handler(None)
-    assert not errors, f"the event loop reported errors: {errors}"
-    failed = [(o.node_id, e) for o in w.owners for e in o.errors]
-    assert not failed, f"tasks answering OPENs raised: {failed}"
 
 
 def unread(fd: int) -> int:

@@ -118,8 +118,9 @@ class TunnelConfig(_Section):
     max_frame: Size(ge=16 * KiB, le=1 * MiB) = 256 * KiB
     #: Concurrent streams per tunnel.
     max_streams: BoundedInt(1, 1_000_000) = 10000
-    #: Bytes queued toward one tunnel before local readers are paused.
-    max_tunnel_buffer: Size(ge=64 * KiB, le=1 * GiB) = 16 * MiB
+    #: Bytes queued toward one tunnel in the process before streams with more to send wait for
+    #: turns (protocol §6.3): every frame sent next waits behind this queue.
+    max_tunnel_buffer: Size(ge=64 * KiB, le=1 * GiB) = 256 * KiB
     #: Redial backoff bounds (jittered exponential between them).
     reconnect_min: Duration(gt=0, le=3600) = 0.2
     reconnect_max: Duration(gt=0, le=86400) = 30.0

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from ..protocol import State
 from ..protocol.frames import Reason
+from .turns import TURN
 
 if TYPE_CHECKING:
     from .owner import Tunnel
@@ -41,6 +42,9 @@ class BridgeEnd:
         self.live = False  # both sides opened
         self.finished = False
         self.reading = True
+        self.in_turns = False  # in our tunnel's fair ring: the other end's bytes go in our turns
+        self.cycle = 0  # our tunnel's congestion cycle that ``sent_in_cycle`` counts in
+        self.sent_in_cycle = 0  # bytes forwarded into our tunnel outside turns while it was congested
         self.transport = None
 
     @staticmethod
@@ -79,8 +83,18 @@ class BridgeEnd:
         self.fin_pending = True
         self._flush()
 
-    def set_tunnel_paused(self, paused: bool) -> None:
-        pass  # bounded by credit already
+    def take_turn(self, limit: int) -> bool:
+        """Our tunnel gives us a turn (protocol §6.3): forward up to ``limit`` of the other end's bytes."""
+        if self.finished or not self.in_turns:
+            self.in_turns = False
+            return False
+        more = self.other._forward(limit)
+        self.in_turns = more
+        return more
+
+    def end_turns(self) -> None:
+        self.in_turns = False
+        self.other._flush()
 
     def abort(self, code: int, text: str, tell_peer: bool = True) -> None:
         for end, tell in ((self, tell_peer), (self.other, True)):
@@ -108,17 +122,41 @@ class BridgeEnd:
 
     # --- forwarding ---------------------------------------------------------------------
     def _flush(self) -> None:
-        """Forward our pending bytes into the other end's tunnel, within its credit."""
+        """Forward our pending bytes into the other end's tunnel, within its credit. While that
+        tunnel's queue is full, more than a turn's worth waits for the other end's turns there."""
+        out = self.other
+        if out.in_turns:
+            return
+        t_out = out.tunnel
+        if t_out is not None and t_out.paused and self.live and out.live:
+            if out.cycle != t_out.cycle:
+                out.cycle, out.sent_in_cycle = t_out.cycle, 0
+            if out.sent_in_cycle + self.pending_bytes > TURN:  # as LocalStream.buffer_updated
+                out.in_turns = True
+                t_out.wait_turn(out)
+                return
+            out.sent_in_cycle += self.pending_bytes
+        self._forward(None)
+
+    def _forward(self, budget: int | None) -> bool:
+        """Forward up to ``budget`` bytes (None: all) of our pending bytes; True while more wait and
+        the other end's tunnel has credit for them."""
         out = self.other
         if not (self.live and out.live) or out.finished or self.finished:
-            return
+            return False
         t_out, t_in = out.tunnel, self.tunnel
         while self.pending:
             limit = t_out.conn.send_limit(out.sid)
             if limit <= 0:
-                return
+                return False
+            if budget is not None:
+                if budget <= 0:
+                    return True
+                limit = min(limit, budget)
             chunk = self.pending[0]
             n = min(limit, len(chunk))
+            if budget is not None:
+                budget -= n
             t_out.send_payload(out.sid, memoryview(chunk)[:n])
             out.bytes_up += n
             if n == len(chunk):
@@ -132,6 +170,7 @@ class BridgeEnd:
         if self.fin_pending and t_out.conn.state(out.sid) in (State.OPEN, State.HALF_CLOSED_REMOTE):
             t_out.send_frame(t_out.conn.fin(out.sid))
         self._check_closed()
+        return False
 
     def _check_closed(self) -> None:
         a, b = self, self.other

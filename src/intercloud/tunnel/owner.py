@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol
 
+from .turns import TurnTaker
+
 if TYPE_CHECKING:
     from ..config import Config
     from ..protocol import Connection
@@ -42,7 +44,7 @@ class Tunnel(Protocol):
     def stream_finished(self, end: StreamEnd, reason: str) -> None: ...
 
 
-class StreamEnd(Protocol):
+class StreamEnd(TurnTaker, Protocol):
     """What a tunnel needs of the thing at the end of one of its streams."""
 
     service: str
@@ -75,7 +77,6 @@ class StreamEnd(Protocol):
 
     def on_remote_fin(self, closed: bool) -> None: ...
 
-    def set_tunnel_paused(self, paused: bool) -> None: ...
 
     def abort(self, code: int, text: str, tell_peer: bool = True) -> None: ...
 

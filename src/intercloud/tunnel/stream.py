@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 from ..protocol import State
 from ..protocol.frames import Reason
+from .turns import TURN
 
 if TYPE_CHECKING:
     from .owner import Tunnel
@@ -70,7 +71,9 @@ class LocalStream(asyncio.BufferedProtocol):
         self.undelivered = 0  # bytes queued in the transport, credit not yet returned
         self.credit_paused = True  # no credit yet: nothing is read before OPEN_OK
         self.opened = False  # start() ran: OPEN_OK seen by the opener, or the target connected
-        self.tunnel_paused = False
+        self.in_turns = False  # in the tunnel's fair ring: read only in our turns (protocol §6.3)
+        self._cycle = 0  # the tunnel's congestion cycle that ``_sent_in_cycle`` counts in
+        self._sent_in_cycle = 0  # bytes sent outside turns while the tunnel was congested
         self.reading = False
         self.local_eof = False
         self.finished = False
@@ -125,7 +128,19 @@ class LocalStream(asyncio.BufferedProtocol):
                 self.credit_paused = True
             self.transport.pause_reading()
             return
-        self.tunnel.send_data(self, nbytes)
+        t = self.tunnel
+        t.send_data(self, nbytes)
+        if t.paused and not self.credit_paused:
+            # The tunnel's queue is full. Outside turns a stream sends up to a turn per congestion
+            # cycle (an interactive message leaves at once); past that it sends only in its turns
+            # (protocol §6.3).
+            if self._cycle != t.cycle:
+                self._cycle, self._sent_in_cycle = t.cycle, 0
+            self._sent_in_cycle += nbytes
+            if self._sent_in_cycle >= TURN:
+                self.in_turns = True
+                self._update_reading()
+                t.wait_turn(self)
 
     def eof_received(self) -> bool:
         self.local_eof = True
@@ -262,7 +277,7 @@ class LocalStream(asyncio.BufferedProtocol):
         tr = self.transport
         if tr is None or self.local_eof:
             return
-        want = not self.credit_paused and not self.tunnel_paused
+        want = not self.credit_paused and not self.in_turns
         if want != self.reading:
             self.reading = want
             if want:
@@ -286,8 +301,35 @@ class LocalStream(asyncio.BufferedProtocol):
                 self._flush_parked()
             self._update_reading()
 
-    def set_tunnel_paused(self, paused: bool) -> None:
-        self.tunnel_paused = paused
+    def take_turn(self, limit: int) -> bool:
+        """Read up to ``limit`` bytes straight from the socket (reading is paused in the event loop
+        while we are in turns) and send them. EOF, an error, no data or no credit end the turns: the
+        event loop's reading then sees what is there (EOF and errors included) and reports it."""
+        t = self.tunnel
+        if self.finished or t is None or self.transport is None or not self.in_turns:
+            self.in_turns = False
+            return False
+        mv = t.read_buffer(self.sid)[:limit]
+        n = 0
+        if mv:
+            try:
+                n = os.readv(self.fd, [mv])
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError:
+                pass  # the event loop's read reports it
+        if n <= 0:
+            self.end_turns()
+            return False
+        self.bytes_up += n
+        t.send_data(self, n)
+        if self.credit_paused or self.finished:  # send_data ran out of credit (or the stream ended)
+            self.in_turns = False
+            return False
+        return True
+
+    def end_turns(self) -> None:
+        self.in_turns = False
         self._update_reading()
 
     def deliver(self, mv: memoryview) -> None:

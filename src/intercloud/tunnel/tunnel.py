@@ -26,6 +26,7 @@ from ..transport.tls_server import heap_churn
 from ..transport.ws import CloseCode, Listener, MsgType
 from .budget import INITIAL_WINDOW
 from .stream import LocalStream
+from .turns import TURN, TurnRing
 
 if TYPE_CHECKING:
     from .owner import StreamEnd, TunnelOwner
@@ -108,7 +109,9 @@ class Tunnel(Listener):
         self.last_rx = time.monotonic()
         self.opened_at = time.time()
         self.rtt: float | None = None
-        self.paused = False
+        self.paused = False  # the outgoing queue is above max_tunnel_buffer: full reads wait for turns
+        self._turns = TurnRing()  # streams with more to send while paused (protocol §6.3)
+        self.cycle = 0  # congestion cycles so far: each pause_writing starts one
         self.close_reason = ""
         self.peer_addr = "?"
         self.tls: dict = {}
@@ -263,6 +266,7 @@ class Tunnel(Listener):
             task.cancel()
         self.open_tasks.clear()
         self.early.clear()
+        self._turns.clear()
         self.conn.abort_all()
         for stream in list(self.streams.values()):
             stream.abort(Reason.ABORTED, f"tunnel closed: {reason}", tell_peer=False)
@@ -276,13 +280,27 @@ class Tunnel(Listener):
 
     def pause_writing(self) -> None:
         self.paused = True
-        for s in self.streams.values():
-            s.set_tunnel_paused(True)
+        self.cycle += 1
 
     def resume_writing(self) -> None:
         self.paused = False
-        for s in self.streams.values():
-            s.set_tunnel_paused(False)
+        self.run_turns()
+
+    # --- fair sending (protocol §6.3) ----------------------------------------------------
+    def wait_turn(self, end: StreamEnd) -> None:
+        """``end`` sent a turn's worth in this congestion cycle and has more: it sends only in its
+        turns from here, at most TURN bytes each, round robin with the other waiting streams. A
+        stream that sends less (an interactive one) never waits here: its frame leaves at once,
+        behind at most max_tunnel_buffer and one turn per waiting stream."""
+        self._turns.wait(end)
+
+    @property
+    def turns_waiting(self) -> int:
+        """Streams waiting for a turn now (status)."""
+        return len(self._turns)
+
+    def run_turns(self) -> None:
+        self._turns.round(lambda: self.paused)
 
     # --- events ------------------------------------------------------------------------
     def _dispatch(self, ev) -> None:
@@ -396,6 +414,8 @@ class Tunnel(Listener):
         """Where the next local read for stream ``sid`` lands: behind room for both headers,
         no longer than the stream may send (credit, peer max_frame)."""
         limit = self.conn.send_limit(sid)
+        if self.paused:  # congested: at most a turn outside the ring (protocol §6.3)
+            limit = min(limit, TURN)
         return self._buf_mv[_PAYLOAD_AT:_PAYLOAD_AT + limit]
 
     def send_data(self, stream: LocalStream, n: int) -> None:

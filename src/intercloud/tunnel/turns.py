@@ -1,0 +1,53 @@
+"""The fair ring of a congested tunnel (docs/protocol.md §6.3).
+
+While a tunnel's outgoing queue is full, the streams that have more to send than one read wait here
+and send in turns of at most ``quantum`` bytes, round robin: deficit round robin with equal quanta,
+where an end never sends more than a quantum in one turn, so no deficit carries over. Pure logic:
+the ends do the reading and sending, the tunnel says when its queue is full.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Callable, Protocol
+
+# A turn smaller than a frame costs more per byte (a syscall, a frame header, a TLS record); a larger
+# one lets another stream's frame wait longer: behind at most one turn per waiting stream.
+TURN = 64 * 1024
+
+
+class TurnTaker(Protocol):
+    def take_turn(self, limit: int) -> bool:
+        """Send up to ``limit`` bytes now; False when the end has nothing more to send in turns."""
+
+    def end_turns(self) -> None:
+        """The tunnel has room again: send as data comes, no longer in turns."""
+
+
+class TurnRing:
+    def __init__(self, quantum: int = TURN) -> None:
+        self.quantum = quantum
+        self._ends: deque[TurnTaker] = deque()
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    def wait(self, end: TurnTaker) -> None:
+        """``end`` sends only in its turns from now on (the caller made sure it is not here yet)."""
+        self._ends.append(end)
+
+    def clear(self) -> None:
+        self._ends.clear()
+
+    def round(self, full: Callable[[], bool]) -> None:
+        """Give each waiting end one turn, in order, while ``full()`` is false. If a whole round left
+        room, the tunnel is no longer the bottleneck: every end goes back to sending as it reads."""
+        ends = self._ends
+        for _ in range(len(ends)):
+            if not ends or full():
+                return
+            end = ends.popleft()
+            if end.take_turn(self.quantum):
+                ends.append(end)
+        while ends and not full():
+            ends.popleft().end_turns()
