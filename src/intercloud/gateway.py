@@ -462,14 +462,17 @@ class Gateway:
         self.router.routes_changed()
 
     def pick_tunnel(self, service: str, exclude: set[tuple[str, str]], tenant: str = "default") -> Tunnel | None:
-        """The least loaded live tunnel of ``tenant`` whose peer connects ``service``."""
+        """The least loaded live tunnel of ``tenant`` whose peer connects ``service``: one that is not
+        congested (protocol §6.3) before one that is, then the fewest open streams. A new stream so
+        gets a TCP connection of its own beside a bulk transfer where there is one (per_member >= 2),
+        out of reach of the bulk stream's queue and of its losses' head-of-line delay."""
         best, best_load = None, None
         for t in self.tunnels:
             peer = t.peer
             if (t.tenant != tenant or t.goaway_received or t.peer_key in exclude
                     or service not in peer.services):
                 continue
-            load = t.stream_count
+            load = (t.paused or t.turns_waiting > 0, t.stream_count)
             if best is None or load < best_load:
                 best, best_load = t, load
         return best

@@ -9,7 +9,9 @@ transport's pause_writing) after ``cap`` DATA bytes and drains it when the test 
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 
+from intercloud.gateway import Gateway
 from intercloud.protocol.frames import FrameType
 from intercloud.tunnel.turns import TURN
 from tests.support.fake_wire import FakeWire, World, bounded, dial
@@ -138,3 +140,20 @@ async def test_bulk_streams_share_a_congested_tunnel_turn_by_turn(world) -> None
     for i, conn in enumerate(target.conns):
         await async_wait_until(lambda c=conn: c.eof, timeout=20, what=f"stream {i} complete with its EOF")
         assert bytes(conn.data) == bytes([65 + i]) * size
+
+
+def test_a_new_stream_avoids_a_congested_tunnel() -> None:
+    """Gateway.pick_tunnel: an uncongested tunnel before a congested one (paused, or streams waiting
+    for turns), whatever their stream counts; among equals, the fewest streams."""
+    def tunnel(name: str, streams: int, paused: bool = False, waiting: int = 0):
+        return SimpleNamespace(name=name, tenant="default", goaway_received=False, peer_key=(name, "i"),
+                               peer=SimpleNamespace(services=["db"]), paused=paused, turns_waiting=waiting,
+                               stream_count=streams)
+
+    def pick(*tunnels):
+        return Gateway.pick_tunnel(SimpleNamespace(tunnels=list(tunnels)), "db", set()).name
+
+    assert pick(tunnel("bulk", 1, paused=True), tunnel("idle", 5)) == "idle"
+    assert pick(tunnel("bulk", 1, waiting=2), tunnel("idle", 5)) == "idle"
+    assert pick(tunnel("a", 3), tunnel("b", 2)) == "b"
+    assert pick(tunnel("a", 3, paused=True), tunnel("b", 2, paused=True)) == "b"
