@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from intercloud.admin.status import tcp_view
 from intercloud.transport import sockopts
 
 HEADER = Path("/usr/include/linux/tcp.h")
@@ -202,7 +203,7 @@ def test_sockets_that_are_not_tcp_are_skipped_silently(caplog):
     a, b = socket.socketpair()
     with a, b:
         assert sockopts.apply(a, "nosuchcc", 64 * 1024) == []
-        assert sockopts.tcp_info(a) is None
+        assert sockopts.tcp_info(a) is None and tcp_view(a) is None
     assert sockopts.apply(None, "bbr", 0) == [] and sockopts.tcp_info(None) is None
     assert not caplog.records
 
@@ -212,3 +213,13 @@ def test_a_closed_socket_has_no_tcp_info(pair):
     client.close()
     assert sockopts.tcp_info(client) is None
 
+
+def test_status_view_of_a_connection(pair):
+    client, server = pair
+    sockopts.apply(client, other_than_default(), 64 * 1024)
+    ping_pong(client, server, rounds=20)
+    view = tcp_view(client)
+    assert view["congestion"] == other_than_default() and view["notsent_lowat"] == 64 * 1024
+    assert view["rtt_ms"] > 0 and view["min_rtt_ms"] > 0 and view["cwnd"] > 0
+    assert view["retransmits"] == 0 and view["bytes_retrans"] == 0 and view["send_queue_bytes"] == 0
+    assert set(view) >= {"rttvar_ms", "notsent_bytes", "delivery_rate_bps", "pacing_rate_bps", "bytes_sent"}
