@@ -80,6 +80,14 @@ def test_dashboard_shows_the_dead_member_down(cluster, tmp_path):
             page.wait_for_selector('g[data-node="cloud1"][data-state="up"]', timeout=10_000)
             assert page.locator('g[data-node="cloud2"]').count() == 1
             assert page.locator("#ready").inner_text() == "READY"
+            # the tunnels table shows each tunnel's TCP state: RTT, retransmits, queue, congestion control
+            page.wait_for_selector("#tunnels tbody tr td:nth-child(10)")
+            first = c2.status()["tunnels"][0]
+            cells = page.locator("#tunnels tbody tr").first.locator("td")
+            assert cells.nth(0).inner_text() == str(first["id"])
+            assert cells.nth(9).inner_text() == first["tcp"]["congestion"]
+            assert cells.nth(7).inner_text() == str(first["tcp"]["retransmits"])
+            assert " / " in cells.nth(8).inner_text()  # unsent / unacknowledged
             gws["cloud1"].kill()
             # updates without a reload
             page.wait_for_selector('g[data-node="cloud1"][data-state="down"]', timeout=15_000)

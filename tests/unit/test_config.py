@@ -14,6 +14,7 @@ from pydantic import ValidationError
 
 from intercloud import certs
 from intercloud.cli import check as cli_check
+from intercloud.transport import sockopts
 from intercloud.config import (
     Config,
     ConfigError,
@@ -52,6 +53,20 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     certs.write_certificate(d / "old.pem", old.cert)
     certs.write_private_key(d / "old.key", old.key)
     return d
+
+
+@pytest.fixture(autouse=True)
+def _congestion_sysctls(tmp_path_factory: pytest.TempPathFactory, monkeypatch) -> None:
+    """The default tunnel.congestion ("bbr") is warned about where this kernel has not loaded it or a
+    process without CAP_NET_ADMIN may not pick it; the tests read made-up sysctls that allow it, so that
+    they do not depend on the host (the tests of that warning set their own)."""
+    d = tmp_path_factory.mktemp("sysctl")
+    (d / "available").write_text("reno cubic bbr\n")
+    (d / "allowed").write_text("reno cubic bbr\n")
+    (d / "default").write_text("cubic\n")
+    monkeypatch.setattr(sockopts, "AVAILABLE", d / "available")
+    monkeypatch.setattr(sockopts, "ALLOWED", d / "allowed")
+    monkeypatch.setattr(sockopts, "DEFAULT", d / "default")
 
 
 def write(tmp_path: Path, text: str, name: str = "gateway.toml") -> Path:
@@ -182,7 +197,70 @@ def test_defaults(tmp_path: Path, pki: Path) -> None:
     assert t.stream_window == 4 * MiB and t.max_frame == 256 * 1024
     assert t.max_streams == 10000 and t.max_tunnel_buffer == 256 * KiB
     assert (t.reconnect_min, t.reconnect_max) == (0.2, 30.0)
+    assert t.congestion == "bbr" and t.notsent_lowat == 128 * 1024
     assert cfg.services == []
+
+
+@pytest.mark.parametrize(
+    ("lines", "congestion", "notsent_lowat"),
+    [
+        ('congestion = "reno"\nnotsent_lowat = "64KiB"', "reno", 64 * 1024),
+        ('congestion = "system"\nnotsent_lowat = 0', "system", 0),
+        ('congestion = ""\nnotsent_lowat = "16KiB"', "system", 16 * 1024),
+        ('congestion = "tcp_4_x"\nnotsent_lowat = 67108864', "tcp_4_x", 64 * MiB),
+    ],
+)
+def test_tcp_socket_options(tmp_path: Path, pki: Path, lines: str, congestion: str, notsent_lowat: int) -> None:
+    for toml in (cloud_toml(pki, tunnel=lines), onprem_toml(pki, tunnel=lines)):
+        t = load_config(write(tmp_path, toml)).tunnel
+        assert (t.congestion, t.notsent_lowat) == (congestion, notsent_lowat)
+
+
+def test_congestion_errors_name_the_file_and_the_key(tmp_path: Path, pki: Path) -> None:
+    path = write(tmp_path, onprem_toml(pki, tunnel='congestion = "BBR v2"\nnotsent_lowat = "1KiB"'))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    text = str(info.value)
+    assert text.startswith(f"{path}: invalid configuration (2 problems):")
+    assert "  tunnel.congestion: invalid congestion control algorithm 'BBR v2'" in text
+    assert '"system" to keep the kernel\'s default' in text
+    assert "  tunnel.notsent_lowat: must be between 16KiB and 64MiB (or 0 to leave the kernel's setting), got 1KiB" \
+        in text
+
+
+def _sysctls(tmp_path: Path, monkeypatch, available: str | None, allowed: str | None) -> None:
+    for name, value in (("AVAILABLE", available), ("ALLOWED", allowed)):
+        path = tmp_path / name.lower()
+        if value is not None:
+            path.write_text(value + "\n")
+        monkeypatch.setattr(sockopts, name, path)
+
+
+def test_congestion_algorithm_the_kernel_has_not_loaded_is_a_warning(tmp_path: Path, pki: Path, monkeypatch) -> None:
+    _sysctls(tmp_path, monkeypatch, "reno cubic", "reno cubic")
+    cfg = load_config(write(tmp_path, cloud_toml(pki)))
+    ((key, msg),) = cfg.warnings
+    assert key == "tunnel.congestion"
+    assert '"bbr" is not among the algorithms this kernel has loaded' in msg and "reno cubic" in msg
+    assert "default (cubic)" in msg and "modprobe tcp_bbr" in msg and 'congestion = "system"' in msg
+
+
+def test_congestion_algorithm_not_allowed_without_cap_net_admin_is_a_warning(tmp_path: Path, pki: Path,
+                                                                           monkeypatch) -> None:
+    _sysctls(tmp_path, monkeypatch, "reno cubic bbr", "reno cubic")
+    ((key, msg),) = load_config(write(tmp_path, onprem_toml(pki))).warnings
+    assert key == "tunnel.congestion"
+    assert "not in net.ipv4.tcp_allowed_congestion_control (reno cubic)" in msg and "CAP_NET_ADMIN" in msg
+
+
+@pytest.mark.parametrize(("available", "allowed", "tunnel"), [
+    ("reno cubic bbr", "reno cubic bbr", ""),  # loaded and allowed
+    (None, None, ""),  # no /proc to tell (another OS, a container without it): nothing to say
+    ("reno cubic", "reno cubic", 'congestion = "system"'),  # the kernel's default is always fine
+])
+def test_no_congestion_warning(tmp_path: Path, pki: Path, monkeypatch, available, allowed, tunnel) -> None:
+    _sysctls(tmp_path, monkeypatch, available, allowed)
+    assert load_config(write(tmp_path, cloud_toml(pki, tunnel=tunnel))).warnings == []
 
 
 def test_valid_onprem_config_defaults_node_id_to_the_certificate_cn(tmp_path: Path, pki: Path, monkeypatch) -> None:
@@ -489,6 +567,15 @@ def test_section_that_is_not_a_table(tmp_path: Path) -> None:
         ("max_frame = '8KiB'", "tunnel.max_frame", "must be between 16KiB and 1MiB"),
         ("max_frame = 'huge'", "tunnel.max_frame", "expected a size like '4MiB'"),
         ("max_streams = 0", "tunnel.max_streams", "must be between 1 and 1000000"),
+        ("congestion = 'BBR'", "tunnel.congestion", "invalid congestion control algorithm 'BBR': use the kernel's"),
+        ("congestion = 'tcp-bbr'", "tunnel.congestion", "1-15 characters from a-z 0-9 _"),
+        ("congestion = 'abcdefghijklmnop'", "tunnel.congestion", "invalid congestion control algorithm"),
+        ("congestion = 1", "tunnel.congestion", "expected a string, got a"),
+        ("notsent_lowat = '15KiB'", "tunnel.notsent_lowat",
+         "must be between 16KiB and 64MiB (or 0 to leave the kernel's setting), got 15KiB"),
+        ("notsent_lowat = '65MiB'", "tunnel.notsent_lowat", "must be between 16KiB and 64MiB"),
+        ("notsent_lowat = 'small'", "tunnel.notsent_lowat", "expected a size like '4MiB'"),
+        ("notsent_lowat = -1", "tunnel.notsent_lowat", "negative"),
         ("connect = 'wss://a/'", "tunnel.connect", "only on-prem gateways dial tunnels"),
         ("proxy = 'socks5://p:1080'", "tunnel.proxy", "expected an http:// proxy URL"),
     ],

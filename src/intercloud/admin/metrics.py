@@ -6,6 +6,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from ..transport import sockopts
+
 
 class _Collector:
     def __init__(self, gw):
@@ -65,6 +67,7 @@ class _Collector:
             dup.add_metric([node], len(incs))
         yield dup
         yield GaugeMetricFamily("intercloud_ready", "1 when /readyz is 200", value=1 if gw.is_ready() else 0)
+        yield from _tcp(gw)
         b = getattr(gw, "budget", None)
         if b is not None:  # protocol §6.4
             yield GaugeMetricFamily("intercloud_buffered_bytes",
@@ -79,6 +82,47 @@ class _Collector:
             yield CounterMetricFamily("intercloud_buffer_budget_exhausted",
                                       "Times a stream wanted a larger window and the budget was spent",
                                       value=b.exhausted)
+
+
+# (metric, help, TCP_INFO key, how the live connections' values combine, scale)
+_TCP_GAUGES = (
+    ("rtt_max_seconds", "Largest smoothed TCP round-trip time among live connections", "rtt", max, 1e-6),
+    ("retransmits", "TCP segments retransmitted over the lives of the live connections", "total_retrans", sum, 1),
+    ("sent_bytes", "Bytes the live connections sent, retransmissions included", "bytes_sent", sum, 1),
+    ("retransmitted_bytes", "Bytes the live connections retransmitted", "bytes_retrans", sum, 1),
+    ("notsent_bytes", "Bytes in the kernels' send queues not sent yet (tunnel.notsent_lowat bounds each)",
+     "notsent_bytes", sum, 1),
+    ("send_queue_bytes", "Bytes in the kernels' send queues not acknowledged yet (unsent included)", "send_queue",
+     sum, 1),
+)
+
+
+def _tcp(gw):
+    """TCP_INFO of the live tunnels and peer links (transport/sockopts.py), by kind. No series per
+    tunnel: /metrics gains no series when tunnels come (tests/security/test_metric_series.py); each
+    tunnel's own numbers are in /api/status (``tcp``)."""
+    cluster = getattr(gw, "cluster", None)
+    kinds = {"tunnel": [sockopts.tcp_info(t.sock) for t in gw.tunnels]}
+    if cluster is not None:
+        kinds["peer"] = [sockopts.tcp_info(t.sock) for t in cluster.links]
+    for name, text, key, combine, scale in _TCP_GAUGES:
+        fam = GaugeMetricFamily(f"intercloud_tunnel_tcp_{name}", f"{text} (kind: tunnel or peer link)",
+                                labels=["kind"])
+        for kind, infos in kinds.items():
+            values = [i[key] for i in infos if i is not None and i.get(key) is not None]
+            fam.add_metric([kind], combine(values) * scale if values else 0)
+        yield fam
+    configured = gw.config.tunnel.congestion
+    in_use = sockopts.in_use_for(configured)
+    info = GaugeMetricFamily("intercloud_tunnel_tcp_congestion_info",
+                             "The TCP congestion control algorithm new tunnels and peer links get",
+                             labels=["algorithm"])
+    if in_use is not None:
+        info.add_metric([in_use], 1)
+    yield info
+    yield GaugeMetricFamily("intercloud_tunnel_tcp_congestion_fallback",
+                            "1 when the kernel refused tunnel.congestion and tunnels get its default instead",
+                            value=1 if configured != sockopts.SYSTEM and in_use not in (None, configured) else 0)
 
 
 def render(gw) -> bytes:

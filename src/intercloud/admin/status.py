@@ -6,6 +6,8 @@ import asyncio
 import itertools
 import time
 
+from ..transport.sockopts import tcp_info
+
 
 #: Streams listed per /api/status by default (?limit= up to MAX_STREAMS_LIMIT; ?offset= pages on).
 #: A gateway may carry 100,000s of streams; listing them all would cost the event loop ~10 µs each
@@ -28,7 +30,7 @@ def status(gw, limit: int = STREAMS_LIMIT, offset: int = 0) -> dict:
             "streams": len(t.streams), "tls": t.tls.get("tls"), "cipher": t.tls.get("cipher"),
             "peer_cert": t.peer_cert.get("subject"), "peer_cert_sha256": t.peer_cert.get("fingerprint"),
             "peer_services": peer.services if peer else [],
-            "draining": t.goaway_received or t.goaway_sent, "paused": t.paused,
+            "draining": t.goaway_received or t.goaway_sent, "paused": t.paused, "tcp": tcp_view(t.sock),
         })
     streams_total, skip, mono = 0, offset, time.monotonic()
     for t in gw.all_tunnels():
@@ -64,16 +66,45 @@ def status(gw, limit: int = STREAMS_LIMIT, offset: int = 0) -> dict:
         dial_targets = gw.dial_targets_view()
     else:
         dial_targets = cluster.peer_targets.view() if cluster is not None else []
+    peer_links = [{"id": t.id, "peer_node": t.peer_node, "peer_addr": t.peer_addr, "url": t.url or None,
+                   "age": round(now - t.opened_at, 3),
+                   "rtt_ms": round(t.rtt * 1000, 3) if t.rtt is not None else None,
+                   "streams": len(t.streams), "tcp": tcp_view(t.sock)}
+                  for t in sorted(cluster.links, key=lambda t: t.id)] if cluster is not None else []
     return {
         "node_id": gw.node_id, "members": members, "dial_targets": dial_targets, "tenants": tenants, "role": gw.role, "incarnation": gw.incarnation,
         "uptime": round(now - gw.started, 3), "ready": gw.is_ready(), "draining": gw.draining,
-        "tunnels": tunnels, "streams": streams, "streams_total": streams_total, "streams_offset": offset,
-        "streams_limit": limit, "services": services,
+        "tunnels": tunnels, "peer_links": peer_links, "streams": streams, "streams_total": streams_total,
+        "streams_offset": offset, "streams_limit": limit, "services": services,
         "counters": snap["counters"], "events": snap["events"][-50:],
         "duplicate_identities": gw.duplicate_identities(),
         "buffers": _buffers(gw),  # protocol §6.4
         "tasks": len(asyncio.all_tasks()),  # asyncio tasks of the process (the chaos soak checks it stays flat)
     }
+
+
+_U64_MAX = (1 << 64) - 1
+
+
+def tcp_view(sock) -> dict | None:
+    """The ``tcp`` object of a tunnel or peer link: its TCP connection as the kernel sees it (TCP_INFO,
+    transport/sockopts.py), in the units its keys name. None when the socket is gone or not TCP."""
+    i = tcp_info(sock)
+    if i is None:
+        return None
+
+    def ms(key: str) -> float | None:
+        return round(i[key] / 1000, 3) if key in i else None
+
+    def bps(key: str) -> int | None:  # bytes/s in TCP_INFO; ~0 means no pacing
+        v = i.get(key)
+        return None if v is None or v == _U64_MAX else v * 8
+
+    return {"congestion": i["congestion"], "rtt_ms": ms("rtt"), "rttvar_ms": ms("rttvar"), "min_rtt_ms": ms("min_rtt"),
+            "cwnd": i["snd_cwnd"], "retransmits": i["total_retrans"], "bytes_retrans": i.get("bytes_retrans"),
+            "bytes_sent": i.get("bytes_sent"), "unacked": i["unacked"], "notsent_bytes": i.get("notsent_bytes"),
+            "send_queue_bytes": i["send_queue"], "notsent_lowat": i["notsent_lowat"],
+            "delivery_rate_bps": bps("delivery_rate"), "pacing_rate_bps": bps("pacing_rate")}
 
 
 def _buffers(gw) -> dict | None:

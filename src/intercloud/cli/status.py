@@ -59,9 +59,11 @@ def render(st: dict) -> str:
         parts.append(_table("Dial targets" if st["role"] != "cloud" else "Peer dial targets", ["url", "address", "error"],
                             [[t["url"], t.get("address"), t.get("error")] for t in targets]))
     parts.append("")
-    parts.append(_table("Tunnels", ["id", "peer", "tenant", "address", "age", "rtt ms", "streams", "tls"], [
+    parts.append(_table("Tunnels", ["id", "peer", "tenant", "address", "age", "rtt ms", "streams", "tls", "tcp rtt ms",
+                                    "retrans", "cc"], [
         [t["id"], t["peer_node"], t.get("tenant"), t["peer_addr"], f"{t['age']:.0f}s", t.get("rtt_ms"), t["streams"],
-         t.get("tls")] for t in st.get("tunnels", [])]))
+         t.get("tls"), (t.get("tcp") or {}).get("rtt_ms"), (t.get("tcp") or {}).get("retransmits"),
+         (t.get("tcp") or {}).get("congestion")] for t in st.get("tunnels", [])]))
     parts.append("")
     parts.append(_table("Services", ["service", "tenant", "side", "endpoint", "routes"], [
         [s["name"], s.get("tenant"), s["side"], s["endpoint"], ",".join(s["routes"]) if "routes" in s else "-"]

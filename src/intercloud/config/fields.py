@@ -19,6 +19,7 @@ from .values import _check_host, _kind, invalid
 __all__ = [
     "NAME_PATTERN",
     "BoundedInt",
+    "Congestion",
     "ConfigPath",
     "Duration",
     "GiB",
@@ -86,19 +87,46 @@ def Duration(*, gt: float | None = None, ge: float | None = None, le: float | No
     return Annotated[float, PlainValidator(validate)]
 
 
-def Size(*, ge: int, le: int) -> Any:
-    """Annotated int (bytes) parsed by :func:`parse_size`, bounded to ``ge..le``."""
+def Size(*, ge: int, le: int, zero: str | None = None) -> Any:
+    """Annotated int (bytes) parsed by :func:`parse_size`, bounded to ``ge..le``; with ``zero`` (what 0
+    means, for the message), 0 is accepted too."""
 
     def validate(value: object) -> int:
         try:
             size = parse_size(value)
         except ValueError as exc:
             raise invalid(str(exc)) from None
+        if zero is not None and size == 0:
+            return 0
         if not ge <= size <= le:
-            raise invalid(f"must be between {format_size(ge)} and {format_size(le)}, got {format_size(size)}")
+            also = f" (or 0 to {zero})" if zero is not None else ""
+            raise invalid(f"must be between {format_size(ge)} and {format_size(le)}{also}, got {format_size(size)}")
         return size
 
     return Annotated[int, PlainValidator(validate)]
+
+
+#: TCP congestion control algorithm names: TCP_CA_NAME_MAX is 16 bytes with the NUL; the kernel's
+#: algorithms are named in lower case letters, digits and underscores (bbr, cubic, htcp, highspeed, ...).
+_CONGESTION = re.compile(r"[a-z0-9_]{1,15}")
+
+
+def _validate_congestion(value: object) -> str:
+    if not isinstance(value, str):
+        raise invalid(f"expected a string, got a {_kind(value)}")
+    name = value.strip()
+    if name in ("", "system"):
+        return "system"
+    if not _CONGESTION.fullmatch(name):
+        raise invalid(f"invalid congestion control algorithm {value!r}: use the kernel's name of one, 1-15 "
+                      'characters from a-z 0-9 _ (e.g. "bbr", "cubic"; see '
+                      '/proc/sys/net/ipv4/tcp_available_congestion_control), or "system" to keep the '
+                      "kernel's default")
+    return name
+
+
+#: ``tunnel.congestion``: an algorithm name, or "system" ("" is taken as "system").
+Congestion = Annotated[str, PlainValidator(_validate_congestion)]
 
 
 def BoundedInt(ge: int, le: int) -> Any:

@@ -24,7 +24,7 @@ from pydantic import (
     model_validator,
 )
 
-from .fields import NAME_PATTERN, BoundedInt, ConfigPath, Duration, GiB, KiB, MiB, Name, ServerName, Size
+from .fields import NAME_PATTERN, BoundedInt, ConfigPath, Congestion, Duration, GiB, KiB, MiB, Name, ServerName, Size
 from .values import Endpoint, HostPort, ProxyUrl, Secret, WsUrl, invalid, is_ip_literal
 
 __all__ = [
@@ -93,6 +93,10 @@ class TlsConfig(_Section):
     server_name: ServerName | None = None
 
 
+#: What 0 means for a socket option (in the message of a value out of bounds).
+_KERNEL_SETTING = "leave the kernel's setting"
+
+
 class TunnelConfig(_Section):
     """``[tunnel]``: the WebSocket tunnels between on-prem and cloud gateways."""
 
@@ -124,6 +128,11 @@ class TunnelConfig(_Section):
     #: Redial backoff bounds (jittered exponential between them).
     reconnect_min: Duration(gt=0, le=3600) = 0.2
     reconnect_max: Duration(gt=0, le=86400) = 30.0
+    #: TCP congestion control of tunnel and peer-link sockets, both sides ("system": the kernel's
+    #: default). Set when the WebSocket is up (transport/sockopts.py); a refusal falls back to the default.
+    congestion: Congestion = "bbr"
+    #: TCP_NOTSENT_LOWAT of tunnel and peer-link sockets: unsent bytes the kernel takes (0: its default).
+    notsent_lowat: Size(ge=16 * KiB, le=64 * MiB, zero=_KERNEL_SETTING) = 128 * KiB
 
     _proxy_disabled: bool = PrivateAttr(default=False)
 

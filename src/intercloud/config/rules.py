@@ -18,6 +18,7 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from .. import certs
+from ..transport import sockopts
 from ..transport.tls import certificate_names
 from .fields import default_node_id
 from .model import ClusterConfig, GatewayConfig, Service, TlsConfig, TunnelConfig
@@ -224,6 +225,31 @@ class Rules:
                 f"must be at least tunnel.max_frame ({format_size(t.max_frame)}), "
                 f"got {format_size(t.max_tunnel_buffer)}",
             )
+        if self.ok("tunnel.congestion"):
+            self._check_congestion(t.congestion)
+
+    def _check_congestion(self, name: str) -> None:
+        """Warn when this host's kernel would refuse ``tunnel.congestion`` (the gateway then falls back
+        to the kernel's default, transport/sockopts.py). Only where /proc says; the gateway may run on
+        another host than ``intercloud check``."""
+        if name == sockopts.SYSTEM:
+            return
+        keep = f'or set congestion = "{sockopts.SYSTEM}" to keep the kernel\'s default'
+        available = sockopts.available()
+        if available is not None and name not in available:
+            self.warn("tunnel.congestion",
+                      f'"{name}" is not among the algorithms this kernel has loaded '
+                      f"(net.ipv4.tcp_available_congestion_control: {' '.join(available)}); unless the gateway "
+                      f"can load it itself (as root or with CAP_NET_ADMIN), its tunnels use the kernel's default "
+                      f"({sockopts.kernel_default() or '?'}): run modprobe tcp_{name} (and list tcp_{name} in "
+                      f"/etc/modules-load.d/), {keep}")
+            return
+        allowed = sockopts.allowed()
+        if allowed is not None and name not in allowed:
+            self.warn("tunnel.congestion",
+                      f'"{name}" is not in net.ipv4.tcp_allowed_congestion_control ({" ".join(allowed)}): a gateway '
+                      f"that runs without CAP_NET_ADMIN (not as root) falls back to the kernel's default "
+                      f"({sockopts.kernel_default() or '?'}); add it there (sysctl), {keep}")
 
     def _check_transport_security(self, role: str, tunnel: TunnelConfig, tls: TlsConfig) -> None:
         if role == "cloud":

@@ -21,6 +21,7 @@ from ..protocol import (
 from .. import logs
 from ..protocol import peer_input
 from ..protocol.frames import HEADER, FrameType, Reason
+from ..transport import sockopts
 from ..transport.tls import describe_peer_cert, session_info
 from ..transport.tls_server import heap_churn
 from ..transport.ws import CloseCode, Listener, MsgType
@@ -99,6 +100,7 @@ class Tunnel(Listener):
                                initial_window=INITIAL_WINDOW, budget=gateway.budget,
                                sink=self.send_frame)
         self.ws = None
+        self.sock = None  # the TCP socket (asyncio's TransportSocket): options and TCP_INFO, transport/sockopts.py
         self.streams: dict[int, LocalStream] = {}
         self.pending_opens: dict[int, asyncio.Future] = {}
         self.open_tasks: dict[int, asyncio.Task] = {}
@@ -184,6 +186,9 @@ class Tunnel(Listener):
         self.gateway.classify(self)
         big = self.gateway.config.tunnel.max_tunnel_buffer
         under.set_write_buffer_limits(high=big, low=big // 2)  # protocol §6.3
+        self.sock = under.get_extra_info("socket")
+        t = self.gateway.config.tunnel
+        sockopts.apply(self.sock, t.congestion, t.notsent_lowat, source=self.gateway.config.source)
         if not self.client:
             refusal = self.gateway.screen(self)
             if refusal is not None:  # e.g. a peer link whose certificate is not a member's: it learns nothing
