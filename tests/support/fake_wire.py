@@ -588,6 +588,46 @@ class Target:
             await self.server.wait_closed()
 
 
+# --- a congested tunnel ------------------------------------------------------------------
+class CongestedLink:
+    """A slow link under the wire's server tunnel: counts the bytes it sends and pauses it (as the TLS
+    transport does above max_tunnel_buffer) once ``cap`` went out since the last drain()."""
+
+    def __init__(self, wire: FakeWire, cap: int) -> None:
+        self.tunnel = wire.server
+        self.peer = wire.client_ws
+        self.cap = cap
+        self.since_drain = 0
+        ws = wire.server_ws
+        send, reuse = ws.send, ws.send_reuse_external_bytearray
+
+        def counted(n: int) -> None:
+            self.since_drain += n
+            if self.since_drain >= self.cap and not self.tunnel.paused:
+                self.tunnel.pause_writing()
+
+        def send_(msg_type, message, *a, **k):
+            send(msg_type, message, *a, **k)
+            counted(len(message))
+
+        def reuse_(msg_type, buffer, offset, *a, **k):
+            reuse(msg_type, buffer, offset, *a, **k)
+            counted(len(buffer) - offset)
+
+        ws.send, ws.send_reuse_external_bytearray = send_, reuse_
+
+    def congest(self) -> None:
+        self.tunnel.pause_writing()
+
+    def drain(self) -> None:
+        self.since_drain = 0
+        self.tunnel.resume_writing()
+
+    def data_frames(self) -> list[tuple[int, int]]:
+        """(stream id, payload bytes) of every DATA frame the peer received, in order."""
+        return [(f.sid, len(f.payload)) for f in self.peer.received if f.type is FrameType.DATA]
+
+
 # --- a test's world ------------------------------------------------------------------------
 def bounded(seconds: float = 10.0):
     """Run the test body under asyncio.timeout (scaled): a hang fails the test, it does not stall."""

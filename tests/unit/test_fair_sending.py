@@ -1,7 +1,7 @@
 """Fair sending on a congested tunnel (docs/protocol.md §6.3), with real LocalStreams on loopback
 sockets over the fake wire (tests/support/fake_wire.py).
 
-The wire stands in for a slow tunnel: ``Link`` says the tunnel's outgoing queue is full (the
+The wire stands in for a slow tunnel: ``CongestedLink`` says the tunnel's outgoing queue is full (the
 transport's pause_writing) after ``cap`` DATA bytes and drains it when the test says so
 (resume_writing). What the peer received, frame by frame, shows who waited behind whom.
 """
@@ -12,49 +12,9 @@ import asyncio
 from types import SimpleNamespace
 
 from intercloud.gateway import Gateway
-from intercloud.protocol.frames import FrameType
 from intercloud.tunnel.turns import TURN
-from tests.support.fake_wire import FakeWire, World, bounded, dial
+from tests.support.fake_wire import CongestedLink, World, bounded, dial
 from tests.support.timeouts import async_wait_until
-
-
-class Link:
-    """Counts the DATA bytes the near tunnel sends and pauses it once ``cap`` went out since the
-    last drain, as the TLS transport does above max_tunnel_buffer."""
-
-    def __init__(self, wire: FakeWire, cap: int) -> None:
-        self.tunnel = wire.server
-        self.peer = wire.client_ws
-        self.cap = cap
-        self.since_drain = 0
-        ws = wire.server_ws
-        send, reuse = ws.send, ws.send_reuse_external_bytearray
-
-        def counted(n: int) -> None:
-            self.since_drain += n
-            if self.since_drain >= self.cap and not self.tunnel.paused:
-                self.tunnel.pause_writing()
-
-        def send_(msg_type, message, *a, **k):
-            send(msg_type, message, *a, **k)
-            counted(len(message))
-
-        def reuse_(msg_type, buffer, offset, *a, **k):
-            reuse(msg_type, buffer, offset, *a, **k)
-            counted(len(buffer) - offset)
-
-        ws.send, ws.send_reuse_external_bytearray = send_, reuse_
-
-    def congest(self) -> None:
-        self.tunnel.pause_writing()
-
-    def drain(self) -> None:
-        self.since_drain = 0
-        self.tunnel.resume_writing()
-
-    def data_frames(self) -> list[tuple[int, int]]:
-        """(stream id, payload bytes) of every DATA frame the peer received, in order."""
-        return [(f.sid, len(f.payload)) for f in self.peer.received if f.type is FrameType.DATA]
 
 
 async def open_stream(world: World, tunnel, listener):
@@ -70,7 +30,7 @@ async def setup(world: World, cap: int):
     far = world.owner("onprem1", on_open=dial("127.0.0.1", target.port))
     wire = await world.pair(near, far)
     listener = await world.listener()
-    return target, wire, listener, Link(wire, cap)
+    return target, wire, listener, CongestedLink(wire, cap)
 
 
 @bounded(20)

@@ -22,7 +22,7 @@ from intercloud.protocol.frames import FLAG_RELAYED, FrameType, Reason, decode_o
 from intercloud.router import OpenResult, Router
 from intercloud.tunnel.bridge import BridgeEnd
 from tests.support.fake_wire import (
-    FakeOwner, OpenRequest, World, bounded, dial, make_config, never_answer, refuse,
+    CongestedLink, FakeOwner, OpenRequest, World, bounded, dial, make_config, never_answer, refuse,
 )
 from tests.support.timeouts import FACTOR, async_wait_until, scaled
 
@@ -335,11 +335,14 @@ async def test_the_client_leaving_ends_the_open_at_once(world) -> None:
 
 
 # --- relay -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("congested", [False, True], ids=["fast", "congested"])
 @bounded(15)
-async def test_relay_bridges_a_peer_link_and_a_tunnel_both_ways(world) -> None:
+async def test_relay_bridges_a_peer_link_and_a_tunnel_both_ways(world, congested) -> None:
     """Member X has no tunnel for the service; it opens it on its peer link to member Y, which carries
     it over its own tunnel to the on-prem gateway with a BridgeEnd pair (as Gateway._relay). Bytes go
-    through both ways byte-exact, and FIN both ways ends every stream on all four tunnels."""
+    through both ways byte-exact, and FIN both ways ends every stream on all four tunnels. Congested:
+    Y's tunnel takes 32 KiB per drain, every millisecond, so the bridge forwards in its turns
+    (protocol §6.3), and still nothing is lost, duplicated or reordered."""
     target = await world.target(echo=True)
     router_x, router_y = Router(), Router()
     x = cloud(world, router_x, "cloud-x")
@@ -373,6 +376,19 @@ async def test_relay_bridges_a_peer_link_and_a_tunnel_both_ways(world) -> None:
         owner.track(req, run())
 
     y.on_open = relay
+    joined = []  # ends that joined the ring of Y's tunnel
+    if congested:
+        slow = CongestedLink(tunnel, cap=32 * 1024)
+        slow.congest()
+        wait_turn = tunnel.server.wait_turn
+        tunnel.server.wait_turn = lambda end: (joined.append(end), wait_turn(end))
+
+        async def drain() -> None:
+            while True:
+                await asyncio.sleep(0.001)
+                slow.drain()
+
+        drainer = asyncio.create_task(drain())
     listener = await world.listener()
     reader, writer, stream = await world.client(listener)
     payload = os.urandom(1 << 20)  # many windows' worth: credit must flow back through the bridge
@@ -391,6 +407,9 @@ async def test_relay_bridges_a_peer_link_and_a_tunnel_both_ways(world) -> None:
     sender = asyncio.create_task(send())
     echoed = await read_all(reader)
     await sender
+    if congested:
+        drainer.cancel()
+        assert joined and all(end is ends[0][1] for end in joined), f"no bridge sent in turns: {joined}"
     assert len(echoed) == len(payload) and echoed == payload
     assert target.conns[0].data == payload and target.conns[0].eof and len(target.conns) == 1
 
