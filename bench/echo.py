@@ -1,8 +1,9 @@
 """A small, fast TCP echo server for the benchmark (bench/run.py starts it as its own process).
 
-    python bench/echo.py PORT
+    python bench/echo.py PORT [HOST]
 
-Echoes every byte back on the same connection, closes when the client closes, and holds as many idle
+Listens on HOST (default 127.0.0.1; bench/wan.py passes the server namespace's address). Echoes
+every byte back on the same connection, closes when the client closes, and holds as many idle
 connections as the file-descriptor limit allows (raised here, as in every benchmark process). It
 prints "ready" on stdout once it listens. uvloop is used when installed, plain asyncio otherwise.
 """
@@ -36,9 +37,9 @@ class Echo(asyncio.Protocol):
         return False  # close our side too
 
 
-async def main(port: int) -> None:
+async def main(port: int, host: str = "127.0.0.1") -> None:
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(Echo, "127.0.0.1", port, reuse_address=True, backlog=4096)
+    server = await loop.create_server(Echo, host, port, reuse_address=True, backlog=4096)
     stop = loop.create_future()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
@@ -49,9 +50,10 @@ async def main(port: int) -> None:
 
 if __name__ == "__main__":
     raise_nofile()
+    args = (int(sys.argv[1]), *sys.argv[2:3])
     try:
         import uvloop
     except ImportError:
-        asyncio.run(main(int(sys.argv[1])))
+        asyncio.run(main(*args))
     else:
-        uvloop.run(main(int(sys.argv[1])))
+        uvloop.run(main(*args))
