@@ -94,6 +94,22 @@ def test_tcp_info_of_a_loopback_connection(pair):
     assert info["congestion"] == congestion_of(client) == kernel_default()
     assert info["send_queue"] == 0 and info["notsent_bytes"] == 0  # all acknowledged by now
     assert info["notsent_lowat"] == 0  # not set
+    assert sockopts.pacing_rate(client) == info["pacing_rate"] > 0  # the one field, as size_queues reads it
+
+
+def test_pacing_rate_and_notsent_lowat_setter_on_odd_sockets(pair):
+    """Tunnel.size_queues reads the rate of whatever socket it has: none, a Unix socket or a closed
+    one give 0 (the configured limits stay); the setter takes a new value on a live socket."""
+    client, _server = pair
+    sockopts.set_notsent_lowat(client, 48 * 1024)
+    assert client.getsockopt(socket.IPPROTO_TCP, sockopts.TCP_NOTSENT_LOWAT) == 48 * 1024
+    a, b = socket.socketpair()
+    with a, b:
+        assert sockopts.pacing_rate(a) == 0
+    assert sockopts.pacing_rate(None) == 0
+    client.close()
+    assert sockopts.pacing_rate(client) == 0
+    sockopts.set_notsent_lowat(client, 16 * 1024)  # closed: nothing to do, no error
 
 
 def test_send_queue_counts_what_the_peer_has_not_taken(pair):

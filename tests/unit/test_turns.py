@@ -14,7 +14,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from intercloud.tunnel.turns import TurnRing
+from intercloud.tunnel.turns import MIN_QUEUE, MIN_TURN, QUEUE_TIME, TURN, TurnRing, queue_limits
 
 Q = 100  # quantum in the model: the property does not depend on its size
 
@@ -137,3 +137,31 @@ def test_a_bulk_end_and_a_small_one_share_by_turns() -> None:
     assert [n for n, _ in tunnel.log[:3]] == ["a", "b", "small"]
     assert not small.waiting and small.sent == 30
     assert abs(a.sent - b.sent) <= Q and a.sent + b.sent == sum(n for name, n in tunnel.log if name != "small")
+
+
+KiB = 1024
+
+
+def test_queues_are_sized_by_time_within_the_configured_limits() -> None:
+    """queue_limits: QUEUE_TIME of sending per queue, at least MIN_QUEUE, at most the config; the turn
+    at most half the buffer limit; unknown rate: the config as it is."""
+    cfg = (256 * KiB, 128 * KiB)
+    assert queue_limits(0, *cfg) == (256 * KiB, 128 * KiB, TURN)  # rate unknown
+    assert queue_limits(125_000_000, *cfg) == (256 * KiB, 128 * KiB, TURN)  # 1 Gbit/s: 1.25 MB > both
+    mbit20 = 2_500_000  # bytes per second
+    high, lowat, turn = queue_limits(mbit20, *cfg)
+    assert high == lowat == MIN_QUEUE and turn == MIN_TURN  # 25 KB of 10 ms, raised to the floor
+    mbit100 = 12_500_000
+    high, lowat, turn = queue_limits(mbit100, *cfg)
+    assert high == lowat == int(mbit100 * QUEUE_TIME) and turn == high // 2
+    assert queue_limits(mbit100, 256 * KiB, 0)[1] == 0  # notsent_lowat 0: the kernel's setting stays
+    assert queue_limits(mbit100, 64 * KiB, 128 * KiB)[0] == 64 * KiB  # never above the config
+
+
+@settings(max_examples=200, deadline=None)
+@given(rate=st.integers(0, 10**10), buf=st.integers(64 * KiB, 1 << 30), lowat=st.one_of(st.just(0), st.integers(16 * KiB, 64 << 20)))
+def test_queue_limits_stay_in_bounds(rate: int, buf: int, lowat: int) -> None:
+    high, lw, turn = queue_limits(rate, buf, lowat)
+    assert min(buf, MIN_QUEUE) <= high <= buf
+    assert lw == 0 if lowat == 0 else min(lowat, MIN_QUEUE) <= lw <= lowat
+    assert MIN_TURN <= turn <= TURN

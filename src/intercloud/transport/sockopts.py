@@ -32,7 +32,8 @@ from pathlib import Path
 
 log = logging.getLogger("intercloud.tunnel")
 
-__all__ = ["SYSTEM", "allowed", "apply", "available", "in_use_for", "is_tcp", "kernel_default", "tcp_info"]
+__all__ = ["SYSTEM", "allowed", "apply", "available", "in_use_for", "is_tcp", "kernel_default", "pacing_rate",
+           "set_notsent_lowat", "tcp_info"]
 
 #: ``tunnel.congestion`` value that leaves the kernel's default algorithm alone.
 SYSTEM = "system"
@@ -247,3 +248,28 @@ def tcp_info(sock) -> dict | None:
     except OSError:
         info["send_queue"] = None
     return info
+
+
+_PACING_RATE = struct.Struct("=Q")
+_PACING_AT = dict((name, off) for name, _fmt, off in TCP_INFO_FIELDS)["pacing_rate"]
+
+
+def pacing_rate(sock) -> int:
+    """The rate the kernel sends this connection at, bytes per second (``tcpi_pacing_rate``: BBR's
+    bandwidth estimate times its gain; for cubic about cwnd / RTT), or 0 when unknown. One system
+    call (the tunnel sizes its queues from it, Tunnel.size_queues)."""
+    try:
+        raw = sock.getsockopt(socket.IPPROTO_TCP, TCP_INFO, _PACING_AT + 8)
+    except (OSError, AttributeError):
+        return 0
+    if len(raw) < _PACING_AT + 8:
+        return 0
+    rate = _PACING_RATE.unpack_from(raw, _PACING_AT)[0]
+    return 0 if rate == (1 << 64) - 1 else rate  # ~0: not computed yet
+
+
+def set_notsent_lowat(sock, n: int) -> None:
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, n)
+    except OSError:
+        pass  # closed meanwhile

@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING
 
 from ..protocol import State
 from ..protocol.frames import Reason
-from .turns import TURN
 
 if TYPE_CHECKING:
     from .owner import Tunnel
@@ -131,7 +130,7 @@ class BridgeEnd:
         if t_out is not None and t_out.paused and self.live and out.live:
             if out.cycle != t_out.cycle:
                 out.cycle, out.sent_in_cycle = t_out.cycle, 0
-            if out.sent_in_cycle + self.pending_bytes > TURN:  # as LocalStream.buffer_updated
+            if out.sent_in_cycle + self.pending_bytes > t_out.turn:  # as LocalStream.buffer_updated
                 out.in_turns = True
                 t_out.wait_turn(out)
                 return

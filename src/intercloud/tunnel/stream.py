@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING
 
 from ..protocol import State
 from ..protocol.frames import Reason
-from .turns import TURN
 
 if TYPE_CHECKING:
     from .owner import Tunnel
@@ -137,7 +136,7 @@ class LocalStream(asyncio.BufferedProtocol):
             if self._cycle != t.cycle:
                 self._cycle, self._sent_in_cycle = t.cycle, 0
             self._sent_in_cycle += nbytes
-            if self._sent_in_cycle >= TURN:
+            if self._sent_in_cycle >= t.turn:
                 self.in_turns = True
                 self._update_reading()
                 t.wait_turn(self)

@@ -27,7 +27,7 @@ from ..transport.tls_server import heap_churn
 from ..transport.ws import CloseCode, Listener, MsgType
 from .budget import INITIAL_WINDOW
 from .stream import LocalStream
-from .turns import TURN, TurnRing
+from .turns import TURN, TurnRing, queue_limits
 
 if TYPE_CHECKING:
     from .owner import StreamEnd, TunnelOwner
@@ -49,6 +49,7 @@ EARLY_DATA = 64 * 1024
 # of the peer instead of several (docs/performance.md, P6). Larger frames go through picows directly.
 _CORK_MAX = 4096
 _WS_LEN16 = struct.Struct("!BBH")
+_SIZE_EVERY = 0.2  # seconds between two sizings of a congested tunnel's queues (size_queues)
 
 
 def ws_frames(frames: list[bytes], client: bool) -> bytes:
@@ -114,6 +115,9 @@ class Tunnel(Listener):
         self.paused = False  # the outgoing queue is above max_tunnel_buffer: full reads wait for turns
         self._turns = TurnRing()  # streams with more to send while paused (protocol §6.3)
         self.cycle = 0  # congestion cycles so far: each pause_writing starts one
+        self.turn = TURN  # bytes a stream sends per turn, and per cycle outside turns (size_queues)
+        self._queue_limits = (0, 0, TURN)  # (outgoing buffer limit, notsent_lowat, turn) in force
+        self._sized_at = 0.0
         self.close_reason = ""
         self.peer_addr = "?"
         self.tls: dict = {}
@@ -184,10 +188,10 @@ class Tunnel(Listener):
             self.peer_der = ssl_obj.getpeercert(binary_form=True)
             self.peer_cert = describe_peer_cert(self.peer_der)
         self.gateway.classify(self)
-        big = self.gateway.config.tunnel.max_tunnel_buffer
-        under.set_write_buffer_limits(high=big, low=big // 2)  # protocol §6.3
-        self.sock = under.get_extra_info("socket")
         t = self.gateway.config.tunnel
+        under.set_write_buffer_limits(high=t.max_tunnel_buffer, low=t.max_tunnel_buffer // 2)  # protocol §6.3
+        self._queue_limits = (t.max_tunnel_buffer, t.notsent_lowat, TURN)
+        self.sock = under.get_extra_info("socket")
         sockopts.apply(self.sock, t.congestion, t.notsent_lowat, source=self.gateway.config.source)
         if not self.client:
             refusal = self.gateway.screen(self)
@@ -289,12 +293,39 @@ class Tunnel(Listener):
 
     def resume_writing(self) -> None:
         self.paused = False
+        now = time.monotonic()
+        if now - self._sized_at >= _SIZE_EVERY:
+            self._sized_at = now
+            self.size_queues()
         self.run_turns()
+
+    @property
+    def queue_limit(self) -> int:
+        """The outgoing-buffer limit in force (max_tunnel_buffer, or less once sized; status)."""
+        return self._queue_limits[0]
+
+    def size_queues(self) -> None:
+        """Size the queues in front of the wire to the connection's rate (turns.queue_limits): about
+        QUEUE_TIME of sending each, within the configured max_tunnel_buffer and notsent_lowat. On a
+        20 Mbit/s path the configured 256 + 128 KiB would be 150 ms in front of every interactive
+        frame; sized, about 25 ms. Runs at the end of a congestion cycle, at most every _SIZE_EVERY:
+        an uncongested tunnel has empty queues, whatever their limits."""
+        t = self.gateway.config.tunnel
+        limits = queue_limits(sockopts.pacing_rate(self.sock), t.max_tunnel_buffer, t.notsent_lowat)
+        if limits == self._queue_limits or self.ws is None:
+            return
+        high, lowat, turn = limits
+        if high != self._queue_limits[0]:
+            self.ws.underlying_transport.set_write_buffer_limits(high=high, low=high // 2)
+        if lowat != self._queue_limits[1]:
+            sockopts.set_notsent_lowat(self.sock, lowat)
+        self._queue_limits = limits
+        self.turn = self._turns.quantum = turn
 
     # --- fair sending (protocol §6.3) ----------------------------------------------------
     def wait_turn(self, end: StreamEnd) -> None:
         """``end`` sent a turn's worth in this congestion cycle and has more: it sends only in its
-        turns from here, at most TURN bytes each, round robin with the other waiting streams. A
+        turns from here, at most a turn (``self.turn``) each, round robin with the other waiting streams. A
         stream that sends less (an interactive one) never waits here: its frame leaves at once,
         behind at most max_tunnel_buffer and one turn per waiting stream."""
         self._turns.wait(end)
@@ -420,7 +451,7 @@ class Tunnel(Listener):
         no longer than the stream may send (credit, peer max_frame)."""
         limit = self.conn.send_limit(sid)
         if self.paused:  # congested: at most a turn outside the ring (protocol §6.3)
-            limit = min(limit, TURN)
+            limit = min(limit, self.turn)
         return self._buf_mv[_PAYLOAD_AT:_PAYLOAD_AT + limit]
 
     def send_data(self, stream: LocalStream, n: int) -> None:

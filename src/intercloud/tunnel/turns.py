@@ -14,6 +14,26 @@ from typing import Callable, Protocol
 # A turn smaller than a frame costs more per byte (a syscall, a frame header, a TLS record); a larger
 # one lets another stream's frame wait longer: behind at most one turn per waiting stream.
 TURN = 64 * 1024
+# Queues sized by time (queue_limits): each of the two queues in front of the wire (the process's, the
+# kernel's unsent bytes) holds about this much of the connection's sending time. The event loop must
+# come back within it to keep the link busy; an interactive frame waits about twice it.
+QUEUE_TIME = 0.010
+MIN_QUEUE = 32 * 1024  # below this, per-frame costs grow and a loop hiccup idles the link
+MIN_TURN = 16 * 1024
+
+
+def queue_limits(rate: int, max_buffer: int, max_lowat: int) -> tuple[int, int, int]:
+    """(outgoing-buffer limit, TCP_NOTSENT_LOWAT, turn size) for a connection that sends ``rate`` bytes
+    per second: QUEUE_TIME's worth each, at least MIN_QUEUE, at most what the config allows
+    (``max_lowat`` 0: the kernel's setting is left alone and stays 0 here). A turn is at most half the
+    buffer limit, so that one turn past the limit does not double the wait. ``rate`` 0 (unknown): the
+    configured limits."""
+    if rate <= 0:
+        return max_buffer, max_lowat, TURN
+    target = max(MIN_QUEUE, int(rate * QUEUE_TIME))
+    high = min(max_buffer, target)
+    lowat = min(max_lowat, target) if max_lowat else 0
+    return high, lowat, max(MIN_TURN, min(TURN, high // 2))
 
 
 class TurnTaker(Protocol):
