@@ -31,7 +31,7 @@ def status(gw, limit: int = STREAMS_LIMIT, offset: int = 0) -> dict:
             "peer_cert": t.peer_cert.get("subject"), "peer_cert_sha256": t.peer_cert.get("fingerprint"),
             "peer_services": peer.services if peer else [],
             "draining": t.goaway_received or t.goaway_sent, "paused": t.paused,
-            "waiting_turns": t.turns_waiting, "queue_limit": t.queue_limit, "turn": t.turn,
+            "waiting_turns": t.turns_waiting, "queued": t.queued, "queue_limit": t.queue_limit, "turn": t.turn,
             "tcp": tcp_view(t.sock),
         })
     streams_total, skip, mono = 0, offset, time.monotonic()

@@ -382,7 +382,8 @@ class TlsWsServer:
                 try:
                     transport, proto = await aiofastnet.connect_accepted_socket(
                         loop, lambda: self._factory(peer), sock, ssl=self._ssl,
-                        ssl_handshake_timeout=self._timeout + 1 if self._ssl is not None else None)
+                        ssl_handshake_timeout=self._timeout + 1 if self._ssl is not None else None,
+                        **({"ssl_outgoing_bio_size": ws.TLS_OUTGOING_BIO} if self._ssl is not None else {}))
                 except (OSError, EOFError, ssl.SSLError) as exc:
                     sock.close()  # no-op when the transport already closed it
                     level, why = describe_failure(exc)

@@ -24,6 +24,11 @@ from picows import (
 )
 
 SUBPROTOCOL = "intercloud.v1"
+# Ciphertext the TLS engine keeps for a socket that takes no more (aiofastnet's outgoing BIO; its
+# default is 257 KiB). It is one more queue in front of every frame a tunnel sends, which the transport's
+# write-buffer limits do not count: at 20 Mbit/s, 257 KiB held an interactive frame 100 ms behind a bulk
+# stream's data (docs/protocol.md §6.3). Four TLS records are enough to keep the socket busy.
+TLS_OUTGOING_BIO = 64 * 1024
 
 # What a tunnel end needs from picows, under names of ours.
 Listener = WSListener
@@ -99,7 +104,8 @@ async def fallback_server(listener_factory, host: str, port: int, ssl_ctx, *, ha
     return await ws_create_server(
         lambda request: listener_factory(request, None), host, port, ssl=ssl_ctx,
         websocket_handshake_timeout=handshake_timeout, max_frame_size=max_frame_size, reuse_address=True,
-        backlog=backlog, use_aiofastnet=True, ssl_handshake_timeout=handshake_timeout if ssl_ctx else None)
+        backlog=backlog, use_aiofastnet=True, ssl_handshake_timeout=handshake_timeout if ssl_ctx else None,
+        **({"ssl_outgoing_bio_size": TLS_OUTGOING_BIO} if ssl_ctx else {}))
 
 
 async def upgraded(proto):
@@ -144,7 +150,8 @@ async def dial_ws(make_listener, url: str, ssl_ctx, *, handshake_timeout: float,
     _transport, listener = await ws_connect(
         make_listener, url, ssl_context=ssl_ctx, websocket_handshake_timeout=handshake_timeout,
         max_frame_size=max_frame_size, extra_headers={"Sec-WebSocket-Protocol": SUBPROTOCOL},
-        socket_factory=socket_factory, use_aiofastnet=True, **tls)
+        socket_factory=socket_factory, use_aiofastnet=True,
+        **({"ssl_outgoing_bio_size": TLS_OUTGOING_BIO} if ssl_ctx else {}), **tls)
     return listener
 
 

@@ -300,6 +300,12 @@ class Tunnel(Listener):
         self.run_turns()
 
     @property
+    def queued(self) -> int:
+        """Bytes queued toward the tunnel in the process (TLS and socket transports; status)."""
+        ws = self.ws
+        return ws.underlying_transport.get_write_buffer_size() if ws is not None and not ws.is_disconnected else 0
+
+    @property
     def queue_limit(self) -> int:
         """The outgoing-buffer limit in force (max_tunnel_buffer, or less once sized; status)."""
         return self._queue_limits[0]
