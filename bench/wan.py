@@ -19,7 +19,8 @@ Topology (built with ../shared/tools/wan/wan.sh, the userspace WAN emulator; thi
                 tunnel carries every stream (a bulk and an interactive stream share it)
 
 Profiles (1 Gbit/s bottleneck each way, 3,125,000-byte tail-drop queue = 25 ms): ``20ms`` (10 ms each
-way, no loss), ``80ms-0.1`` (40 ms each way, 0.1 % loss), ``80ms-1`` (40 ms, 1 % loss). The hosts (all
+way, no loss), ``80ms-0.1`` (40 ms each way, 0.1 % loss), ``80ms-1`` (40 ms, 1 % loss); on request
+``40ms-20M`` (20 ms each way, no loss, a 20 Mbit/s bottleneck with a 40 ms queue). The hosts (all
 four namespaces) run cubic, as most Linux servers do (``--hosts-cc``).
 
 Figures per (profile, system), on fresh relay processes, in this order:
@@ -117,7 +118,11 @@ class Profile:
 
 
 PROFILES = {p.name: p for p in (Profile("20ms", 10_000, 0), Profile("80ms-0.1", 40_000, 1_000),
-                                Profile("80ms-1", 40_000, 10_000))}
+                                Profile("80ms-1", 40_000, 10_000),
+                                # a branch office's uplink: where fixed queues of hundreds of KiB would be
+                                # 100s of ms in front of every interactive frame (protocol §6.3)
+                                Profile("40ms-20M", 20_000, 0, rate_kbit=20_000, qlimit=100_000))}
+DEFAULT_PROFILES = ("20ms", "80ms-0.1", "80ms-1")  # the issue's; 40ms-20M on request
 IPERF_RUNS = (("P1", 1, False), ("P1R", 1, True), ("P8", 8, False), ("P8R", 8, True))
 IPERF_LABEL = {"P1": "1 stream fwd", "P1R": "1 stream -R", "P8": "8 streams fwd", "P8R": "8 streams -R"}
 ROLE = {"cloud": "cloud-side", "frps": "cloud-side", "onprem": "onprem-side", "frpc": "onprem-side"}
@@ -1257,7 +1262,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 epilog="See the module docstring (head of bench/wan.py) for what each figure means.")
     p.add_argument("--quick", action="store_true", help="smoke: 1 repetition, 3 s iperf3 runs, 2 s ping-pong, "
                                                           "10 connections, a 2 s outage")
-    p.add_argument("--profiles", default=",".join(PROFILES), help=f"comma-separated, from {', '.join(PROFILES)}")
+    p.add_argument("--profiles", default=",".join(DEFAULT_PROFILES),
+                   help=f"comma-separated, from {', '.join(PROFILES)} (default {','.join(DEFAULT_PROFILES)})")
     p.add_argument("--systems", default="direct,frp,intercloud", help="comma-separated: direct, frp, intercloud "
                    "(the default variant); --variant adds more")
     p.add_argument("--reps", type=int, help="repetitions (default 3; --quick 1)")
