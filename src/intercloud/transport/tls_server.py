@@ -382,8 +382,7 @@ class TlsWsServer:
                 try:
                     transport, proto = await aiofastnet.connect_accepted_socket(
                         loop, lambda: self._factory(peer), sock, ssl=self._ssl,
-                        ssl_handshake_timeout=self._timeout + 1 if self._ssl is not None else None,
-                        **({"ssl_outgoing_bio_size": ws.TLS_OUTGOING_BIO} if self._ssl is not None else {}))
+                        ssl_handshake_timeout=self._timeout + 1 if self._ssl is not None else None)
                 except (OSError, EOFError, ssl.SSLError) as exc:
                     sock.close()  # no-op when the transport already closed it
                     level, why = describe_failure(exc)

@@ -27,7 +27,10 @@ SUBPROTOCOL = "intercloud.v1"
 # Ciphertext the TLS engine keeps for a socket that takes no more (aiofastnet's outgoing BIO; its
 # default is 257 KiB). It is one more queue in front of every frame a tunnel sends, which the transport's
 # write-buffer limits do not count: at 20 Mbit/s, 257 KiB held an interactive frame 100 ms behind a bulk
-# stream's data (docs/protocol.md §6.3). Four TLS records are enough to keep the socket busy.
+# stream's data (docs/protocol.md §6.3). Four TLS records are enough to keep the socket busy. Dialed
+# tunnels only: on the accept side the engine exists from the ClientHello on, and 64 KiB buffers (served
+# from the heap, where 257 KiB ones are mmapped) left a flood of TLS handshakes 25+ MB more resident
+# (tests/security/test_floods.py).
 TLS_OUTGOING_BIO = 64 * 1024
 
 # What a tunnel end needs from picows, under names of ours.
@@ -104,8 +107,7 @@ async def fallback_server(listener_factory, host: str, port: int, ssl_ctx, *, ha
     return await ws_create_server(
         lambda request: listener_factory(request, None), host, port, ssl=ssl_ctx,
         websocket_handshake_timeout=handshake_timeout, max_frame_size=max_frame_size, reuse_address=True,
-        backlog=backlog, use_aiofastnet=True, ssl_handshake_timeout=handshake_timeout if ssl_ctx else None,
-        **({"ssl_outgoing_bio_size": TLS_OUTGOING_BIO} if ssl_ctx else {}))
+        backlog=backlog, use_aiofastnet=True, ssl_handshake_timeout=handshake_timeout if ssl_ctx else None)
 
 
 async def upgraded(proto):
