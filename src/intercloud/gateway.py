@@ -16,6 +16,7 @@ import time
 from cryptography import x509
 
 from .errors import StartupError
+from .resume import Parking
 from .router import Router
 from .stats import GatewayStats
 from .streams import DEFAULT_TENANT, StreamDispatch
@@ -55,6 +56,7 @@ class Gateway:
         self.router = Router()
         self.stats = GatewayStats()
         self.dispatch = StreamDispatch(self, self.stats)  # what happens to each new stream
+        self.parking = Parking(self, self.stats)  # resumable and parked streams (protocol §10)
         self.started = time.time()
         # SIGHUP: the reload in progress, whether another SIGHUP came meanwhile, and the thread that
         # reads the files of the last one (it may outlive its reload, stuck on a hung file system)
@@ -384,6 +386,7 @@ class Gateway:
                 self.counters["liveness_misses"] += 1
                 # no peer_node label: a series per peer-chosen name would outlive the tunnel
                 self.count("liveness_misses", kind=t.kind)
+                t.silent = True  # a path that may come back: parked streams wait resume_timeout (protocol §10.4)
                 t.fail(f"no frame from {t.peer_node} for {now - t.last_rx:.1f}s "
                        f"(tunnel.ping_timeout = {t_cfg.ping_timeout:g}s); peer dead or path broken",
                        code=1011)
@@ -429,6 +432,7 @@ class Gateway:
                          "peer_node": peer.node_id, "node": self.node_id, **tunnel.tls,
                          "peer_cert": tunnel.peer_cert.get("subject"), "services": peer.services})
         self.event("tunnel.opened", peer=peer.node_id, tunnel=tunnel.id)
+        self.parking.peer_up(tunnel)
         twins = [t for t in self.tunnels if t.peer_node == peer.node_id and t.peer.incarnation != peer.incarnation]
         if twins:  # a cloned VM (same certificate and node id): both serve, neither hides the other
             tlog.warning("[%s] DUPLICATE IDENTITY: %s from %s (incarnation %s) while %s (incarnation %s) is live; "
@@ -485,7 +489,17 @@ class Gateway:
     def relay_requested(self, link: Tunnel, sid: int, tenant: str, service: str, client: str) -> None:
         self.dispatch.relay_requested(link, sid, tenant, service, client)
 
+    def relay_resume_requested(self, link: Tunnel, sid: int, tenant: str, service: str, resume: dict) -> None:
+        self.dispatch.relay_resume_requested(link, sid, tenant, service, resume)
+
+    def resume_requested(self, tunnel: Tunnel, sid: int, service: str, resume: dict) -> None:
+        self.parking.resume_requested(tunnel, sid, service, resume)
+
+    def park(self, stream: StreamEnd, tunnel: Tunnel, reason: str, silent: bool) -> bool:
+        return not self.draining and self.parking.park(stream, tunnel, reason, silent)
+
     def stream_closed(self, tunnel: Tunnel, stream: StreamEnd, reason: str) -> None:
+        self.parking.forget(stream)
         if self.stats.stream_closed(tunnel, stream, reason) and self.draining:
             self.routes_changed()  # wakes the drain loop
 

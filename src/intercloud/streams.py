@@ -14,7 +14,7 @@ import os
 from typing import TYPE_CHECKING, Protocol
 
 from .protocol.frames import Reason
-from .router import NOT_TRIED, Router
+from .router import _TIMED_OUT, NOT_TRIED, Router, answer
 from .stats import GatewayStats
 from .tunnel.bridge import BridgeEnd
 from .tunnel.stream import LocalStream, reset
@@ -22,6 +22,7 @@ from .tunnel.tunnel import Tunnel
 
 if TYPE_CHECKING:
     from .config import Config
+    from .resume import Parking
 
 slog = logging.getLogger("intercloud.stream")
 # OPEN is answered once the far side has dialed its target; allow its connect_timeout plus slack.
@@ -33,6 +34,7 @@ class DispatchHost(Protocol):
     """What stream dispatch needs of its gateway (gateway.Gateway, and the cloud's CloudGateway)."""
     config: Config
     node_id: str
+    role: str
     draining: bool
     router: Router
     tg: asyncio.TaskGroup
@@ -45,6 +47,9 @@ class DispatchHost(Protocol):
     def relay_link(self, route: str, exclude) -> Tunnel | None: ...
 
     def connect_service_names(self, tunnel: Tunnel) -> list[str]: ...
+
+    tunnels: set
+    parking: Parking
 
 
 class StreamDispatch:
@@ -89,8 +94,10 @@ class StreamDispatch:
         if stream.finished:  # the client left while we opened
             return
         if result.ok:
+            stream.identify()  # the far end's resume identity, if any (protocol §10.2)
             stream.start()  # parked bytes first: the OPENED line is not on the client's path
             self.stats.stream_opened(result.tunnel, stream)
+            self.gw.parking.register(stream)
             return
         if result.peer is None:
             self.stats.counters["route_timeouts"] += 1
@@ -190,6 +197,9 @@ class StreamDispatch:
             return
         if stream.finished:  # the target could not take the early data
             return
+        if stream.token is not None:  # resumable (protocol §10.2): a cloud binds it to the opening gateway
+            stream.far = tunnel.peer_key if self.gw.role == "cloud" else None
+            self.gw.parking.register(stream)
         stream.start()
         self.stats.stream_opened(tunnel, stream)
 
@@ -202,7 +212,7 @@ class StreamDispatch:
             outer, lambda tried: self.gw.pick_tunnel(service, tried, tenant),  # never another tenant's tunnel
             answer_within=self.gw.config.tunnel.connect_timeout + 2)  # before the relaying member gives up
         if result.ok:
-            if not link.accept(sid, inner):  # the relaying member gave up meanwhile
+            if not link.accept(sid, inner, identity=outer.ok_payload):  # the relaying member gave up meanwhile
                 outer.abort(Reason.ABORTED, "relaying member reset the stream", tell_peer=True)
                 return
             outer.target = inner.target = result.tunnel.peer_node
@@ -213,6 +223,42 @@ class StreamDispatch:
             link.refuse(sid, Reason.UNKNOWN_SERVICE, f"{self.gw.node_id} has no tunnel offering {service!r} any more")
         else:
             link.refuse(sid, result.code, f"via {self.gw.node_id}: {result.peer}: {result.text}")
+
+    def relay_resume_requested(self, link: Tunnel, sid: int, tenant: str, service: str, resume: dict) -> None:
+        """A member relays a RESUME to us (protocol §10.5): carry it over our tunnel to the far end
+        instance itself, never elsewhere; the far end's answer goes back unchanged."""
+        far = resume["far"]
+        tunnel = None
+        for t in self.gw.tunnels:
+            if t.peer_key == far and t.tenant == tenant and t.resumable and t.usable and not t.goaway_received:
+                if tunnel is None or t.stream_count < tunnel.stream_count:
+                    tunnel = t
+        if tunnel is None:
+            link.refuse(sid, Reason.UNKNOWN_SERVICE, f"{self.gw.node_id} has no tunnel to {far[0]} "
+                                                     f"incarnation {far[1]}")
+            return
+        inner, outer = BridgeEnd.pair(service, "", target=far[0], tenant=tenant)
+        self.stats.hold_slot(inner)
+        link.track_open(sid, self._stream_task(inner, self._relay_resume(link, sid, inner, outer, tunnel, resume),
+                                               link, sid))
+
+    async def _relay_resume(self, link: Tunnel, sid: int, inner, outer, tunnel: Tunnel, resume: dict) -> None:
+        inner.attach(link, sid)
+        fut = tunnel.resume(outer, resume["token"], resume["far"], resume["offset"], attach=True)
+        result = await answer(fut, self.gw.config.tunnel.connect_timeout + 2)
+        if result is None:
+            if not link.accept(sid, inner, identity=outer.ok_payload):
+                outer.abort(Reason.ABORTED, "relaying member reset the stream", tell_peer=True)
+                return
+            self.stats.stream_opened(link, inner)
+            inner.start()
+            outer.start()
+            return
+        if result is _TIMED_OUT:
+            tunnel.cancel_open(outer, Reason.TIMEOUT, "RESUME timed out")
+            result = (Reason.TIMEOUT, f"no answer to RESUME from {tunnel.peer_node}")
+        tunnel.detach(outer)
+        link.refuse(sid, result[0], f"via {self.gw.node_id}: {result[1]}")
 
     # --- per-stream tasks -------------------------------------------------------------
     def _stream_task(self, stream, coro, tunnel: Tunnel | None = None, sid: int = 0) -> asyncio.Task:

@@ -6,6 +6,7 @@ import pytest
 
 from tests.support.netcat import nc_exchange
 from tests.support.servers import EchoServer
+from tests.support.timeouts import wait_until
 
 from .conftest import wait_tunnels
 from .topology import make_pair, service
@@ -41,8 +42,10 @@ def test_2_tls_mutual_both_directions(started_pair, echo_a, echo_b):
     assert t["tls"] in ("TLSv1.3", "TLSv1.2") and t["peer_cert"] == "onprem1"
     opened = [r for r in cloud.log_lines() if r.get("event") == "tunnel.opened"]
     assert opened and opened[0]["peer_node"] == "onprem1" and opened[0]["cipher"]
-    closed = [r for r in onprem.log_lines() if r.get("event") == "stream.closed"]
-    assert any(r["service"] == "serviceB" and r["bytes_out"] == 4 and r["bytes_in"] == 4 for r in closed)
+    # nc returns when the echo is back; the onprem side logs the close a moment later.
+    wait_until(lambda: any(r.get("event") == "stream.closed" and r["service"] == "serviceB"
+                           and r["bytes_out"] == 4 and r["bytes_in"] == 4 for r in onprem.log_lines()),
+               10, what="onprem logs serviceB's stream.closed with 4 bytes each way")
 
 
 def test_half_close_delivers_the_reply(started_pair):

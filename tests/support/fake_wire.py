@@ -342,6 +342,7 @@ class FakeOwner:
         self.tasks: set[asyncio.Task] = set()
         self.picks: list[set] = []  # the ``tried`` of each call of the latest pick()
         self.errors: list[BaseException] = []  # exceptions raised by answering tasks (a test checks none)
+        self.parking = None  # a resume.Parking, where a test wants streams to park (protocol §10)
 
     # TunnelOwner
     def classify(self, tunnel: Tunnel) -> None:
@@ -379,6 +380,18 @@ class FakeOwner:
     def stream_closed(self, tunnel: Tunnel, end, reason: str) -> None:
         self.calls.append(("stream_closed", tunnel, end, reason))
         self.closed.append((tunnel, end, reason))
+
+    def park(self, end, tunnel: Tunnel, reason: str, silent: bool) -> bool:
+        """protocol §10.4: parks only where a test gave this owner a ``parking`` registry."""
+        self.calls.append(("park", end, tunnel, reason, silent))
+        return self.parking is not None and self.parking.park(end, tunnel, reason, silent)
+
+    def resume_requested(self, tunnel: Tunnel, sid: int, service: str, resume: dict) -> None:
+        self.calls.append(("resume_requested", tunnel, sid, service, resume))
+        if self.parking is not None:
+            self.parking.resume_requested(tunnel, sid, service, resume)
+        else:
+            tunnel.refuse(sid, Reason.NOT_RESUMABLE, f"{self.node_id} resumes nothing")
 
     def goaway_received(self, tunnel: Tunnel) -> None:
         self.calls.append(("goaway_received", tunnel))

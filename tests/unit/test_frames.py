@@ -55,7 +55,7 @@ def test_flags_are_ignored_and_sent_as_zero() -> None:
 def test_stream_and_connection_types_partition_the_types() -> None:
     assert CONNECTION_TYPES | STREAM_TYPES == set(FrameType)
     assert not CONNECTION_TYPES & STREAM_TYPES
-    assert STREAM_TYPES == {F.OPEN, F.OPEN_OK, F.OPEN_FAIL, F.DATA, F.WINDOW, F.FIN, F.RST}
+    assert STREAM_TYPES == {F.OPEN, F.OPEN_OK, F.OPEN_FAIL, F.DATA, F.WINDOW, F.FIN, F.RST, F.RESUME, F.ACK}
 
 
 # --- OPEN ------------------------------------------------------------------------------------

@@ -81,6 +81,7 @@ def status(gw, limit: int = STREAMS_LIMIT, offset: int = 0) -> dict:
         "counters": snap["counters"], "events": snap["events"][-50:],
         "duplicate_identities": gw.duplicate_identities(),
         "buffers": _buffers(gw),  # protocol §6.4
+        "resume": gw.parking.snapshot(),  # protocol §10: parked now, resumed, failed, bytes replayed
         "tasks": len(asyncio.all_tasks()),  # asyncio tasks of the process (the chaos soak checks it stays flat)
     }
 

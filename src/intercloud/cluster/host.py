@@ -27,6 +27,12 @@ class ClusterHost(GatewaySide, Protocol):
     def relay_requested(self, link: Tunnel, sid: int, tenant: str, service: str, client: str) -> None:
         """A member asks us to carry a stream over one of our own tunnels (protocol §3.2)."""
 
+    def relay_resume_requested(self, link: Tunnel, sid: int, tenant: str, service: str, resume: dict) -> None:
+        """A member relays a RESUME to us (protocol §10.5): carry it to the far end instance only."""
+
+    def park(self, end: StreamEnd, tunnel: Tunnel, reason: str, silent: bool) -> bool:
+        """A stream on a peer link lost its path: park it (protocol §10.4)."""
+
     def stream_closed(self, tunnel: Tunnel, end: StreamEnd, reason: str) -> None:
         """Account for and log a stream that rode a peer link."""
 

@@ -269,6 +269,13 @@ class Cluster:
         tenant, _, name = service.partition("/")  # a relayed OPEN names "tenant/service" (protocol §3.2)
         self.gw.relay_requested(tunnel, sid, tenant, name, client)
 
+    def resume_requested(self, tunnel: Tunnel, sid: int, service: str, resume: dict) -> None:
+        tenant, _, name = service.partition("/")  # relayed, like OPEN (protocol §10.5)
+        self.gw.relay_resume_requested(tunnel, sid, tenant, name, resume)
+
+    def park(self, end, tunnel: Tunnel, reason: str, silent: bool) -> bool:
+        return self.gw.park(end, tunnel, reason, silent)
+
     def stream_closed(self, tunnel: Tunnel, end, reason: str) -> None:
         self.gw.stream_closed(tunnel, end, reason)
 

@@ -125,6 +125,9 @@ class TunnelConfig(_Section):
     #: Bytes queued toward one tunnel in the process before streams with more to send wait for
     #: turns (protocol §6.3): every frame sent next waits behind this queue.
     max_tunnel_buffer: Size(ge=64 * KiB, le=1 * GiB) = 256 * KiB
+    #: How long a stream whose tunnel broke stays parked waiting to resume on another path
+    #: (protocol §10); 0 turns resume off (streams are reset when their tunnel breaks).
+    resume_timeout: Duration(ge=0, le=3600) = 30.0
     #: Redial backoff bounds (jittered exponential between them).
     reconnect_min: Duration(gt=0, le=3600) = 0.2
     reconnect_max: Duration(gt=0, le=86400) = 30.0

@@ -70,6 +70,8 @@ def _parse_hello(payload: bytes) -> Hello:
             extra["members"] = peer_input.members(body["members"], "HELLO members")
         if "advertise" in body:
             extra["advertise"] = peer_input.url(body["advertise"], "HELLO advertise")
+        if body.get("resume") is True:  # protocol §10.1
+            extra["resume"] = True
         if "link" in body:
             if body["link"] != "peer":
                 raise peer_input.Invalid(f"HELLO link {peer_input.shown(body['link'])} is not \"peer\"")

@@ -13,7 +13,7 @@ from __future__ import annotations
 from . import frames, peer_input
 from .announce import HELLO_MAX, _MEMBERS_SLACK, _entry_parts, _parse_hello, _services
 from .events import (  # noqa: F401  (re-exported: the events are part of this module's interface)
-    PROTOCOL_VERSION, CreditAvailable, Data, Event, GoAway, Hello, LocalProtocolError, Members, OpenAccepted,
+    PROTOCOL_VERSION, Acked, CreditAvailable, Data, Event, GoAway, Hello, LocalProtocolError, Members, OpenAccepted,
     OpenRefused, Ping, Pong, ProtocolError, RemoteFin, RemoteReset, ServicesChanged, State, StreamOpened,
     RECV, SEND, _TRANSITIONS, transition,
 )
@@ -62,6 +62,7 @@ class Connection:
         self.max_frame = max_frame
         self.max_streams = max_streams
         self.early_data = min(early_data, window)
+        self.resume = False  # this side announced resume (protocol §10.1): the tunnel sets it with its HELLO
         self.peer: Hello | None = None
         self.hello_sent = False
         self.goaway_sent = False
@@ -154,9 +155,29 @@ class Connection:
         flags = frames.FLAG_RELAYED if relayed else 0
         return sid, frames.HEADER.pack(F.OPEN, flags, sid) + frames.encode_open(service, client_addr)
 
-    def open_ok(self, sid: int) -> bytes:
+    def resume_stream(self, service: str, token: bytes, far: tuple[str, str], offset: int,
+                      relayed: bool = False) -> tuple[int, bytes]:
+        """RESUME a parked stream on a new id (protocol §10.5); answered like OPEN."""
+        if self.peer is None or self.goaway_received:
+            raise LocalProtocolError("RESUME before the peer's HELLO or after its GOAWAY")
+        sid = self._next_id
+        if sid > frames.MAX_STREAM_ID:
+            raise LocalProtocolError("stream ids exhausted on this tunnel; open a new tunnel")
+        self._next_id += 2
+        self._streams[sid] = _Stream(S.OPENING_OUT, self.peer.window, self.initial_window, 0)
+        body = frames.encode_json({"service": service, "token": token.hex(), "far": list(far), "offset": offset})
+        return sid, frames.HEADER.pack(F.RESUME, frames.FLAG_RELAYED if relayed else 0, sid) + body
+
+    def open_ok(self, sid: int, payload: bytes = b"") -> bytes:
         self._send(sid, F.OPEN_OK)
-        return frames.encode(F.OPEN_OK, sid)
+        return frames.encode(F.OPEN_OK, sid, payload)
+
+    def ack(self, sid: int, held: int) -> bytes | None:
+        """ACK ``held`` bytes of stream ``sid`` (protocol §10.3); None once the stream is gone."""
+        st = self._streams.get(sid)
+        if st is None or (st.state, SEND, F.ACK) not in _TRANSITIONS:
+            return None
+        return frames.HEADER.pack(F.ACK, 0, sid) + frames.encode_ack(held)
 
     def open_fail(self, sid: int, code: int, text: str) -> bytes:
         self._send(sid, F.OPEN_FAIL)
@@ -332,8 +353,8 @@ class Connection:
                 return self._recv_connection(ft, payload)
             if sid == 0:
                 raise ProtocolError(f"{ft.name} on stream 0; stream frames need a stream id")
-            if ft is F.OPEN:
-                return self._recv_open(sid, payload, bool(flags & frames.FLAG_RELAYED))
+            if ft is F.OPEN or ft is F.RESUME:
+                return self._recv_open(sid, payload, bool(flags & frames.FLAG_RELAYED), ft is F.RESUME)
             return self._recv_stream(ft, sid, payload)
         except FrameError as exc:
             raise ProtocolError(f"malformed {ft.name}: {exc}", sid) from None
@@ -409,8 +430,12 @@ class Connection:
             event = RemoteFin(sid, nxt is S.CLOSED)
         elif ft is F.RST:
             event = RemoteReset(sid, *frames.decode_reason(payload))
+        elif ft is F.ACK:
+            event = Acked(sid, frames.decode_ack(payload))
         elif ft is F.OPEN_OK:
-            event = OpenAccepted(sid)
+            if len(payload) > 256:  # a resume identity or answer (§10.2, §10.5) is far smaller
+                raise ProtocolError(f"OPEN_OK on stream {sid} with a payload of {len(payload)} bytes", sid)
+            event = OpenAccepted(sid, payload)
         else:  # OPEN_FAIL
             event = OpenRefused(sid, *frames.decode_reason(payload))
         if nxt is S.CLOSED:
@@ -419,16 +444,25 @@ class Connection:
         st.state = nxt
         return event, None
 
-    def _recv_open(self, sid: int, payload: bytes, relayed: bool) -> tuple[Event | None, bytes | None]:
+    def _recv_open(self, sid: int, payload: bytes, relayed: bool, resuming: bool = False
+                   ) -> tuple[Event | None, bytes | None]:
+        what = "RESUME" if resuming else "OPEN"
         if (sid % 2 == 1) != (not self.client):
-            raise ProtocolError(f"OPEN with stream id {sid} of the wrong parity for this peer", sid)
+            raise ProtocolError(f"{what} with stream id {sid} of the wrong parity for this peer", sid)
         if sid <= self._peer_last_id:
-            raise ProtocolError(f"OPEN reuses stream id {sid} (last opened {self._peer_last_id})", sid)
-        service, client = frames.decode_open(payload)
+            raise ProtocolError(f"{what} reuses stream id {sid} (last opened {self._peer_last_id})", sid)
+        resume = None
         try:  # a service name is looked up, a client address only logged: both checked (§5.3)
-            peer_input.name(service.partition("/")[2] if relayed else service, "OPEN service")
+            if resuming:
+                if not (self.peer.extra.get("resume") and self.resume):
+                    raise peer_input.Invalid("RESUME without resume announced in both HELLOs (protocol §10.1)")
+                resume = peer_input.resume(frames.decode_json(payload, "RESUME"))
+                service, client = resume.pop("service"), ""
+            else:
+                service, client = frames.decode_open(payload)
+            peer_input.name(service.partition("/")[2] if relayed else service, f"{what} service")
             if relayed:
-                peer_input.name(service.partition("/")[0], "OPEN tenant")
+                peer_input.name(service.partition("/")[0], f"{what} tenant")
             peer_input.client(client)
         except peer_input.Invalid as exc:
             raise ProtocolError(str(exc), sid) from None
@@ -443,8 +477,9 @@ class Connection:
                 F.OPEN_FAIL, sid,
                 frames.encode_reason(Reason.LIMIT, f"tunnel stream limit {self.max_streams} reached"),
             )
-        self._streams[sid] = _Stream(S.OPENING_IN, self.peer.window, self.initial_window, self.early_data)
-        return StreamOpened(sid, service, client, relayed), None
+        self._streams[sid] = _Stream(S.OPENING_IN, self.peer.window, self.initial_window,
+                                     0 if resuming else self.early_data)
+        return StreamOpened(sid, service, client, relayed, resume), None
 
     def _recv_data(self, sid: int, message) -> Data | None:
         st = self._streams.get(sid)

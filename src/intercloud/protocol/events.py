@@ -29,6 +29,8 @@ SEND, RECV = "send", "recv"
 _TRANSITIONS: dict[tuple[State, str, FrameType], State] = {
     (S.IDLE, SEND, F.OPEN): S.OPENING_OUT,
     (S.IDLE, RECV, F.OPEN): S.OPENING_IN,
+    (S.IDLE, SEND, F.RESUME): S.OPENING_OUT,  # §10.5: a RESUME opens its new id as OPEN does
+    (S.IDLE, RECV, F.RESUME): S.OPENING_IN,
     (S.OPENING_OUT, SEND, F.DATA): S.OPENING_OUT,  # early data, §4.5: only as much as the peer announced
     (S.OPENING_OUT, RECV, F.OPEN_OK): S.OPEN,
     (S.OPENING_OUT, RECV, F.OPEN_FAIL): S.CLOSED,
@@ -43,6 +45,8 @@ _TRANSITIONS: dict[tuple[State, str, FrameType], State] = {
     (S.OPEN, RECV, F.DATA): S.OPEN,
     (S.OPEN, SEND, F.WINDOW): S.OPEN,
     (S.OPEN, RECV, F.WINDOW): S.OPEN,
+    (S.OPEN, SEND, F.ACK): S.OPEN,  # §10.3
+    (S.OPEN, RECV, F.ACK): S.OPEN,
     (S.OPEN, SEND, F.FIN): S.HALF_CLOSED_LOCAL,
     (S.OPEN, RECV, F.FIN): S.HALF_CLOSED_REMOTE,
     (S.OPEN, SEND, F.RST): S.CLOSED,
@@ -50,12 +54,16 @@ _TRANSITIONS: dict[tuple[State, str, FrameType], State] = {
     (S.HALF_CLOSED_LOCAL, RECV, F.DATA): S.HALF_CLOSED_LOCAL,
     (S.HALF_CLOSED_LOCAL, SEND, F.WINDOW): S.HALF_CLOSED_LOCAL,
     (S.HALF_CLOSED_LOCAL, RECV, F.WINDOW): S.HALF_CLOSED_LOCAL,
+    (S.HALF_CLOSED_LOCAL, SEND, F.ACK): S.HALF_CLOSED_LOCAL,  # §10.3
+    (S.HALF_CLOSED_LOCAL, RECV, F.ACK): S.HALF_CLOSED_LOCAL,
     (S.HALF_CLOSED_LOCAL, RECV, F.FIN): S.CLOSED,
     (S.HALF_CLOSED_LOCAL, SEND, F.RST): S.CLOSED,
     (S.HALF_CLOSED_LOCAL, RECV, F.RST): S.CLOSED,
     (S.HALF_CLOSED_REMOTE, SEND, F.DATA): S.HALF_CLOSED_REMOTE,
     (S.HALF_CLOSED_REMOTE, SEND, F.WINDOW): S.HALF_CLOSED_REMOTE,
     (S.HALF_CLOSED_REMOTE, RECV, F.WINDOW): S.HALF_CLOSED_REMOTE,
+    (S.HALF_CLOSED_REMOTE, SEND, F.ACK): S.HALF_CLOSED_REMOTE,  # §10.3
+    (S.HALF_CLOSED_REMOTE, RECV, F.ACK): S.HALF_CLOSED_REMOTE,
     (S.HALF_CLOSED_REMOTE, SEND, F.FIN): S.CLOSED,
     (S.HALF_CLOSED_REMOTE, SEND, F.RST): S.CLOSED,
     (S.HALF_CLOSED_REMOTE, RECV, F.RST): S.CLOSED,
@@ -100,11 +108,19 @@ class StreamOpened:
     service: str
     client: str
     relayed: bool = False  # OPEN flag RELAYED (protocol §3.2): never relay it again
+    resume: dict | None = None  # a RESUME (§10.5): token (bytes), far (node, incarnation), offset
+
+
+@dataclass(slots=True)
+class Acked:
+    stream_id: int
+    held: int  # the far end holds this many bytes of the stream (§10.3)
 
 
 @dataclass(slots=True)
 class OpenAccepted:
     stream_id: int
+    payload: bytes = b""  # resume identity (§10.2) or, answering a RESUME, {"offset": N} (§10.5)
 
 
 @dataclass(slots=True)

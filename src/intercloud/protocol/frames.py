@@ -16,6 +16,8 @@ HEADER = struct.Struct(">BBI")
 HEADER_SIZE = HEADER.size  # 6
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
+TOKEN_SIZE = 16  # resume token bytes (protocol §10.2)
 MAX_STREAM_ID = 0xFFFFFFFF
 FLAG_RELAYED = 0x01  # on OPEN: a cloud member relays this stream for another member (protocol §3.2)
 
@@ -36,6 +38,8 @@ class FrameType(enum.IntEnum):
     GOAWAY = 0x0B
     MEMBERS = 0x0C
     SERVICES = 0x0D
+    RESUME = 0x0E
+    ACK = 0x0F
 
 
 CONNECTION_TYPES = frozenset(
@@ -58,6 +62,9 @@ class Reason(enum.IntEnum):
     VERSION = 9
     FORBIDDEN = 10
     INTERNAL = 11
+    PATH_LOST = 12  # a relay lost the other side: park and resume (§10)
+    NOT_RESUMABLE = 13
+    BUSY = 14
 
     @classmethod
     def name_of(cls, code: int) -> str:
@@ -146,6 +153,39 @@ def decode_window(payload: bytes) -> int:
     if inc == 0:
         raise FrameError("WINDOW increment of 0")
     return inc
+
+
+def encode_ack(held: int) -> bytes:
+    return _U64.pack(held)
+
+
+def decode_ack(payload: bytes) -> int:
+    if len(payload) != 8:
+        raise FrameError(f"ACK payload must be 8 bytes, got {len(payload)}")
+    return _U64.unpack(payload)[0]
+
+
+def encode_identity(token: bytes, node_id: str, incarnation: str) -> bytes:
+    """OPEN_OK payload of a resumable stream (protocol §10.2)."""
+    node, inc = node_id.encode(), incarnation.encode()
+    return token + bytes((len(node),)) + node + bytes((len(inc),)) + inc
+
+
+def decode_identity(payload: bytes) -> tuple[bytes, str, str] | None:
+    """(token, node id, incarnation) from an OPEN_OK payload; None when empty (not resumable)."""
+    if not payload:
+        return None
+    try:
+        token = bytes(payload[:TOKEN_SIZE])
+        n = payload[TOKEN_SIZE]
+        node = bytes(payload[TOKEN_SIZE + 1:TOKEN_SIZE + 1 + n]).decode()
+        m = payload[TOKEN_SIZE + 1 + n]
+        inc = bytes(payload[TOKEN_SIZE + 2 + n:TOKEN_SIZE + 2 + n + m]).decode()
+    except (IndexError, UnicodeDecodeError):
+        raise FrameError("OPEN_OK resume identity is truncated or not UTF-8") from None
+    if len(token) != TOKEN_SIZE or len(payload) != TOKEN_SIZE + 2 + n + m:
+        raise FrameError(f"OPEN_OK resume identity of {len(payload)} bytes does not add up")
+    return token, node, inc
 
 
 def encode_json(obj: object) -> bytes:

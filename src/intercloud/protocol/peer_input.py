@@ -113,3 +113,24 @@ def client(value: str) -> str:
 def text(value: str) -> str:
     """A reason text (GOAWAY, RST, OPEN_FAIL, close reason): kept, but capped; escaped when shown."""
     return value[:MAX_TEXT]
+
+
+def resume(value: object) -> dict:
+    """A RESUME payload (protocol §10.5): service, token (32 hex digits), far [node, incarnation], offset."""
+    if not isinstance(value, dict):
+        raise Invalid("RESUME payload is not a JSON object")
+    token = value.get("token")
+    if not isinstance(token, str) or not re.fullmatch(r"[0-9a-f]{32}", token):
+        raise Invalid(f"RESUME token {shown(token)} is not 32 lowercase hex digits")
+    far = value.get("far")
+    if not isinstance(far, list) or len(far) != 2:
+        raise Invalid(f"RESUME far {shown(far)} is not [node_id, incarnation]")
+    offset = value.get("offset")
+    if not isinstance(offset, int) or isinstance(offset, bool) or not 0 <= offset < 2**63:
+        raise Invalid(f"RESUME offset {shown(offset)} is not an integer in 0..2^63")
+    service = value.get("service")
+    if not isinstance(service, str) or not 0 < len(service.encode()) < 256:
+        raise Invalid(f"RESUME service {shown(service)} is not a name")
+    return {"service": service, "token": bytes.fromhex(token),
+            "far": (name(far[0], "RESUME far node_id"), incarnation(far[1], "RESUME far incarnation")),
+            "offset": offset}

@@ -45,6 +45,8 @@ class BridgeEnd:
         self.cycle = 0  # our tunnel's congestion cycle that ``sent_in_cycle`` counts in
         self.sent_in_cycle = 0  # bytes forwarded into our tunnel outside turns while it was congested
         self.transport = None
+        self.keeping = False  # a relay keeps nothing for resume: the ends do (protocol §10.3)
+        self.ok_payload = b""  # the far side's OPEN_OK payload, passed on to the near side unchanged
 
     @staticmethod
     def pair(service: str, client: str, target: str, tenant: str = "default") -> tuple[BridgeEnd, BridgeEnd]:
@@ -77,6 +79,18 @@ class BridgeEnd:
     def on_credit(self) -> None:
         """Our tunnel granted credit: the other end's pending bytes may flow into it."""
         self.other._flush()
+
+    def on_ack(self, held: int) -> None:
+        """The end behind our tunnel ACKs: pass it to the end behind the other one (protocol §10.3)."""
+        t = self.other.tunnel
+        if t is not None and self.other.sid and t.resumable:
+            frame = t.conn.ack(self.other.sid, held)
+            if frame is not None:
+                t.send_frame(frame)
+
+    def path_lost(self, reason: str) -> None:
+        """Our tunnel closed: the other side's end parks its stream on PATH_LOST (protocol §10.4)."""
+        self.abort(Reason.PATH_LOST, f"relay {reason}", tell_peer=False)
 
     def on_remote_fin(self, closed: bool) -> None:
         self.fin_pending = True

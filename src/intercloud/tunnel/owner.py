@@ -29,6 +29,9 @@ class Tunnel(Protocol):
     peer_node: str
     label: str
 
+    resumable: bool
+    keep_max: int
+
     def send_frame(self, frame: bytes) -> None: ...
 
     def send_data(self, end: StreamEnd, n: int) -> None: ...
@@ -77,6 +80,11 @@ class StreamEnd(TurnTaker, Protocol):
 
     def on_remote_fin(self, closed: bool) -> None: ...
 
+    def on_ack(self, held: int) -> None:
+        """The far end holds ``held`` bytes of what this end sent (protocol §10.3)."""
+
+    def path_lost(self, reason: str) -> None:
+        """The tunnel closed and the stream could not park: end it (a relay end: PATH_LOST)."""
 
     def abort(self, code: int, text: str, tell_peer: bool = True) -> None: ...
 
@@ -117,6 +125,12 @@ class TunnelOwner(GatewaySide, Protocol):
         """The peer sent OPEN: answer it with tunnel.accept/refuse (maybe from a tracked task)."""
 
     def stream_closed(self, tunnel: Tunnel, end: StreamEnd, reason: str) -> None: ...
+
+    def park(self, end: StreamEnd, tunnel: Tunnel, reason: str, silent: bool) -> bool:
+        """``end``'s path broke: park it to resume elsewhere (protocol §10.4), or False to reset it."""
+
+    def resume_requested(self, tunnel: Tunnel, sid: int, service: str, resume: dict) -> None:
+        """The peer sent RESUME (protocol §10.5): answer it with tunnel.accept_resume/refuse."""
 
     def goaway_received(self, tunnel: Tunnel) -> None: ...
 

@@ -15,18 +15,18 @@ import time
 from typing import TYPE_CHECKING
 
 from ..protocol import (
-    Connection, CreditAvailable, State, Data, GoAway, Hello, Members, OpenAccepted, OpenRefused, Ping, Pong,
+    Acked, Connection, CreditAvailable, State, Data, GoAway, Hello, Members, OpenAccepted, OpenRefused, Ping, Pong,
     ProtocolError, RemoteFin, RemoteReset, ServicesChanged, StreamOpened,
 )
 from .. import logs
 from ..protocol import peer_input
-from ..protocol.frames import HEADER, FrameType, Reason
+from ..protocol.frames import HEADER, FrameType, Reason, decode_json, encode_identity, encode_json, FrameError
 from ..transport import sockopts
 from ..transport.tls import describe_peer_cert, session_info
 from ..transport.tls_server import heap_churn
 from ..transport.ws import CloseCode, Listener, MsgType
 from .budget import INITIAL_WINDOW
-from .stream import LocalStream
+from .stream import ACK_EVERY, LocalStream
 from .turns import TURN, TurnRing, queue_limits
 
 if TYPE_CHECKING:
@@ -104,6 +104,11 @@ class Tunnel(Listener):
         self.sock = None  # the TCP socket (asyncio's TransportSocket): options and TCP_INFO, transport/sockopts.py
         self.streams: dict[int, LocalStream] = {}
         self.pending_opens: dict[int, asyncio.Future] = {}
+        self.resuming: dict[int, LocalStream] = {}  # our RESUMEs awaiting an answer (protocol §10.5)
+        self.silent = False  # closed by liveness (nothing heard for ping_timeout), not by the network
+        # Bytes a stream keeps for resume at most (protocol §10.3): two windows (a relay holds one more)
+        # and the ACK interval of each end.
+        self.keep_max = 2 * (t.stream_window + ACK_EVERY)
         self.open_tasks: dict[int, asyncio.Task] = {}
         self.early: dict[int, list[bytes]] = {}  # early data for streams whose target is being dialed
         loop = asyncio.get_running_loop()
@@ -173,6 +178,12 @@ class Tunnel(Listener):
         return self.conn.state(sid) is State.OPENING_IN
 
     @property
+    def resumable(self) -> bool:
+        """Both sides announced resume (protocol §10.1)."""
+        p = self.conn.peer
+        return self.conn.resume and p is not None and p.extra.get("resume") is True
+
+    @property
     def usable(self) -> bool:
         return self.ws is not None and not self.ws.is_disconnected
 
@@ -205,8 +216,11 @@ class Tunnel(Listener):
 
     def send_hello(self) -> None:
         g = self.gateway
+        extra = g.hello_extra(self)
+        if g.config.tunnel.resume_timeout > 0:  # protocol §10.1
+            self.conn.resume = extra["resume"] = True
         self.ws.send(_BINARY, self.conn.hello(g.node_id, g.role, g.connect_service_names(self), g.incarnation,
-                                              **g.hello_extra(self)))
+                                              **extra))
 
     def on_ws_frame(self, transport, frame) -> None:
         self.last_rx = time.monotonic()
@@ -271,15 +285,20 @@ class Tunnel(Listener):
             if not fut.done():
                 fut.set_result((Reason.ABORTED, f"tunnel to {self.peer_node} closed: {reason}"))
         self.pending_opens.clear()
+        self.resuming.clear()
         for task in self.open_tasks.values():
             task.cancel()
         self.open_tasks.clear()
         self.early.clear()
         self._turns.clear()
         self.conn.abort_all()
-        for stream in list(self.streams.values()):
-            stream.abort(Reason.ABORTED, f"tunnel closed: {reason}", tell_peer=False)
+        streams = list(self.streams.values())
         self.streams.clear()
+        for stream in streams:  # park what can resume on another path (protocol §10.4), reset the rest
+            if stream.finished or stream.tunnel is not self:
+                continue
+            if not self.gateway.park(stream, self, reason, self.silent):
+                stream.path_lost(reason)
         if not self.ready.done():
             self.ready.set_exception(ConnectionError(reason))
             self.ready.exception()  # mark retrieved
@@ -357,6 +376,10 @@ class Tunnel(Listener):
             s = self.streams.get(ev.stream_id)
             if s is not None:
                 s.on_credit()
+        elif type(ev) is Acked:
+            s = self.streams.get(ev.stream_id)
+            if s is not None:
+                s.on_ack(ev.held)
         elif type(ev) is RemoteFin:
             s = self.streams.get(ev.stream_id)
             if s is not None:
@@ -369,11 +392,24 @@ class Tunnel(Listener):
             task = self.open_tasks.pop(sid, None)
             if task is not None:
                 task.cancel()
+            self.resuming.pop(sid, None)
             s = self.streams.get(sid)
             if s is not None:
+                if ev.code == Reason.PATH_LOST and s.in_service:  # a relay lost the other side (§10.4)
+                    del self.streams[sid]
+                    if self.gateway.park(s, self, f"{self.peer_node} lost the path: {ev.text}", False):
+                        return
                 s.abort(ev.code, f"peer reset: {ev.text}", tell_peer=False)
         elif type(ev) is OpenAccepted:
-            fut = self.pending_opens.pop(ev.stream_id, None)
+            sid = ev.stream_id
+            s = self.streams.get(sid)
+            if s is not None:
+                s.ok_payload = ev.payload  # the far end's resume identity, or a relay's answer to pass on
+            else:
+                s = self.resuming.pop(sid, None)
+                if s is not None:  # now, not in the resuming task: the far end's replay may be in this read
+                    self._resumed(sid, s, ev.payload)
+            fut = self.pending_opens.pop(sid, None)
             if fut is not None and not fut.done():
                 fut.set_result(None)
         elif type(ev) is OpenRefused:
@@ -385,7 +421,10 @@ class Tunnel(Listener):
                 self.send_frame(self.conn.open_fail(ev.stream_id, Reason.FORBIDDEN,
                                                     "RELAYED OPEN outside a peer link"))
                 return
-            self.gateway.stream_requested(self, ev.stream_id, ev.service, ev.client)
+            if ev.resume is not None:
+                self.gateway.resume_requested(self, ev.stream_id, ev.service, ev.resume)
+            else:
+                self.gateway.stream_requested(self, ev.stream_id, ev.service, ev.client)
         elif type(ev) is Ping:
             pass  # PONG already sent by the caller
         elif type(ev) is Pong:
@@ -463,6 +502,8 @@ class Tunnel(Listener):
     def send_data(self, stream: LocalStream, n: int) -> None:
         sid = stream.sid
         self.conn.send_data(sid, n)
+        if stream.keeping:  # before the send: a dialer's WebSocket mask is applied in place
+            stream.keep(self._buf_mv[_PAYLOAD_AT:_PAYLOAD_AT + n])
         if self._corked:
             self.flush()  # frames sent before this DATA go before it
         HEADER.pack_into(self._buf, _WS_ROOM, FrameType.DATA, 0, sid)
@@ -504,6 +545,63 @@ class Tunnel(Listener):
         self.flush()
         return fut
 
+    def resume(self, end: StreamEnd, token: bytes, far: tuple[str, str], offset: int, attach: bool) -> asyncio.Future:
+        """Send RESUME for a parked stream (protocol §10.5); the future resolves like open()'s. A parked
+        ``end`` (attach False) is attached only when OPEN_OK arrives, in the same callback; a relay's
+        fresh BridgeEnd (attach True) at once, as by open()."""
+        relayed = self.kind == "peer"
+        name = f"{end.tenant}/{end.service}" if relayed else end.service
+        sid, frame = self.conn.resume_stream(name, token, far, offset, relayed=relayed)
+        if attach:
+            end.attach(self, sid)
+            self.streams[sid] = end
+        else:
+            self.resuming[sid] = end
+        fut = self._loop.create_future()
+        self.pending_opens[sid] = fut
+        self.send_frame(frame)
+        return fut
+
+    def cancel_resume(self, end: LocalStream, text: str) -> None:
+        """Our RESUME for ``end`` got no answer in time: RST it; an answer after this is ignored."""
+        for sid, e in list(self.resuming.items()):
+            if e is end:
+                del self.resuming[sid]
+                self.pending_opens.pop(sid, None)
+                frame = self.conn.reset(sid, Reason.TIMEOUT, text)
+                if frame:
+                    self.send_frame(frame)
+
+    def _resumed(self, sid: int, end: LocalStream, payload: bytes) -> None:
+        """OPEN_OK to our RESUME: the far end holds ``offset`` bytes; replay from there (§10.6)."""
+        try:
+            body = decode_json(payload, "OPEN_OK to RESUME")
+            offset = body["offset"] if isinstance(body, dict) else None
+        except (FrameError, KeyError):
+            offset = None
+        if not isinstance(offset, int) or isinstance(offset, bool) or not end.can_replay_from(offset):
+            why = f"{self.peer_node} asked to resume from offset {peer_input.shown(offset)}, outside what was kept"
+            frame = self.conn.reset(sid, Reason.PROTOCOL_ERROR, why)
+            if frame:
+                self.send_frame(frame)
+            end.abort(Reason.PROTOCOL_ERROR, why, tell_peer=False)
+            return
+        self.streams[sid] = end
+        parked_at = end.parking
+        replayed = end.resume_on(self, sid, offset)
+        if parked_at is not None:
+            parked_at.resumed(end, self, replayed)
+
+    def accept_resume(self, sid: int, end: LocalStream, offset: int) -> int:
+        """Answer the peer's RESUME ``sid`` for the parked ``end`` (protocol §10.5): OPEN_OK with what we
+        hold, then our replay from the peer's ``offset``. Returns the bytes replayed."""
+        self.streams[sid] = end
+        self.hold()
+        self.send_frame(self.conn.open_ok(sid, encode_json({"offset": end.bytes_down})))
+        replayed = end.resume_on(self, sid, offset)
+        self.flush()
+        return replayed
+
     def cancel_open(self, end: StreamEnd, code: int, text: str) -> None:
         """Our OPEN for ``end`` got no answer in time: RST it (the peer may still answer; that answer
         is then ignored) and stop waiting."""
@@ -529,18 +627,29 @@ class Tunnel(Listener):
         if self.opening(sid):
             self.send_frame(self.conn.open_fail(sid, code, text))
 
-    def accept(self, sid: int, end: StreamEnd) -> bool:
+    def accept(self, sid: int, end: StreamEnd, identity: bytes | None = None) -> bool:
         """Answer the peer's OPEN ``sid`` with OPEN_OK and make ``end`` its stream; the early data that
         came with the OPEN goes to ``end`` right behind it (protocol §4.5). False when the OPEN is no
-        longer waiting (the peer reset it) or the tunnel is gone: ``end`` is not attached."""
+        longer waiting (the peer reset it) or the tunnel is gone: ``end`` is not attached.
+
+        OPEN_OK carries the stream's resume identity (protocol §10.2): a new token for a local end, or
+        ``identity`` as the far side of a relay sent it (passed on unchanged)."""
         if not self.opening(sid) or not self.usable:
             return False
         end.attach(self, sid)
         self.streams[sid] = end
+        payload = b""
+        if self.resumable:
+            if identity is not None:
+                payload = identity
+            elif end.keeping:
+                end.token = os.urandom(16)
+                g = self.gateway
+                payload = encode_identity(end.token, g.node_id, g.incarnation)
         early = self.early.pop(sid, None)
         if early:  # the early bytes are on the client's path, OPEN_OK is not: write them first (P11)
             self.hold()
-        self.send_frame(self.conn.open_ok(sid))  # the stream is OPEN from here: early bytes earn credit
+        self.send_frame(self.conn.open_ok(sid, payload))  # the stream is OPEN from here: early bytes earn credit
         if early:
             for chunk in early:
                 end.deliver(memoryview(chunk))

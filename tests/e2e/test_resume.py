@@ -1,0 +1,95 @@
+"""Streams survive tunnel breaks (issue 15, protocol §10), on loopback with real gateway processes.
+
+The break here is ``ss -K`` on the tunnel sockets (the kernel aborts them: the dialing gateway sees
+ECONNABORTED, the cloud a TCP reset), which is what a load balancer or a WAN blip does to a tunnel.
+The namespace tests (test_resume_netns.py) add the blackhole, the restarted nginx and killed relays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+import subprocess
+
+import pytest
+
+from tests.support.timeouts import scaled, wait_until
+
+from .conftest import wait_tunnels
+from .topology import make_pair
+
+MiB = 1 << 20
+
+
+async def _echo_transfer(port: int, size: int, seed: int, started: asyncio.Event | None = None,
+                         pace: float = 0.0) -> tuple[str, str, int]:
+    """Send ``size`` pseudo-random bytes in 64 KiB chunks (pausing ``pace`` s between them) and read
+    the echo; returns (sha256 sent, sha256 received, bytes received)."""
+    payload = random.Random(seed).randbytes(size)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    got = hashlib.sha256()
+    n = 0
+
+    async def send() -> None:
+        for i in range(0, size, 64 * 1024):
+            writer.write(payload[i:i + 64 * 1024])
+            await writer.drain()
+            if started is not None and i >= size // 4:
+                started.set()
+            if pace:
+                await asyncio.sleep(pace)
+        writer.write_eof()
+
+    sender = asyncio.create_task(send())
+    while chunk := await reader.read(1 << 16):
+        got.update(chunk)
+        n += len(chunk)
+    await sender
+    writer.close()
+    return hashlib.sha256(payload).hexdigest(), got.hexdigest(), n
+
+
+def _kill_tunnels(port: int) -> str:
+    """Abort every TCP connection to ``port`` (the tunnel listener) from the dialing side."""
+    r = subprocess.run(["ss", "-K", "dst", "127.0.0.1", "dport", "=", f":{port}"], capture_output=True,
+                       text=True, timeout=10)
+    return r.stdout
+
+
+@pytest.fixture
+def resume_pair(tmp_path, gateways, echo_a, echo_b):
+    pair = make_pair(tmp_path, a_target=echo_a.port, b_target=echo_b.port, per_member=2)
+    cloud = gateways("cloud1", pair.cloud_config())
+    onprem = gateways("onprem1", pair.onprem_config())
+    wait_tunnels(cloud, 2)
+    wait_tunnels(onprem, 2)
+    return pair, cloud, onprem
+
+
+def test_streams_in_both_directions_survive_a_reset_of_every_tunnel(resume_pair):
+    pair, cloud, onprem = resume_pair
+    mark_c, mark_o = cloud.log_mark(), onprem.log_mark()
+    n, size = 10, 8 * MiB
+
+    async def run() -> list:
+        started = [asyncio.Event() for _ in range(2 * n)]
+        jobs = [asyncio.create_task(_echo_transfer(pair.a_port if i % 2 else pair.b_port, size, i, started[i],
+                                                   pace=0.002)) for i in range(2 * n)]
+        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), scaled(60))
+        killed = await asyncio.to_thread(_kill_tunnels, pair.tunnel_port)
+        assert "ESTAB" in killed, killed
+        return await asyncio.wait_for(asyncio.gather(*jobs, return_exceptions=True), scaled(120))
+
+    results = asyncio.run(run())
+    bad = [(i, r) for i, r in enumerate(results) if isinstance(r, BaseException) or r[0] != r[1] or r[2] != size]
+    assert not bad, f"{len(bad)} of {2 * n} transfers broken, e.g. {bad[:3]}"
+    lines = cloud.log_lines(mark_c) + onprem.log_lines(mark_o)
+    resumed = [r for r in lines if r.get("event") == "stream.resumed"]
+    failed = [r for r in lines if r.get("event") == "stream.resume_failed"]
+    assert not failed, failed[:3]
+    assert len(resumed) >= 2 * n, f"{len(resumed)} resumed lines for {2 * n} streams (both ends log)"
+    gaps = sorted(r["gap"] for r in resumed)
+    print(f"resumed {len(resumed)} stream ends, gap p50 {gaps[len(gaps) // 2] * 1e3:.0f} ms, "
+          f"max {gaps[-1] * 1e3:.0f} ms, replayed {sum(r['bytes_replayed'] for r in resumed)} bytes")
+    wait_until(lambda: cloud.status().get("resume", {}).get("parked") == 0, 10, what="nothing parked on the cloud")
