@@ -17,6 +17,7 @@ import pytest
 from tests.support.timeouts import scaled, wait_until
 
 from .conftest import wait_tunnels
+from .test_tcp_options import metrics
 from .topology import make_pair
 
 MiB = 1 << 20
@@ -57,14 +58,30 @@ def _kill_tunnels(port: int) -> str:
     return r.stdout
 
 
-@pytest.fixture
-def resume_pair(tmp_path, gateways, echo_a, echo_b):
+def _start(tmp_path, gateways, echo_a, echo_b, tunnel_extra: str = ""):
     pair = make_pair(tmp_path, a_target=echo_a.port, b_target=echo_b.port, per_member=2)
-    cloud = gateways("cloud1", pair.cloud_config())
+    pair.extra_onprem_tunnel = tunnel_extra
+    cloud_cfg = pair.cloud_config().replace('ping_timeout = "4s"\n', f'ping_timeout = "4s"\n{tunnel_extra}\n')
+    cloud = gateways("cloud1", cloud_cfg)
     onprem = gateways("onprem1", pair.onprem_config())
     wait_tunnels(cloud, 2)
     wait_tunnels(onprem, 2)
     return pair, cloud, onprem
+
+
+@pytest.fixture
+def resume_pair(tmp_path, gateways, echo_a, echo_b):
+    return _start(tmp_path, gateways, echo_a, echo_b)
+
+
+async def _transfers_through_a_break(pair, n: int, size: int, brk) -> list:
+    """``n`` paced echo transfers each way; ``brk()`` (in a thread) once every one has moved a quarter."""
+    started = [asyncio.Event() for _ in range(2 * n)]
+    jobs = [asyncio.create_task(_echo_transfer(pair.a_port if i % 2 else pair.b_port, size, i, started[i],
+                                               pace=0.002)) for i in range(2 * n)]
+    await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), scaled(60))
+    await asyncio.to_thread(brk)
+    return await asyncio.wait_for(asyncio.gather(*jobs, return_exceptions=True), scaled(120))
 
 
 def test_streams_in_both_directions_survive_a_reset_of_every_tunnel(resume_pair):
@@ -72,16 +89,11 @@ def test_streams_in_both_directions_survive_a_reset_of_every_tunnel(resume_pair)
     mark_c, mark_o = cloud.log_mark(), onprem.log_mark()
     n, size = 10, 8 * MiB
 
-    async def run() -> list:
-        started = [asyncio.Event() for _ in range(2 * n)]
-        jobs = [asyncio.create_task(_echo_transfer(pair.a_port if i % 2 else pair.b_port, size, i, started[i],
-                                                   pace=0.002)) for i in range(2 * n)]
-        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), scaled(60))
-        killed = await asyncio.to_thread(_kill_tunnels, pair.tunnel_port)
+    def brk() -> None:
+        killed = _kill_tunnels(pair.tunnel_port)
         assert "ESTAB" in killed, killed
-        return await asyncio.wait_for(asyncio.gather(*jobs, return_exceptions=True), scaled(120))
 
-    results = asyncio.run(run())
+    results = asyncio.run(_transfers_through_a_break(pair, n, size, brk))
     bad = [(i, r) for i, r in enumerate(results) if isinstance(r, BaseException) or r[0] != r[1] or r[2] != size]
     assert not bad, f"{len(bad)} of {2 * n} transfers broken, e.g. {bad[:3]}"
     lines = cloud.log_lines(mark_c) + onprem.log_lines(mark_o)
@@ -92,4 +104,44 @@ def test_streams_in_both_directions_survive_a_reset_of_every_tunnel(resume_pair)
     gaps = sorted(r["gap"] for r in resumed)
     print(f"resumed {len(resumed)} stream ends, gap p50 {gaps[len(gaps) // 2] * 1e3:.0f} ms, "
           f"max {gaps[-1] * 1e3:.0f} ms, replayed {sum(r['bytes_replayed'] for r in resumed)} bytes")
-    wait_until(lambda: cloud.status().get("resume", {}).get("parked") == 0, 10, what="nothing parked on the cloud")
+    # operators see it: /api/status, /metrics and `intercloud status`
+    for gw in (cloud, onprem):
+        wait_until(lambda: gw.status()["resume"]["resumed"] >= n, 10, what=f"{gw.name} status counts the resumes")
+        r = gw.status()["resume"]
+        assert r["parked"] == 0 and r["failed"] == 0 and r["bytes_replayed"] > 0, r
+        m = metrics(gw)
+        assert m["intercloud_streams_resumed_total"] >= n and m["intercloud_streams_parked_now"] == 0, m
+        assert m["intercloud_bytes_replayed_total"] == r["bytes_replayed"]
+
+
+def test_resume_off_resets_streams_with_their_tunnel(tmp_path, gateways, echo_a, echo_b):
+    """resume_timeout = 0: no resume announced, streams are reset when their tunnel breaks (as before)."""
+    pair, cloud, onprem = _start(tmp_path, gateways, echo_a, echo_b, 'resume_timeout = "0s"')
+    results = asyncio.run(_transfers_through_a_break(pair, 3, 4 * MiB, lambda: _kill_tunnels(pair.tunnel_port)))
+    broken = [r for r in results if isinstance(r, BaseException) or r[0] != r[1]]
+    assert len(broken) == 6, results
+    assert not [r for r in cloud.log_lines() if r.get("event") == "stream.parked"]
+    assert cloud.status()["resume"]["resumed"] == 0
+
+
+def test_a_restarted_far_end_resets_parked_streams_at_once(resume_pair):
+    """The on-prem gateway holding the targets is killed and restarted (another incarnation): the cloud
+    resets the streams it parked as soon as the new instance's tunnel is up (protocol §10.4), before
+    its ping_timeout deadline, and says why."""
+    pair, cloud, onprem = resume_pair
+    mark = cloud.log_mark()
+
+    async def run():
+        started = [asyncio.Event() for _ in range(3)]
+        jobs = [asyncio.create_task(_echo_transfer(pair.a_port, 16 * MiB, i, started[i], pace=0.005))
+                for i in range(3)]
+        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), scaled(60))
+        await asyncio.to_thread(onprem.restart, graceful=False)
+        return await asyncio.wait_for(asyncio.gather(*jobs, return_exceptions=True), scaled(60))
+
+    results = asyncio.run(run())
+    assert all(isinstance(r, BaseException) or r[0] != r[1] for r in results), results
+    failed = cloud.wait_log(lambda r: r["event"] == "stream.resume_failed", since=mark, timeout=10)
+    assert "restarted" in failed["reason"] or "incarnation" in failed["reason"], failed
+    parked = [r for r in cloud.log_lines(mark) if r.get("event") == "stream.parked"]
+    assert len(parked) == 3, parked

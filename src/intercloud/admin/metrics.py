@@ -18,13 +18,20 @@ class _Collector:
         snap = gw.stats.snapshot()  # the accounting, copied once per scrape
         c = snap["counters"]
         # one pass over the streams (there may be 100,000s): bytes of live streams, streams per service
-        live_up = live_down = 0
+        live_up = live_down = kept = 0
         per_svc: dict[str, int] = {}
         for t in gw.tunnels:
             for st in t.streams.values():
                 live_up += st.bytes_up
                 live_down += st.bytes_down
                 per_svc[st.service] = per_svc.get(st.service, 0) + 1
+                k = getattr(st, "kept", None)  # a relay's BridgeEnd keeps nothing
+                if k is not None:
+                    kept += len(k)
+        parking = gw.parking
+        for st in parking.parked:
+            if st.kept is not None:
+                kept += len(st.kept)
         g = GaugeMetricFamily("intercloud_tunnels", "Live tunnels", labels=["peer_node"])
         per_peer: dict[str, int] = {}
         for t in gw.tunnels:
@@ -43,6 +50,18 @@ class _Collector:
         for key in ("streams_opened", "streams_closed", "open_failures", "route_timeouts", "tunnels_opened",
                     "tunnels_closed", "liveness_misses", "internal_errors"):
             yield CounterMetricFamily(f"intercloud_{key}", key.replace("_", " "), value=c[key])
+        # resume (protocol §10)
+        yield GaugeMetricFamily("intercloud_streams_parked_now", "Streams parked now, waiting to resume on another path",
+                                value=len(parking.parked))
+        yield GaugeMetricFamily("intercloud_resume_kept_bytes",
+                                "Bytes sent and kept until the far end ACKs them (resume), all streams",
+                                value=kept)
+        for key, text in (("streams_parked", "streams parked when their path broke"),
+                          ("streams_resumed", "parked streams resumed on another path"),
+                          ("resume_failures", "parked streams reset: no path in time, or the far end is gone"),
+                          ("resume_refusals", "RESUMEs refused (unknown, forged or stale token, or stream busy)"),
+                          ("bytes_replayed", "bytes sent again after resumes")):
+            yield CounterMetricFamily(f"intercloud_{key}", text, value=c.get(key, 0))
         tt = GaugeMetricFamily("intercloud_tenant_tunnels", "Live tunnels per tenant", labels=["tenant"])
         ts = GaugeMetricFamily("intercloud_tenant_streams", "Open streams per tenant", labels=["tenant"])
         for spec in gw.config.tenants:

@@ -79,6 +79,10 @@ def render(st: dict) -> str:
     parts.append(f"streams: {open_streams} open, {c.get('streams_opened', 0)} opened, "
                  f"{c.get('open_failures', 0)} open failures, {c.get('route_timeouts', 0)} route timeouts; "
                  f"bytes out {c.get('bytes_up', 0)}, in {c.get('bytes_down', 0)}")
+    r = st.get("resume")
+    if r:  # protocol §10
+        parts.append(f"resume: {r['parked']} parked now, {r['resumed']} resumed, {r['failed']} failed, "
+                     f"{r['refused']} refused, {r['bytes_replayed']} bytes replayed")
     events = st.get("events", [])[-5:]
     if events:
         parts.append("recent events:")
