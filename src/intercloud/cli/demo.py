@@ -58,12 +58,72 @@ class Proc:
             await self.proc.wait()
 
 
+class Cable:
+    """A TCP relay standing in for onprem1's WAN link to one member: onprem1 dials the members through
+    two of these. ``cut()`` resets every connection through it at once, as a NAT, a firewall or a
+    load balancer does to long connections; the walkthrough cuts them under a running transfer to
+    show that streams survive a broken tunnel (docs/protocol.md §10)."""
+
+    def __init__(self, port: int, target: int):
+        self.port, self.target = port, target
+        self.conns: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
+        self.server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._handle, HOST, self.port)
+
+    async def _handle(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
+            ur, uw = await asyncio.wait_for(asyncio.open_connection(HOST, self.target), 2)
+        except (OSError, TimeoutError):
+            w.close()  # the member is down: as if nothing listened
+            return
+        pair = (w, uw)
+        self.conns.add(pair)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, OSError):
+                pass
+            dst.close()
+
+        await asyncio.gather(pipe(r, uw), pipe(ur, w))
+        self.conns.discard(pair)
+
+    def cut(self) -> int:
+        """Reset every connection through the cable (both sides get a TCP RST); returns how many."""
+        import socket
+        import struct
+
+        n = len(self.conns)
+        for pair in list(self.conns):
+            for wr in pair:
+                sock = wr.get_extra_info("socket")
+                if sock is not None:
+                    try:
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    except OSError:
+                        pass
+                wr.transport.abort()
+        self.conns.clear()
+        return n
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        self.cut()
+
+
 @dataclass
 class Topology:
     workdir: Path
     ports: dict[str, int]
     procs: dict[str, Proc] = field(default_factory=dict)
     echo_ports: dict[str, int] = field(default_factory=dict)
+    cables: list[Cable] = field(default_factory=list)
 
 
 async def _http_status(port: int, path: str) -> int:
@@ -224,8 +284,11 @@ connect = "tcp://{HOST}:{top.echo_ports['B']}"
 """
         (d / f"{name}.toml").write_text(text)
         top.procs[name] = Proc(name, d / f"{name}.toml", d / f"{name}.log", p[f"admin_{name}"], p[name])
+    # onprem1 reaches the members through the demo's cables (Cable), which the walkthrough cuts
+    cabled = ", ".join(f'"wss://localhost:{p[f"cable_{c}"]}/intercloud"' for c in ("cloud1", "cloud2"))
+    top.cables = [Cable(p[f"cable_{c}"], p[f"tunnel_{c}"]) for c in ("cloud1", "cloud2")]
     for name in ("onprem1", "onprem2"):
-        text = _onprem_text(top, name, urls)
+        text = _onprem_text(top, name, cabled if name == "onprem1" else urls)
         (d / f"{name}.toml").write_text(text)
         top.procs[name] = Proc(name, d / f"{name}.toml", d / f"{name}.log", p[f"admin_{name}"], p[name])
 
@@ -291,11 +354,64 @@ async def walkthrough(top: Topology) -> bool:
                 shown = f"{time.monotonic() - t0:6.2f}s" if ok else "   never"
                 _print(f"{n + ' restarted, serves its own port':<44} {n + ' port':<16} "
                        f"{'PASS' if ok else 'FAIL':<6} {shown:>8}")
+    all_ok &= await _cut_phase(top)
     if _nginx_stream_module():
         all_ok &= await _lb_phase(top)
     else:
         _print("(nginx with the stream module is not installed: skipping the load-balancer steps)")
     return all_ok
+
+
+async def _cut_phase(top: Topology, size: int = 24 << 20) -> bool:
+    """Cut every tunnel of onprem1 (both cables) under a running service-B transfer through it: the
+    stream parks, resumes once onprem1 has redialed, and every byte comes back intact (protocol §10)."""
+    import hashlib
+
+    payload = os.urandom(size)
+    got = hashlib.sha256()
+    received = 0
+    log = top.procs["onprem1"].log
+    mark = log.stat().st_size if log.exists() else 0
+    ok, cut = False, 0
+    t0 = time.monotonic()
+    try:
+        r, w = await asyncio.wait_for(asyncio.open_connection(HOST, top.ports["onprem1"]), 4)
+
+        async def send() -> None:
+            nonlocal cut
+            step = 64 << 10
+            for i in range(0, size, step):
+                w.write(payload[i:i + step])
+                await w.drain()
+                if i == size // 4:  # a quarter is through: cut the WAN under it
+                    cut = sum(c.cut() for c in top.cables)
+                await asyncio.sleep(0.002)
+            w.write_eof()
+
+        sender = asyncio.create_task(send())
+        while chunk := await asyncio.wait_for(r.read(1 << 16), 20):
+            got.update(chunk)
+            received += len(chunk)
+        await sender
+        w.close()
+        ok = received == size and got.digest() == hashlib.sha256(payload).digest() and cut > 0
+    except (OSError, TimeoutError, asyncio.IncompleteReadError):
+        ok = False
+    gap = ""
+    try:
+        with open(log, "rb") as f:
+            f.seek(mark)
+            for line in f:
+                rec = json.loads(line)
+                if rec.get("event") == "stream.resumed":
+                    gap = f" (resumed after {rec['gap'] * 1e3:.0f} ms, {rec['bytes_replayed']} bytes replayed)"
+    except (OSError, ValueError):
+        pass
+    _print(f"{f'tunnels cut under a {size >> 20} MiB transfer':<44} {'B via onprem1':<16} "
+           f"{'PASS' if ok else 'FAIL':<6} {time.monotonic() - t0:6.2f}s")
+    _print(f"  {cut} tunnel connections reset; {received} of {size} bytes back, "
+           f"{'intact' if ok else 'NOT intact'}{gap}")
+    return ok
 
 
 def _nginx_stream_module() -> str | None:
@@ -389,7 +505,7 @@ async def echo_probe(port: int) -> bool:
 
 DEFAULT_PORTS = {"cloud1": 5551, "cloud2": 5552, "onprem1": 6661, "onprem2": 6662,
                  "tunnel_cloud1": 8441, "tunnel_cloud2": 8442, "peer_cloud1": 9441, "peer_cloud2": 9442,
-                 "lb": 8443,
+                 "lb": 8443, "cable_cloud1": 8451, "cable_cloud2": 8452,
                  "admin_cloud1": 9101, "admin_cloud2": 9102, "admin_onprem1": 9103, "admin_onprem2": 9104}
 
 
@@ -421,6 +537,8 @@ async def run_demo(walk: bool, port_offset: int = 0, keep: bool = False) -> int:
             servers.append(srv)
             top.echo_ports[svc] = port
         _write_configs(top)
+        for cable in top.cables:
+            await cable.start()
         _print(f"intercloud demo: KWIC 4-ha topology on loopback; configs, certificates and logs in {workdir}")
         for name in ("cloud1", "cloud2", "onprem1", "onprem2"):
             await top.procs[name].start()
@@ -448,6 +566,8 @@ async def run_demo(walk: bool, port_offset: int = 0, keep: bool = False) -> int:
         return 0 if ok else 1
     finally:
         await asyncio.gather(*(p.stop(signal.SIGTERM, 10) for p in top.procs.values()))
+        for cable in top.cables:
+            cable.close()
         for srv in servers:
             srv.close()
         shutil.rmtree(workdir, ignore_errors=True)

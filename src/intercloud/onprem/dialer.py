@@ -148,7 +148,12 @@ class OnpremGateway(Gateway):
             return
         new = {n for n, _ in key} - {n for n, _ in self._member_key}
         returned = {n for n, inc in key} & {n for n, _ in self._member_key} and key - self._member_key
+        dropped = (self._member_key - key) if key else frozenset()
         self._member_key = key
+        # The cloud's member table dropped an instance (GOAWAY, member_ttl): streams parked toward it
+        # cannot come back (protocol §10.4).
+        for node, inc in dropped & {s.far for s in self.parking.parked if s.far is not None}:
+            self.parking.member_gone(node, inc)
         if new or returned:
             # A member joined or came back: wake every waiting worker (after a short jitter, so a
             # fleet of on-prem gateways does not arrive as one handshake storm).
