@@ -52,6 +52,8 @@ NOFILE = 65536
 IPERF_RUNS = (("P1", 1, False), ("P1R", 1, True), ("P8", 8, False), ("P8R", 8, True))
 IPERF_LABEL = {"P1": "1 stream fwd", "P1R": "1 stream -R", "P8": "8 streams fwd", "P8R": "8 streams -R"}
 ALL_SYSTEMS = ("direct", "socat", "frp", "intercloud-A", "intercloud-B")
+# On request only (--only): intercloud with resume off, to measure what resume costs (docs/performance.md §9)
+EXTRA_SYSTEMS = ("intercloud-A-noresume", "intercloud-B-noresume")
 # which relay process plays which role, to compare intercloud's gateways with frp's processes
 ROLE = {"cloud": "cloud", "onprem": "onprem", "frps": "cloud", "frpc": "onprem",
         "socat1": "client-side", "socat2": "server-side"}
@@ -518,15 +520,19 @@ class Frp(System):
 
 class Intercloud(System):
     direction = "A"
+    suffix = ""  # a variant's name suffix
+    tunnel_extra = ""  # [tunnel] lines of a variant, on both gateways
 
     def __init__(self, env: Env):
         super().__init__(env)
-        self.name = f"intercloud-{self.direction}"
+        self.name = f"intercloud-{self.direction}{self.suffix}"
         self.description = (
             "client -> cloud gateway (accept) => wss tunnel (mutual TLS, default [tunnel] settings) => "
             "on-prem gateway (connect) -> server" if self.direction == "A" else
             "client -> on-prem gateway (accept) => wss tunnel (mutual TLS, default [tunnel] settings) => "
             "cloud gateway (connect) -> server")
+        if self.tunnel_extra:
+            self.description += f"; [tunnel] {self.tunnel_extra.strip()}"
 
     def start(self) -> None:
         d = self.env.work / self.name
@@ -541,13 +547,13 @@ class Intercloud(System):
         (d / "cloud.toml").write_text(
             f'[gateway]\nrole = "cloud"\nnode_id = "cloud1"\nadmin = "127.0.0.1:{cadmin}"\ndrain_timeout = "1s"\n\n'
             f'[tls]\ncert = "{c}/cloud1.pem"\nkey = "{c}/cloud1.key"\nca = "{c}/ca.pem"\n\n'
-            f'[tunnel]\nlisten = "wss://127.0.0.1:{tport}/intercloud"\n\n'
+            f'[tunnel]\nlisten = "wss://127.0.0.1:{tport}/intercloud"\n{self.tunnel_extra}\n'
             + svc("iperf-a", "accept", a_iperf) + svc("echo-a", "accept", a_echo)
             + svc("iperf-b", "connect", e.iperf_port) + svc("echo-b", "connect", e.echo_port))
         (d / "onprem.toml").write_text(
             f'[gateway]\nrole = "onprem"\nnode_id = "onprem1"\nadmin = "127.0.0.1:{oadmin}"\ndrain_timeout = "1s"\n\n'
             f'[tls]\ncert = "{c}/onprem1.pem"\nkey = "{c}/onprem1.key"\nca = "{c}/ca.pem"\n\n'
-            f'[tunnel]\nconnect = ["wss://127.0.0.1:{tport}/intercloud"]\n\n'
+            f'[tunnel]\nconnect = ["wss://127.0.0.1:{tport}/intercloud"]\n{self.tunnel_extra}\n'
             + svc("iperf-a", "connect", e.iperf_port) + svc("echo-a", "connect", e.echo_port)
             + svc("iperf-b", "accept", b_iperf) + svc("echo-b", "accept", b_echo))
         if self.direction == "A":
@@ -588,8 +594,20 @@ class IntercloudB(Intercloud):
     direction = "B"
 
 
+class IntercloudANoResume(Intercloud):
+    """Resume off (protocol §10): what keeping and ACKing sent bytes costs, against intercloud-A."""
+    suffix = "-noresume"
+    tunnel_extra = 'resume_timeout = "0s"\n'
+
+
+class IntercloudBNoResume(IntercloudB):
+    suffix = "-noresume"
+    tunnel_extra = 'resume_timeout = "0s"\n'
+
+
 SYSTEM_CLASSES = {"direct": Direct, "socat": Socat, "frp": Frp, "intercloud-A": Intercloud,
-                  "intercloud-B": IntercloudB}
+                  "intercloud-B": IntercloudB, "intercloud-A-noresume": IntercloudANoResume,
+                  "intercloud-B-noresume": IntercloudBNoResume}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -868,7 +886,11 @@ def table(med: dict[str, dict[str, float]], systems: list[str]) -> str:
 
     ics = [s for s in systems if s.startswith("intercloud")]
     refs = [r for r in ("frp", "socat") if r in systems]
-    cols = systems + [f"{s[-1]}/{r}" for s in ics for r in refs]
+    # resume on against off, measured in the same run (docs/performance.md §9)
+    pairs = [(s, f"{s}-noresume") for s in ("intercloud-A", "intercloud-B")
+             if s in systems and f"{s}-noresume" in systems]
+    cols = systems + [f"{s.removeprefix('intercloud-')}/{r}" for s in ics for r in refs] + \
+        [f"{s[-1]} on/off" for s, _ in pairs]
     width = max(len(r[0]) for r in rows) + 2
     lines = [" " * width + "".join(f"{c:>14}" for c in cols)]
     for label, spec, digits in rows:
@@ -879,6 +901,10 @@ def table(med: dict[str, dict[str, float]], systems: list[str]) -> str:
                 a, b = get(s, spec), get(r, spec)
                 comparable = not (isinstance(spec, str) and spec.startswith("background."))
                 ratios.append(f"{a / b:.2f}x" if (comparable and a is not None and b) else "-")
+        for on, off in pairs:
+            a, b = get(on, spec), get(off, spec)
+            comparable = not (isinstance(spec, str) and spec.startswith("background."))
+            ratios.append(f"{a / b:.3f}x" if (comparable and a is not None and b) else "-")
         lines.append(f"{label:<{width}}" + "".join(f"{_fmt(v, digits):>14}" for v in vals)
                      + "".join(f"{x:>14}" for x in ratios))
     return "\n".join(lines)
@@ -977,11 +1003,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for n in (x.strip() for x in a.only.split(",") if x.strip()):
         expand = ["intercloud-A", "intercloud-B"] if n == "intercloud" else [n]
         for e in expand:
-            if e not in ALL_SYSTEMS:
-                p.error(f"unknown system {e!r}; choose from {', '.join(ALL_SYSTEMS)}, intercloud")
+            if e not in ALL_SYSTEMS + EXTRA_SYSTEMS:
+                p.error(f"unknown system {e!r}; choose from {', '.join(ALL_SYSTEMS + EXTRA_SYSTEMS)}, intercloud")
             if e not in names:
                 names.append(e)
-    a.systems = [s for s in ALL_SYSTEMS if s in names]
+    a.systems = [s for s in ALL_SYSTEMS + EXTRA_SYSTEMS if s in names]
     if a.pin and (shutil.which("taskset") is None or not {0, 1} <= os.sched_getaffinity(0)):
         p.error("--pin needs taskset (util-linux) and CPUs 0 and 1 available to this process")
     return a
