@@ -25,13 +25,10 @@ class _Collector:
                 live_up += st.bytes_up
                 live_down += st.bytes_down
                 per_svc[st.service] = per_svc.get(st.service, 0) + 1
-                k = getattr(st, "kept", None)  # a relay's BridgeEnd keeps nothing
-                if k is not None:
-                    kept += len(k)
+                kept += getattr(st, "kept_len", 0)  # a relay's BridgeEnd keeps nothing
         parking = gw.parking
         for st in parking.parked:
-            if st.kept is not None:
-                kept += len(st.kept)
+            kept += st.kept_len
         g = GaugeMetricFamily("intercloud_tunnels", "Live tunnels", labels=["peer_node"])
         per_peer: dict[str, int] = {}
         for t in gw.tunnels:
