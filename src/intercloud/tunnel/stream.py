@@ -107,6 +107,9 @@ class LocalStream(asyncio.BufferedProtocol):
         self.parking = None  # the registry that holds us while parked (resume.Parking)
         self.tunnel_was = None  # the tunnel we were on when we parked (logs)
         self._replay_at = -1  # resuming: the next kept offset to send again (-1: not replaying)
+        # park() found bytes queued in the transport (received on the stream's old id): until they have
+        # drained, deliver() must queue behind them, not os.write ahead of them (see deliver)
+        self._stale_queued = False
 
     # --- asyncio protocol --------------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -267,6 +270,8 @@ class LocalStream(asyncio.BufferedProtocol):
     def park(self) -> None:
         """Our path broke (protocol §10.4): keep both sockets, stop reading, wait to resume."""
         self._drop_undelivered()  # still queued toward the socket; their credit belonged to the old id
+        tr = self.transport
+        self._stale_queued = tr is not None and tr.get_write_buffer_size() > 0  # ... and they go first
         self.tunnel_was, self.tunnel, self.sid = self.tunnel, None, 0
         self.parked = True
         self.in_turns = False
@@ -473,7 +478,13 @@ class LocalStream(asyncio.BufferedProtocol):
             return
         if self.acking and self.bytes_down - self._acked >= ACK_EVERY:
             self._ack()  # before the write: held counts bytes queued here too (protocol §10.3)
-        if self.undelivered == 0:
+        if self.undelivered == 0 and self._stale_queued:
+            # ``undelivered`` counts this stream id's queued bytes only; park() dropped the old id's
+            # from it, but they may still wait in the transport. Writing to the socket ahead of them
+            # reordered the stream after a resume (tests/security/test_resume_memory.py: 466 of 1,000
+            # streams corrupted at the point where the target's kernel buffer had filled).
+            self._stale_queued = tr.get_write_buffer_size() > 0
+        if self.undelivered == 0 and not self._stale_queued:
             try:
                 written = os.write(self.fd, mv)
             except BlockingIOError:
