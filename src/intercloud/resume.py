@@ -27,6 +27,10 @@ if TYPE_CHECKING:
 
 slog = logging.getLogger("intercloud.stream")
 BUSY_RETRY = 0.5  # the far end still sees the stream on a live tunnel: ask again this much later
+# What the sender of a RESUME learns when its token matches no stream it may resume: the same whether
+# the token is unknown or belongs to another tenant, service or gateway, so that a RESUME is no oracle
+# for other tenants' streams (the log line still says which; tests/security/test_resume_forged.py)
+_NO_SUCH_STREAM = "no stream with that token here (ended, or never)"
 _ANSWER_SLACK = 5.0
 
 
@@ -236,14 +240,15 @@ class Parking:
                    "(the stream's end restarted)")
             self._refuse(tunnel, sid, service, Reason.NOT_RESUMABLE, why)
         elif stream is None or stream.finished:
-            self._refuse(tunnel, sid, service, Reason.NOT_RESUMABLE, "no stream with that token here (ended, or never)")
+            self._refuse(tunnel, sid, service, Reason.NOT_RESUMABLE, _NO_SUCH_STREAM)
         elif stream.service != service or stream.tenant != tunnel.tenant:
             self._refuse(tunnel, sid, service, Reason.NOT_RESUMABLE,
-                         f"the token belongs to another service or tenant than {tunnel.tenant}/{service}")
+                         f"the token belongs to another service or tenant than {tunnel.tenant}/{service}",
+                         told=_NO_SUCH_STREAM)
         elif stream.far is not None and tunnel.peer_key != stream.far:
             self._refuse(tunnel, sid, service, Reason.NOT_RESUMABLE,
                          f"the stream belongs to {stream.far[0]} incarnation {stream.far[1]}, the RESUME came "
-                         f"from {tunnel.peer_key[0]} incarnation {tunnel.peer_key[1]}")
+                         f"from {tunnel.peer_key[0]} incarnation {tunnel.peer_key[1]}", told=_NO_SUCH_STREAM)
         elif not stream.parked:
             self._refuse(tunnel, sid, service, Reason.BUSY, "the stream is still attached to a live tunnel here")
         elif not stream.can_replay_from(offset):
@@ -254,8 +259,9 @@ class Parking:
             replayed = tunnel.accept_resume(sid, stream, offset)
             self.resumed(stream, tunnel, replayed)
 
-    def _refuse(self, tunnel: Tunnel, sid: int, service: str, code: int, why: str) -> None:
-        tunnel.refuse(sid, code, why)
+    def _refuse(self, tunnel: Tunnel, sid: int, service: str, code: int, why: str, told: str | None = None) -> None:
+        """Refuse a RESUME; the peer is ``told`` (default ``why``), the log says ``why``."""
+        tunnel.refuse(sid, code, why if told is None else told)
         self.stats.counters["resume_refusals"] += 1
         self.stats.count("resume_refusals", reason=Reason.label(code))
         level = logging.INFO if code == Reason.BUSY else logging.WARNING

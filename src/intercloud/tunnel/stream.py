@@ -26,15 +26,17 @@ from typing import TYPE_CHECKING
 
 from ..protocol import State
 from ..protocol.frames import FrameError, Reason, decode_identity
+from ..transport.tls_server import heap_churn
 
 if TYPE_CHECKING:
     from .owner import Tunnel
 
 log = logging.getLogger("intercloud.stream")
 _LINGER_RESET = struct.pack("ii", 1, 0)
-# An end ACKs what it holds at least every this many bytes received (protocol §10.3): often enough that
-# the sender's kept bytes stay near its window, rarely enough to cost nothing measurable (one 14-byte
-# frame per 512 KiB: ~2,000 a second at 1 GB/s).
+# An end ACKs what it holds at least every this many bytes received (protocol §10.3), and with every
+# WINDOW it sends (LocalStream._credit): often enough that the sender's kept bytes stay near our grant,
+# rarely enough to cost nothing measurable (one 14-byte frame per 512 KiB: ~2,000 a second at 1 GB/s;
+# WINDOW goes out per quarter grant, every 1 MiB at a 4 MiB grant).
 ACK_EVERY = 512 * 1024
 _SCRATCH = bytearray(16384)  # LocalStream.take_sent reads here first (single-threaded event loop)
 
@@ -110,6 +112,10 @@ class LocalStream(asyncio.BufferedProtocol):
         self.parking = None  # the registry that holds us while parked (resume.Parking)
         self.tunnel_was = None  # the tunnel we were on when we parked (logs)
         self._replay_at = -1  # resuming: the next kept offset to send again (-1: not replaying)
+        # park() found bytes queued in the transport (received on the stream's old id): until they have
+        # drained, deliver() must queue behind them, not os.write ahead of them (see deliver)
+        self._stale_queued = False
+        self._queued = False  # bytes for the local socket were queued in user space (see finish)
 
     # --- asyncio protocol --------------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -301,6 +307,8 @@ class LocalStream(asyncio.BufferedProtocol):
     def park(self) -> None:
         """Our path broke (protocol §10.4): keep both sockets, stop reading, wait to resume."""
         self._drop_undelivered()  # still queued toward the socket; their credit belonged to the old id
+        tr = self.transport
+        self._stale_queued = tr is not None and tr.get_write_buffer_size() > 0  # ... and they go first
         self.tunnel_was, self.tunnel, self.sid = self.tunnel, None, 0
         self.parked = True
         self.in_turns = False
@@ -506,7 +514,13 @@ class LocalStream(asyncio.BufferedProtocol):
             return
         if self.acking and self.bytes_down - self._acked >= ACK_EVERY:
             self._ack()  # before the write: held counts bytes queued here too (protocol §10.3)
-        if self.undelivered == 0:
+        if self.undelivered == 0 and self._stale_queued:
+            # ``undelivered`` counts this stream id's queued bytes only; park() dropped the old id's
+            # from it, but they may still wait in the transport. Writing to the socket ahead of them
+            # reordered the stream after a resume (tests/security/test_resume_memory.py: 466 of 1,000
+            # streams corrupted at the point where the target's kernel buffer had filled).
+            self._stale_queued = tr.get_write_buffer_size() > 0
+        if self.undelivered == 0 and not self._stale_queued:
             try:
                 written = os.write(self.fd, mv)
             except BlockingIOError:
@@ -520,6 +534,7 @@ class LocalStream(asyncio.BufferedProtocol):
                 return
             mv = mv[written:]
         self.undelivered += len(mv)
+        self._queued = True
         b = self.tunnel.conn.budget
         if b is not None:
             b.buffered += len(mv)
@@ -531,6 +546,13 @@ class LocalStream(asyncio.BufferedProtocol):
         frame = self.tunnel.conn.delivered(self.sid, n)
         if frame is not None:
             self.tunnel.send_frame(frame)
+            if self.acking and self.bytes_down != self._acked:
+                # Credit goes back once a quarter of our grant is delivered: ACK what we hold with it,
+                # so that the sender keeps for resume no more than our grant (protocol §10.3). With
+                # ACKs only every 512 KiB, a sender kept every byte of each stream shorter than that
+                # until its FIN, beyond any window or budget: 1,000 streams into a target that had
+                # taken 250 KB each kept 380 MB on the cloud (tests/security/test_resume_memory.py).
+                self._ack()
 
     def _credit_undelivered(self) -> None:
         if self.undelivered and self.tunnel is not None:
@@ -587,6 +609,12 @@ class LocalStream(asyncio.BufferedProtocol):
         tr = self.transport
         if tr is not None:
             tr.close()  # flushes what is queued, then closes
+        if self._queued:
+            # What a slow reader's stream queued (up to its grant) was freed into the heap, where glibc
+            # keeps it resident: count the stream toward the next heap trim, as a closed tunnel counts.
+            # 1,000 streams that had filled their windows (parked, resumed, finished) left the on-prem
+            # gateway 100 MB above its baseline with 11 MB in use (tests/security/test_resume_memory.py).
+            heap_churn(asyncio.get_running_loop())
         t = self.tunnel
         if t is not None:
             t.stream_finished(self, reason or "closed")
