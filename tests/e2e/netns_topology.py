@@ -159,7 +159,8 @@ def build(stack: contextlib.ExitStack, lab: Lab, tmp_path: Path, gateways: Calla
           lb_method: str | None = None, fail_timeout: str = "2s", onprems_reach_only_lb: bool = False,
           advertise: bool = False, extra_onprem_tunnel: str | Callable[[list[str]], str] = "",
           before_start: Callable[[dict[str, Host]], None] | None = None, stagger: bool = True,
-          connect_name: str | None = None, peers_name: str | None = None) -> Topology:
+          connect_name: str | None = None, peers_name: str | None = None,
+          ping: tuple[str, str] | None = None) -> Topology:
     """Create the hosts, certificates, echo servers, (nginx,) and start and ready all four
     gateways. Everything started is torn down by ``stack`` (servers, nginx) or the ``gateways``
     fixture (gateways) or the lab (namespaces).
@@ -169,7 +170,8 @@ def build(stack: contextlib.ExitStack, lab: Lab, tmp_path: Path, gateways: Calla
     With ``connect_name`` the on-prem gateways dial that one host name, which their hosts' resolver
     answers with both members' addresses (DNS round robin, no load balancer). With ``peers_name``
     the members' cluster.peers is that one name, which each member's resolver answers with its own
-    address first, then the other's.
+    address first, then the other's. ``ping`` is (tunnel.ping_interval, tunnel.ping_timeout) for
+    every gateway (default: HA's, i.e. PING_INTERVAL and PING_TIMEOUT above).
     With ``stagger`` the on-prem gateways start once both members have formed the cluster;
     without it all four start at once."""
     hosts = {n: lab.host(n) for n in (*CLOUDS, *ONPREMS, "servera", "serverb", "lb")}
@@ -213,7 +215,8 @@ def build(stack: contextlib.ExitStack, lab: Lab, tmp_path: Path, gateways: Calla
         before_start(hosts)
     ha = HA(certs, clouds, onprems, Addr(hosts["servera"].ip, echo_a.port), Addr(hosts["serverb"].ip, echo_b.port),
             connect_urls=connect_urls, advertise=advertise, per_member=PER_MEMBER,
-            extra_onprem_tunnel=extra_onprem_tunnel, peers_name=peers_name)
+            extra_onprem_tunnel=extra_onprem_tunnel, peers_name=peers_name,
+            **({"ping": ping} if ping is not None else {}))
     gws: dict[str, Gateway] = {}
     topo = Topology(lab, ha, hosts, gws, echo_a, echo_b, lb, lb_url, cloud_ips)
     for c in CLOUDS:
@@ -236,10 +239,13 @@ def build(stack: contextlib.ExitStack, lab: Lab, tmp_path: Path, gateways: Calla
 
 class Transfer(threading.Thread):
     """One long echo transfer from the root namespace at a bounded rate; SHA-256 of what was
-    sent and of what came back. ``local_port`` identifies the stream in the gateways' status."""
+    sent and of what came back. ``local_port`` identifies the stream in the gateways' status.
+    The first ``gate_at`` of the payload goes at once (or ``chunk`` every ``pace`` s), the rest
+    (in chunks, paced too) once ``gate`` is set: the test sets it after injecting its failure."""
 
     def __init__(self, addr: tuple[str, int], size: int, seed: int, *, chunk: int = 32 * 1024,
-                 gate: threading.Event | None = None, label: str = "", via: str = ""):
+                 gate: threading.Event | None = None, label: str = "", via: str = "",
+                 pace: float = 0.0, gate_at: float = 0.5):
         super().__init__(daemon=True, name=f"transfer-{label or seed}")
         self.addr = addr
         self.label = label
@@ -249,6 +255,9 @@ class Transfer(threading.Thread):
         self.sent_digest = hashlib.sha256(self.payload).hexdigest()
         self.chunk = chunk
         self.gate = gate  # the second half waits for it: the test sets it once the failure is injected
+        self.gate_at = gate_at  # fraction of the payload sent before waiting for ``gate``
+        self.pace = pace  # seconds between two chunks (0: as fast as the stream takes them)
+        self.sent = 0  # bytes handed to the socket so far
         self.received = 0
         self.local_port: int | None = None
         self.error: str | None = None
@@ -261,7 +270,10 @@ class Transfer(threading.Thread):
     def run(self) -> None:
         got = hashlib.sha256()
         try:
-            s = socket.create_connection(self.addr, timeout=scaled(30))
+            # Bound before the connect: the port is then unique on this host, not only per
+            # destination, so that "root_ip:port" (the stream's ``client`` in every gateway's
+            # logs and status) names one transfer even among transfers to different ports.
+            s = socket.create_connection(self.addr, timeout=scaled(30), source_address=("", 0))
             self._sock = s
             self.local_port = s.getsockname()[1]
             self.connected.set()
@@ -287,15 +299,27 @@ class Transfer(threading.Thread):
 
     def _send(self, s: socket.socket) -> None:
         try:
-            half = len(self.payload) // 2
-            s.sendall(self.payload[:half])
+            split = int(len(self.payload) * self.gate_at)
+            if self.pace:
+                self._send_chunks(s, 0, split)
+            else:
+                s.sendall(self.payload[:split])
+                self.sent = split
             if self.gate is not None:
                 self.gate.wait(scaled(60))  # the transfer must span the failure
-            for off in range(half, len(self.payload), self.chunk):
-                s.sendall(self.payload[off:off + self.chunk])
+            self._send_chunks(s, split, len(self.payload))
             s.shutdown(socket.SHUT_WR)
         except OSError as exc:
             self.error = self.error or f"send: {exc!r}"
+
+    def _send_chunks(self, s: socket.socket, start: int, end: int) -> None:
+        """``payload[start:end]`` in ``chunk``-sized writes, ``pace`` seconds apart (a paced
+        transfer keeps bytes in flight for as long as it runs, whatever happens meanwhile)."""
+        for off in range(start, end, self.chunk):
+            if self.pace and off > start:
+                time.sleep(self.pace)
+            s.sendall(self.payload[off:min(off + self.chunk, end)])
+            self.sent = min(off + self.chunk, end)
 
     @property
     def intact(self) -> bool:

@@ -19,13 +19,24 @@ if TYPE_CHECKING:
 
 
 class ResumeOps:
-    """Needs of the Tunnel: ``conn``, ``kind``, ``streams``, ``resuming``, ``pending_opens``,
+    """Needs of the Tunnel: ``conn``, ``kind``, ``streams``, ``resuming``, ``pending_opens``, ``done``,
     ``peer_node``, ``_loop``, ``send_frame``, ``hold``, ``flush``."""
 
     def resume(self, end: StreamEnd, token: bytes, far: tuple[str, str], offset: int, attach: bool) -> asyncio.Future:
         """Send RESUME for a parked stream (protocol §10.5); the future resolves like open()'s. A parked
         ``end`` (attach False) is attached only when OPEN_OK arrives, in the same callback; a relay's
         fresh BridgeEnd (attach True) at once, as by open()."""
+        if self.done.done():
+            # Torn down since the caller picked it: a relaying member picks the tunnel in the RESUME's
+            # callback and sends from a task that runs later (StreamDispatch._relay_resume), and a break
+            # that resets every tunnel closes it in between. Sent now, the RESUME would go nowhere and
+            # nothing would ever answer it (_teardown has run): the relay would refuse only after
+            # connect_timeout + 2 s, and the resuming end's parked stream, whose deadline is ping_timeout
+            # after a reset (§10.4), would be reset first (12 of 100 streams, one run in four, in
+            # tests/e2e/test_resume_netns.py). Refuse at once: the resumer tries another path.
+            fut = self._loop.create_future()
+            fut.set_result((Reason.ABORTED, f"tunnel to {self.peer_node} closed: {self.done.result()}"))
+            return fut
         relayed = self.kind == "peer"
         name = f"{end.tenant}/{end.service}" if relayed else end.service
         sid, frame = self.conn.resume_stream(name, token, far, offset, relayed=relayed)
