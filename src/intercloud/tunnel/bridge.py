@@ -88,9 +88,10 @@ class BridgeEnd:
             if frame is not None:
                 t.send_frame(frame)
 
-    def path_lost(self, reason: str) -> None:
-        """Our tunnel closed: the other side's end parks its stream on PATH_LOST (protocol §10.4)."""
-        self.abort(Reason.PATH_LOST, f"relay {reason}", tell_peer=False)
+    def path_lost(self, reason: str, silent: bool) -> None:
+        """Our tunnel closed: the other side's end parks its stream on PATH_LOST (protocol §10.4); the
+        text says whether our tunnel died of silence (the end then waits resume_timeout) or was closed."""
+        self.abort(Reason.PATH_LOST, f"path {'silent' if silent else 'closed'} at relay: {reason}", tell_peer=False)
 
     def on_remote_fin(self, closed: bool) -> None:
         self.fin_pending = True

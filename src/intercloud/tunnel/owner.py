@@ -83,7 +83,7 @@ class StreamEnd(TurnTaker, Protocol):
     def on_ack(self, held: int) -> None:
         """The far end holds ``held`` bytes of what this end sent (protocol §10.3)."""
 
-    def path_lost(self, reason: str) -> None:
+    def path_lost(self, reason: str, silent: bool) -> None:
         """The tunnel closed and the stream could not park: end it (a relay end: PATH_LOST)."""
 
     def abort(self, code: int, text: str, tell_peer: bool = True) -> None: ...

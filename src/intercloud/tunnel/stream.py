@@ -621,6 +621,6 @@ class LocalStream(asyncio.BufferedProtocol):
         elif self.parking is not None:  # parked: the registry logs and counts it
             self.parking.gone(self, reason or "closed")
 
-    def path_lost(self, reason: str) -> None:
+    def path_lost(self, reason: str, silent: bool) -> None:
         """Our tunnel closed and we could not park: reset the local socket."""
         self.abort(Reason.ABORTED, f"tunnel closed: {reason}", tell_peer=False)

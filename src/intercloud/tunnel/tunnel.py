@@ -299,7 +299,7 @@ class Tunnel(ResumeOps, Listener):
             if stream.finished or stream.tunnel is not self:
                 continue
             if not self.gateway.park(stream, self, reason, self.silent):
-                stream.path_lost(reason)
+                stream.path_lost(reason, self.silent)
         if not self.ready.done():
             self.ready.set_exception(ConnectionError(reason))
             self.ready.exception()  # mark retrieved
@@ -398,7 +398,8 @@ class Tunnel(ResumeOps, Listener):
             if s is not None:
                 if ev.code == Reason.PATH_LOST and s.in_service:  # a relay lost the other side (§10.4)
                     del self.streams[sid]
-                    if self.gateway.park(s, self, f"{self.peer_node} lost the path: {ev.text}", False):
+                    silent = ev.text.startswith("path silent")  # as its tunnel died: the wait follows it
+                    if self.gateway.park(s, self, f"{self.peer_node} lost the path: {ev.text}", silent):
                         return
                 s.abort(ev.code, f"peer reset: {ev.text}", tell_peer=False)
         elif type(ev) is OpenAccepted:
