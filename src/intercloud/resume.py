@@ -241,6 +241,10 @@ class Parking:
             self._refuse(tunnel, sid, service, Reason.NOT_RESUMABLE, why)
         elif stream is None or stream.finished:
             self._refuse(tunnel, sid, service, Reason.NOT_RESUMABLE, _NO_SUCH_STREAM)
+        elif stream.side != "connect":  # only the accepting end is resumed; its opener resumes it
+            self._refuse(tunnel, sid, service, Reason.NOT_RESUMABLE,
+                         "the token is of a stream this gateway opened: only its far end may be resumed",
+                         told=_NO_SUCH_STREAM)
         elif stream.service != service or stream.tenant != tunnel.tenant:
             self._refuse(tunnel, sid, service, Reason.NOT_RESUMABLE,
                          f"the token belongs to another service or tenant than {tunnel.tenant}/{service}",
