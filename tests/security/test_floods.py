@@ -60,8 +60,16 @@ def test_floods_leave_memory_service_and_log_intact(tmp_path, gateways, echo):
     assert probe.p(.99) <= 5 * quiet.p(.99), report
 
     # The heap pages of ended handshakes go back to the kernel shortly after the flood (tls_server._HeapTrim).
-    wait_until(lambda: rss_mb(cloud.pid) <= baseline + RSS_BUDGET_MB, 20,
-               what=f"cloud RSS <= {baseline:.1f} + {RSS_BUDGET_MB} MB ({report})")
+    seen: list[float] = []  # the RSS samples, for the failure message
+
+    def settled() -> bool:
+        seen.append(round(rss_mb(cloud.pid), 1))
+        return seen[-1] <= baseline + RSS_BUDGET_MB
+
+    try:
+        wait_until(settled, 20, interval=0.5, what=f"cloud RSS <= {baseline:.1f} + {RSS_BUDGET_MB} MB")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; RSS samples every 0.5 s after the floods: {seen}; {report}") from None
     after = rss_mb(cloud.pid)
     lines = log_lines(cloud, mark)
     print(f"RSS after {after:.1f} MB (baseline {baseline:.1f}); {lines} log lines")
