@@ -72,6 +72,7 @@ class LocalStream(asyncio.BufferedProtocol):
         self.bytes_up = 0  # local socket -> tunnel
         self.bytes_down = 0  # tunnel -> local socket
         self.undelivered = 0  # bytes queued in the transport, credit not yet returned
+        self._behind = False  # the transport still queues bytes received before we parked (see park)
         self.credit_paused = True  # no credit yet: nothing is read before OPEN_OK
         self.opened = False  # start() ran: OPEN_OK seen by the opener, or the target connected
         self.in_turns = False  # in the tunnel's fair ring: read only in our turns (protocol §6.3)
@@ -178,6 +179,7 @@ class LocalStream(asyncio.BufferedProtocol):
                 self.finish("closed")
 
     def resume_writing(self) -> None:
+        self._behind = False
         self._credit_undelivered()
 
     def pause_writing(self) -> None:
@@ -266,7 +268,15 @@ class LocalStream(asyncio.BufferedProtocol):
 
     def park(self) -> None:
         """Our path broke (protocol §10.4): keep both sockets, stop reading, wait to resume."""
-        self._drop_undelivered()  # still queued toward the socket; their credit belonged to the old id
+        # Bytes still queued toward the socket stay queued (the far end counts them as held, §10.3), but
+        # their credit belonged to the old id: off the count. They are ahead of everything the stream
+        # receives after it resumes, so deliver must not os.write past them until the transport drains
+        # (resume_writing): undelivered == 0 no longer means "nothing queued". Without this the bytes
+        # received after a resume overtook the queued ones at the socket (found by
+        # tests/protocol/test_resume_properties.py: a slow reader, a break, a resume).
+        tr = self.transport
+        self._behind = tr is not None and tr.get_write_buffer_size() > 0
+        self._drop_undelivered()
         self.tunnel_was, self.tunnel, self.sid = self.tunnel, None, 0
         self.parked = True
         self.in_turns = False
@@ -473,7 +483,7 @@ class LocalStream(asyncio.BufferedProtocol):
             return
         if self.acking and self.bytes_down - self._acked >= ACK_EVERY:
             self._ack()  # before the write: held counts bytes queued here too (protocol §10.3)
-        if self.undelivered == 0:
+        if self.undelivered == 0 and not self._behind:
             try:
                 written = os.write(self.fd, mv)
             except BlockingIOError:
