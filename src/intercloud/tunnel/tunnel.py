@@ -413,6 +413,9 @@ class Tunnel(Listener):
             if fut is not None and not fut.done():
                 fut.set_result(None)
         elif type(ev) is OpenRefused:
+            # A refused RESUME (BUSY, NOT_RESUMABLE, UNKNOWN_SERVICE): the stream stays parked, not ours.
+            # Left here, each refusal (a BUSY retry every 0.5 s) kept the stream until the tunnel closed.
+            self.resuming.pop(ev.stream_id, None)
             fut = self.pending_opens.pop(ev.stream_id, None)
             if fut is not None and not fut.done():
                 fut.set_result((ev.code, ev.text))
