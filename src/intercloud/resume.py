@@ -188,11 +188,13 @@ class Parking:
 
     # --- the opening end: RESUME on any path to the far end (protocol §10.5) ---------------
     def _paths(self, stream: LocalStream, tried: set) -> Tunnel | None:
-        """A tunnel to the far end instance itself (fewest streams first), else a relay link."""
+        """A tunnel to the far end instance itself (fewest streams first), else a relay link. ``tried``
+        holds the tunnels (to the far end itself) and the relaying members (instances) that failed this
+        round."""
         best = None
         for t in self.gw.tunnels:
             if (t.peer_key == stream.far and t.tenant == stream.tenant and t.resumable and t.usable
-                    and not t.goaway_received and t.peer_key not in tried):
+                    and not t.goaway_received and t not in tried):
                 if best is None or t.stream_count < best.stream_count:
                     best = t
         if best is None:
@@ -224,7 +226,13 @@ class Parking:
             if code == Reason.BUSY:  # the far end has not noticed the break yet
                 await asyncio.sleep(BUSY_RETRY)
                 continue
-            tried.add(tunnel.peer_key)
+            # Exclude the path that failed, not the far end: a tunnel to the far end itself failed (it
+            # closed under the RESUME, timed out, was full), another tunnel to it may well work. Excluding
+            # the instance skipped every such tunnel, including one that came up while this RESUME was
+            # out, and the stream then waited for the next route change, up to resume_timeout, with a
+            # working path up (tests/protocol/test_resume_properties.py: a new tunnel cut under its RESUME
+            # while a third one comes up).
+            tried.add(tunnel.peer_key if tunnel.kind == "peer" else tunnel)
             slog.info("[%s] RESUME of stream %s via %s refused: %s %s; trying another path", stream.service,
                       stream.client, tunnel.peer_node, Reason.name_of(code), text,
                       extra={"event": "stream.resume_retry", "service": stream.service,

@@ -16,7 +16,10 @@ and of a picows ``WSFrame`` (``msg_type``, ``fin``, ``rsv1``, ``get_payload_as_m
 * a frame's payload memoryview is overwritten once ``on_ws_frame`` returns, as picows reuses its read
   buffer: code that keeps the view instead of copying it sees garbage;
 * ``disconnect`` reaches the peer after what was sent before it (a TCP FIN behind the data), and
-  each side hears ``on_ws_disconnected`` exactly once.
+  each side hears ``on_ws_disconnected`` exactly once;
+* a network break (``FakeWire.cut``) loses what is in flight and everything sent later, both ways,
+  and tells neither side: each hears of it when the test says (``FakeWire.lose``: its connection was
+  reset) or when its own liveness fails the tunnel (``FakeWire.time_out``: ``Tunnel.silent``).
 
 ``FakeOwner`` is a minimal ``TunnelOwner`` whose OPEN handling is a per-test policy (``refuse``,
 ``never_answer``, ``dial``, or any callable), modelled on the Gateway's own: answers come from a task
@@ -163,7 +166,8 @@ class FakeWS:
         self.control: list[tuple[MsgType, bytes]] = []  # PING/PONG/CLOSE delivered to this side
         self.sends = 0
         self.writes = 0
-        self.dropped = 0  # messages sent after this side disconnected
+        self.dropped = 0  # messages sent after this side disconnected, or lost in a network break
+        self.severed = False  # the network between the two sides is broken (FakeWire.cut)
         self._lost = False  # on_ws_disconnected delivered
 
     # what Tunnel calls
@@ -209,25 +213,28 @@ class FakeWS:
             return
         self.is_disconnected = True
         self.loop.call_soon(self._connection_lost)
-        if self.peer is not None:
+        if self.peer is not None and not self.severed:  # across a broken network the peer hears nothing
             self.loop.call_soon(self.peer._peer_gone)
 
     # the wire
     def _write_raw(self, data: bytes) -> None:
-        if self.is_disconnected:
+        if self.is_disconnected or self.severed:
             self.dropped += 1
             return
         self.writes += 1
         self._post([(MsgType.BINARY, p) for p in parse_ws_frames(data, masked=self.client)])
 
     def _post(self, messages: list[tuple[MsgType, bytes]]) -> None:
-        if self.is_disconnected:
+        if self.is_disconnected or self.severed:
             self.dropped += len(messages)
             return
         self.loop.call_soon(self.peer._receive, messages)
 
     def _receive(self, messages: list[tuple[MsgType, bytes]]) -> None:
-        for msg_type, payload in messages:
+        for i, (msg_type, payload) in enumerate(messages):
+            if self.severed:  # in flight when the network broke: lost
+                self.peer.dropped += len(messages) - i
+                return
             if self.is_disconnected:
                 return  # arrived after this side closed: the socket is gone
             if msg_type is MsgType.BINARY:
@@ -288,6 +295,33 @@ class FakeWire:
     def close(self) -> None:
         for t in (self.client, self.server):
             t.close("test over")
+
+    # network breaks (protocol §10: streams park and resume on another tunnel)
+    def cut(self) -> None:
+        """The network between the two sides breaks: frames in flight are lost, both ways, and so is
+        everything sent from now on. Neither side notices (a blackhole) until ``lose`` or ``time_out``."""
+        self.server_ws.severed = self.client_ws.severed = True
+
+    def lose(self, tunnel: Tunnel) -> None:
+        """``tunnel``'s side notices the break as a reset connection (its socket failed): it hears
+        on_ws_disconnected soon, with no close frame and nothing more delivered."""
+        ws = self.ws_of(tunnel)
+        if not ws.is_disconnected:
+            ws.is_disconnected = True
+            ws.loop.call_soon(ws._connection_lost)
+
+    def time_out(self, tunnel: Tunnel) -> None:
+        """``tunnel``'s side notices the break by liveness, as Gateway._liveness_round does: nothing was
+        heard for ping_timeout, the tunnel is failed as ``silent`` (its parked streams wait
+        resume_timeout, protocol §10.4)."""
+        if not self.ws_of(tunnel).is_disconnected:
+            tunnel.silent = True
+            tunnel.fail(f"no frame from {tunnel.peer_node} (test: liveness)", code=CloseCode.INTERNAL_ERROR)
+
+    @property
+    def noticed(self) -> bool:
+        """Both sides know the connection is gone."""
+        return self.server_ws._lost and self.client_ws._lost
 
 
 # --- config and owner ----------------------------------------------------------------------
@@ -363,6 +397,8 @@ class FakeOwner:
         if tunnel.client:
             tunnel.send_hello()  # protocol §5.2: the dialer answers after admitting the peer
         self.tunnels.append(tunnel)
+        if self.parking is not None:
+            self.parking.peer_up(tunnel)  # as Gateway.tunnel_ready: a restarted far end's streams go now
         if self.on_ready is not None:
             self.on_ready(tunnel)
 
@@ -380,6 +416,8 @@ class FakeOwner:
     def stream_closed(self, tunnel: Tunnel, end, reason: str) -> None:
         self.calls.append(("stream_closed", tunnel, end, reason))
         self.closed.append((tunnel, end, reason))
+        if self.parking is not None:
+            self.parking.forget(end)  # as Gateway.stream_closed: its token resumes nothing any more
 
     def park(self, end, tunnel: Tunnel, reason: str, silent: bool) -> bool:
         """protocol §10.4: parks only where a test gave this owner a ``parking`` registry."""

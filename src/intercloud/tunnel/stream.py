@@ -573,7 +573,15 @@ class LocalStream(asyncio.BufferedProtocol):
             self._ack()  # the sender may let go of everything now
         tr = self.transport
         if tr is not None and tr.can_write_eof():
-            tr.write_eof()
+            try:
+                tr.write_eof()
+            except OSError as exc:
+                # The local peer reset its connection while we were not reading it (no credit, parked
+                # for resume), so the transport had not noticed; asyncio's (not uvloop's) write_eof then
+                # raises ENOTCONN. Uncaught, it escaped the tunnel's frame handler (picows closes the whole
+                # tunnel for that) and this stream never finished: reset it, as a failed write does.
+                self.abort(Reason.ABORTED, f"half-close toward {self.peer_label} failed: {exc.strerror or exc}")
+                return
         if closed:
             self.finish("closed")
 

@@ -409,12 +409,23 @@ class Tunnel(ResumeOps, Listener):
                 s.ok_payload = ev.payload  # the far end's resume identity, or a relay's answer to pass on
             else:
                 s = self.resuming.pop(sid, None)
-                if s is not None:  # now, not in the resuming task: the far end's replay may be in this read
+                if s is not None and (s.finished or not s.parked):
+                    # The stream ended while its RESUME was out (its client left while parked: Parking.gone
+                    # cancelled the resuming task, not the RESUME). The far end has attached its end to
+                    # this id: reset it. Resumed instead, a finished stream was attached here and the far
+                    # end's socket waited forever (tests/protocol/test_resume_properties.py).
+                    frame = self.conn.reset(sid, Reason.ABORTED, "the stream ended while its RESUME was out")
+                    if frame:
+                        self.send_frame(frame)
+                elif s is not None:  # now, not in the resuming task: the far end's replay may be in this read
                     self._resumed(sid, s, ev.payload)
             fut = self.pending_opens.pop(sid, None)
             if fut is not None and not fut.done():
                 fut.set_result(None)
         elif type(ev) is OpenRefused:
+            # A refused RESUME (BUSY, NOT_RESUMABLE, UNKNOWN_SERVICE): the stream stays parked, not ours.
+            # Left here, each refusal (a BUSY retry every 0.5 s) kept the stream until the tunnel closed.
+            self.resuming.pop(ev.stream_id, None)
             fut = self.pending_opens.pop(ev.stream_id, None)
             if fut is not None and not fut.done():
                 fut.set_result((ev.code, ev.text))
