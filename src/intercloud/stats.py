@@ -16,7 +16,12 @@ if TYPE_CHECKING:
 
 slog = logging.getLogger("intercloud.stream")
 COUNTERS = ("streams_opened", "streams_closed", "open_failures", "route_timeouts", "bytes_up", "bytes_down",
-            "tunnels_opened", "tunnels_closed", "liveness_misses", "protocol_errors", "internal_errors")
+            "tunnels_opened", "tunnels_closed", "liveness_misses", "protocol_errors", "internal_errors",
+            "connections_refused")
+#: Why a connection or handshake was refused before it carried anything (``GatewayStats.refused``):
+#: the ``kind`` label of intercloud_connections_refused_by and of the audit log's refusal records.
+REFUSAL_KINDS = ("acl", "max_connections", "max_rate", "proxy_protocol", "revoked", "tenant", "draining",
+                 "no_route")
 
 
 class GatewayStats:
@@ -27,6 +32,9 @@ class GatewayStats:
         self.labelled: dict[tuple[str, tuple], float] = {}
         self.tenant_streams: dict[str, int] = {}  # slots held: open and opening streams per tenant
         self.events: deque[dict] = deque(maxlen=200)
+        # the audit log ([gateway] audit_log) when configured: it gets every refusal, stream close,
+        # tunnel and peer link up/down from here
+        self.audit = None
 
     def snapshot(self) -> dict:
         """Copies of the counters, for a status document or a metrics page."""
@@ -83,6 +91,26 @@ class GatewayStats:
                    "peer_node": peer, "bytes_out": stream.bytes_up,
                    "bytes_in": stream.bytes_down, "duration": round(dur, 6), "reason": reason})
         return True
+
+    def refused(self, kind: str, why: str, *, client: str = "", service: str | None = None,
+                tenant: str | None = None, peer: str | None = None, rule: str | None = None) -> None:
+        """One connection, handshake or tunnel refused before it carried anything: count it
+        (intercloud_connections_refused_by{kind, service}), log one line naming the peer and the rule,
+        keep it for the dashboard and hand it to the audit log. ``kind`` is one of REFUSAL_KINDS;
+        ``why`` says what happened and what to do; ``rule`` is the config rule that matched (e.g.
+        ``deny 10.0.0.0/8``)."""
+        assert kind in REFUSAL_KINDS, kind
+        self.counters["connections_refused"] += 1
+        self.count("connections_refused", kind=kind, service=service or "")
+        where = f"[{service}] " if service else ""
+        who = client or peer or "?"
+        logs.emit(slog, logging.WARNING, f"{where}REFUSED {who} ({kind}): {why}",
+                  {"event": "conn.refused", "kind": kind, "service": service, "tenant": tenant, "client": client,
+                   "peer_node": peer, "rule": rule, "reason": why})
+        self.event("conn.refused", kind=kind, service=service, client=client, peer_node=peer, rule=rule,
+                   reason=why)
+        if self.audit is not None:
+            self.audit.refused(kind, why, client=client, service=service, tenant=tenant, peer=peer, rule=rule)
 
     def count(self, name: str, n: float = 1, **labels) -> None:
         key = (name, tuple(sorted(labels.items())))

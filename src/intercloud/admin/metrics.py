@@ -45,7 +45,7 @@ class _Collector:
         yield CounterMetricFamily("intercloud_bytes_in", "Bytes written from tunnels to local sockets",
                                   value=c["bytes_down"] + live_down)
         for key in ("streams_opened", "streams_closed", "open_failures", "route_timeouts", "tunnels_opened",
-                    "tunnels_closed", "liveness_misses", "internal_errors"):
+                    "tunnels_closed", "liveness_misses", "internal_errors", "connections_refused"):
             yield CounterMetricFamily(f"intercloud_{key}", key.replace("_", " "), value=c[key])
         # resume (protocol §10)
         yield GaugeMetricFamily("intercloud_streams_parked_now", "Streams parked now, waiting to resume on another path",
