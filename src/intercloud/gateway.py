@@ -15,6 +15,7 @@ import time
 
 from cryptography import x509
 
+from .admission import gates_for
 from .errors import StartupError
 from .resume import Parking
 from .router import Router
@@ -47,6 +48,7 @@ class Gateway:
         # services are keyed by (tenant, name): two tenants may both have a "serviceA" (issue 3)
         self.accept_services = {svc_key(s): s for s in config.services if s.accept}
         self.connect_services = {svc_key(s): s for s in config.services if s.connect}
+        self.gates = gates_for(config.services)  # allow/deny, max_connections, max_rate per service
         self.listeners: list[asyncio.AbstractServer] = []
         self.service_listeners: dict[str, asyncio.AbstractServer] = {}
         self.tg: asyncio.TaskGroup | None = None
@@ -323,6 +325,7 @@ class Gateway:
                     log.error("SIGHUP: service %s: cannot listen on %s: %s", svc.name, svc.accept, exc.strerror,
                               extra={"event": "gateway.reload_failed", "service": svc.name})
         self.accept_services = new_accept
+        self.gates = gates_for(new.services, self.gates)
         new_connect = {svc_key(s): s for s in new.services if s.connect}
         names_changed = set(new_connect) != set(self.connect_services)
         self.connect_services = new_connect

@@ -46,14 +46,23 @@ class GatewayStats:
     # while the first OPEN is still in flight (issue 12). The slot is freed once: by stream_closed
     # for a stream that opened, by its task's end for one that never did (refused, no route, the
     # client left, the target refused, the task cancelled before it ran).
-    def hold_slot(self, stream) -> None:
+    # The same slot counts the stream against its service's max_connections (``gate``, an
+    # admission.ServiceGate) on the accept and connect sides; relay bridges pass no gate.
+    def hold_slot(self, stream, gate=None) -> None:
         stream.counted = True
         self.tenant_streams[stream.tenant] = self.tenant_streams.get(stream.tenant, 0) + 1
+        if gate is not None:
+            stream.gate = gate
+            gate.active += 1
 
     def free_slot(self, stream) -> None:
         if stream.counted:
             stream.counted = False
             self.tenant_streams[stream.tenant] -= 1
+            gate = stream.gate
+            if gate is not None:
+                stream.gate = None
+                gate.active -= 1
 
     def stream_opened(self, tunnel: Tunnel, stream: StreamEnd) -> None:
         self.counters["streams_opened"] += 1
@@ -107,7 +116,7 @@ class GatewayStats:
         logs.emit(slog, logging.WARNING, f"{where}REFUSED {who} ({kind}): {why}",
                   {"event": "conn.refused", "kind": kind, "service": service, "tenant": tenant, "client": client,
                    "peer_node": peer, "rule": rule, "reason": why})
-        self.event("conn.refused", kind=kind, service=service, client=client, peer_node=peer, rule=rule,
+        self.event("conn.refused", refusal=kind, service=service, client=client, peer_node=peer, rule=rule,
                    reason=why)
         if self.audit is not None:
             self.audit.refused(kind, why, client=client, service=service, tenant=tenant, peer=peer, rule=rule)

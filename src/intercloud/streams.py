@@ -50,6 +50,7 @@ class DispatchHost(Protocol):
 
     tunnels: set
     parking: Parking
+    gates: dict  # (tenant, service) -> admission.ServiceGate
 
 
 class StreamDispatch:
@@ -69,7 +70,17 @@ class StreamDispatch:
         if limit is not None:
             self._refuse_client(stream, limit)
             return
-        self.stats.hold_slot(stream)
+        gate = self.gw.gates.get((stream.tenant, stream.service))
+        if gate is not None:  # allow/deny, max_connections, max_rate (admission.py)
+            refusal = gate.admit(stream.client)
+            if refusal is not None:
+                self.stats.refused(refusal.kind, refusal.why, client=stream.client, service=stream.service,
+                                   tenant=stream.tenant, rule=refusal.rule)
+                if stream.transport is not None:
+                    reset(stream.transport)
+                stream.finished = True
+                return
+        self.stats.hold_slot(stream, gate)
         # The first OPEN leaves from this callback when a tunnel is up, not one loop iteration later
         # from the task: it is on the client's first-byte path (docs/performance.md, P10).
         tunnel = self._pick_route(stream, NOT_TRIED)
@@ -159,10 +170,20 @@ class StreamDispatch:
                          extra={"event": "stream.open_refused", "service": service, "peer_node": tunnel.peer_node,
                                 "tenant": tunnel.tenant, "reason": limit})
             return
+        gate = self.gw.gates.get((tunnel.tenant, service))
+        if gate is not None:  # the same rules on the side that dials, against the client the OPEN names
+            refusal = gate.admit(client)
+            if refusal is not None:
+                code = Reason.FORBIDDEN if refusal.kind == "acl" else Reason.LIMIT
+                tunnel.refuse(sid, code, f"{self.gw.node_id}: service {service} refused client {client} "
+                                         f"({refusal.kind})")
+                self.stats.refused(refusal.kind, refusal.why, client=client, service=service, tenant=tunnel.tenant,
+                                   peer=tunnel.peer_node, rule=refusal.rule)
+                return
         ep = svc.connect
         stream = LocalStream(svc.name, "connect", client=client, target=f"{ep.host}:{ep.port}", tenant=tunnel.tenant,
                              on_connected=lambda s: self._target_connected(tunnel, sid, s))
-        self.stats.hold_slot(stream)
+        self.stats.hold_slot(stream, gate)
         tunnel.track_open(sid, self._stream_task(stream, self._dial_target(tunnel, sid, svc, stream), tunnel, sid))
 
     async def _dial_target(self, tunnel: Tunnel, sid: int, svc, stream: LocalStream) -> None:

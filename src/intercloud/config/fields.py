@@ -4,6 +4,7 @@ integers and file paths, each with a message in readable units when a value is o
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import re
@@ -19,6 +20,7 @@ from .values import _check_host, _kind, invalid
 __all__ = [
     "NAME_PATTERN",
     "BoundedInt",
+    "Cidr",
     "Congestion",
     "ConfigPath",
     "Duration",
@@ -147,6 +149,29 @@ def BoundedInt(ge: int, le: int) -> Any:
         return value
 
     return Annotated[int, PlainValidator(validate)]
+
+
+def _validate_cidr(value: object) -> str:
+    """An IPv4 or IPv6 network in CIDR notation; a bare address is that one host (/32, /128). Kept as
+    its canonical text (``ipaddress`` form) so that log lines name the rule as the operator can find it."""
+    if not isinstance(value, str):
+        raise invalid(f"expected a network string such as \"10.0.0.0/8\" or \"2001:db8::/32\", got a {_kind(value)}")
+    text = value.strip()
+    try:
+        net = ipaddress.ip_network(text, strict=True)
+    except ValueError as exc:
+        try:
+            loose = ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            raise invalid(f"invalid network {value!r} ({exc}): use an address or address/prefix, "
+                          'e.g. "10.0.0.0/8", "192.0.2.7", "2001:db8::/32"') from None
+        raise invalid(f"network {value!r} has bits set beyond its /{loose.prefixlen} prefix: "
+                      f"write {str(loose)!r} (the network) or the address alone (one host)") from None
+    return str(net)
+
+
+#: An IPv4 or IPv6 network (``allow``, ``deny``, ``trusted_proxies``).
+Cidr = Annotated[str, PlainValidator(_validate_cidr)]
 
 
 def _resolve_path(value: object, info: ValidationInfo) -> Path:

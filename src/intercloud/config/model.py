@@ -9,13 +9,15 @@ reports all problems.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
+    PlainValidator,
     ConfigDict,
     Field,
     PrivateAttr,
@@ -24,7 +26,7 @@ from pydantic import (
     model_validator,
 )
 
-from .fields import NAME_PATTERN, BoundedInt, ConfigPath, Congestion, Duration, GiB, KiB, MiB, Name, ServerName, Size
+from .fields import NAME_PATTERN, BoundedInt, Cidr, ConfigPath, Congestion, Duration, GiB, KiB, MiB, Name, ServerName, Size
 from .values import Endpoint, HostPort, ProxyUrl, Secret, WsUrl, invalid, is_ip_literal
 
 __all__ = [
@@ -92,6 +94,17 @@ class TlsConfig(_Section):
     #: On-prem: the host name expected in the cloud's certificate, if not the URL's host.
     server_name: ServerName | None = None
 
+
+def _validate_rate(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise invalid(f"expected a number of new connections per second, got {value!r}")
+    if not 0.01 <= value <= 1_000_000:
+        raise invalid(f"must be between 0.01 and 1000000 connections per second, got {value}")
+    return float(value)
+
+
+#: ``max_rate``: new connections per second.
+Rate = Annotated[float, PlainValidator(_validate_rate)]
 
 #: What 0 means for a socket option (in the message of a value out of bounds).
 _KERNEL_SETTING = "leave the kernel's setting"
@@ -279,6 +292,17 @@ class Service(_Section):
     accept: Endpoint | None = None
     #: Take streams for this service from the tunnels and dial this target.
     connect: Endpoint | None = None
+    #: Source networks that may use this service (the real client address, after PROXY protocol).
+    #: Empty: every source not denied. Checked at accept, and on the connect side against the
+    #: client address the OPEN carries (docs/operations.md §10).
+    allow: list[Cidr] = Field(default_factory=list, max_length=4096)
+    #: Source networks refused; a deny entry wins over an allow entry.
+    deny: list[Cidr] = Field(default_factory=list, max_length=4096)
+    #: Concurrent connections of this service on this gateway (opening and open; none: unlimited).
+    max_connections: BoundedInt(1, 10_000_000) | None = None
+    #: New connections per second of this service on this gateway, a token bucket holding one
+    #: second's worth (at least 1); none: unlimited.
+    max_rate: Rate | None = None
 
     @property
     def direction(self) -> Literal["accept", "connect"]:

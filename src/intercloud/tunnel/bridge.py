@@ -25,6 +25,7 @@ class BridgeEnd:
         self.service = service
         self.tenant = tenant
         self.counted = False  # holds one of its tenant's stream slots (GatewayStats.hold_slot)
+        self.gate = None  # its service's admission.ServiceGate while it holds a slot there
         self.in_service = False  # opened and logged: stream_closed frees the slot
         self.side = side
         self.client = client

@@ -62,6 +62,7 @@ class LocalStream(asyncio.BufferedProtocol):
         self.service = service
         self.tenant = tenant
         self.counted = False  # holds one of its tenant's stream slots (GatewayStats.hold_slot)
+        self.gate = None  # its service's admission.ServiceGate while it holds a slot there
         self.in_service = False  # opened and logged: stream_closed frees the slot
         self.on_connected = on_connected  # called from connection_made (both sides)
         self.side = side
