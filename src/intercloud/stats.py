@@ -19,7 +19,7 @@ COUNTERS = ("streams_opened", "streams_closed", "open_failures", "route_timeouts
             "tunnels_opened", "tunnels_closed", "liveness_misses", "protocol_errors", "internal_errors",
             "connections_refused")
 #: Why a connection or handshake was refused before it carried anything (``GatewayStats.refused``):
-#: the ``kind`` label of intercloud_connections_refused_by and of the audit log's refusal records.
+#: the ``kind`` label of intercloud_connections_refused_by_total and of the audit log's refusal records.
 REFUSAL_KINDS = ("acl", "max_connections", "max_rate", "proxy_protocol", "revoked", "tenant", "draining",
                  "no_route")
 
@@ -104,7 +104,7 @@ class GatewayStats:
     def refused(self, kind: str, why: str, *, client: str = "", service: str | None = None,
                 tenant: str | None = None, peer: str | None = None, rule: str | None = None) -> None:
         """One connection, handshake or tunnel refused before it carried anything: count it
-        (intercloud_connections_refused_by{kind, service}), log one line naming the peer and the rule,
+        (intercloud_connections_refused_by_total{kind, service}), log one line naming the peer and the rule,
         keep it for the dashboard and hand it to the audit log. ``kind`` is one of REFUSAL_KINDS;
         ``why`` says what happened and what to do; ``rule`` is the config rule that matched (e.g.
         ``deny 10.0.0.0/8``)."""
