@@ -124,13 +124,18 @@ class CloudGateway(Gateway):
     def admit(self, tunnel: Tunnel) -> str | None:
         self._handshakes.discard(tunnel)
         # the role, then the node id against the certificate (protocol §5.4), then tenant and services
-        refusal = super().admit(tunnel) or self.admit_tenant(tunnel)
+        refusal = super().admit(tunnel)
+        tenant_refusal = None if refusal is not None else self.admit_tenant(tunnel)
+        refusal = refusal or tenant_refusal
         if refusal is not None:
             tunnel.refusal_logged = True
             log.warning("tunnel from %s refused: %s", tunnel.peer_addr, refusal,
                         extra={"event": "tenant.refused", "peer_addr": tunnel.peer_addr, "reason": refusal,
                                "peer_node": tunnel.peer_node, "subject": tunnel.peer_cert.get("subject"),
                                "tenant": tunnel.tenant})
+            if tenant_refusal is not None and self.stats.audit is not None:  # logged above: audit record only
+                self.stats.audit.refused("tenant", refusal, client=tunnel.peer_addr, tenant=tunnel.tenant,
+                                         peer=tunnel.peer_node)
         return refusal
 
     def tunnel_ready(self, tunnel: Tunnel) -> None:
