@@ -18,11 +18,13 @@ batch, so records written after the signal land in the new file and nothing queu
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import json
 import logging
 import os
 import queue
 import re
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -41,11 +43,26 @@ SCHEMA_VERSION = 1
 MAX_QUEUE = 10_000
 #: Lines written with one write() at most.
 BATCH = 512
-_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+# O_NONBLOCK only for open(): a FIFO put at the path (after the config check) fails at once (ENXIO)
+# instead of blocking until a reader comes; _open_file refuses anything but a regular file anyway
+_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK
 _MODE = 0o640  # client addresses and certificate subjects: not for every local user
 _NODE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _STOP = object()
 _WAKE = object()
+
+
+def _open_file(path: Path) -> int:
+    """A descriptor to append to ``path``, a regular file (created 0640 if need be); OSError otherwise."""
+    fd = os.open(path, _FLAGS, _MODE)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file (a FIFO, socket or device)")
+        os.set_blocking(fd, True)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
 
 
 def schema() -> dict:
@@ -187,7 +204,7 @@ class AuditLog:
     # -- on the loop -----------------------------------------------------------------------------------
     def open(self) -> None:
         """Open the file at startup; OSError goes to the caller (a startup error naming the key)."""
-        self._fd = os.open(self.path, _FLAGS, _MODE)
+        self._fd = _open_file(self.path)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="intercloud-audit", daemon=True)
@@ -349,7 +366,7 @@ class AuditLog:
 
     def _do_reopen(self, path: Path) -> None:
         try:
-            fd = os.open(path, _FLAGS, _MODE)
+            fd = _open_file(path)
         except OSError as exc:
             where = f"still writing to the old file {self.path}" if self._fd >= 0 else "records are dropped"
             log.error("audit log: cannot open %s on SIGHUP (%s); %s. Fix the path or its directory, then send "

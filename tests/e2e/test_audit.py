@@ -368,3 +368,35 @@ def test_an_unusable_audit_log_path_is_a_startup_error_naming_the_key(tmp_path, 
     check = subprocess.run([sys.executable, "-m", "intercloud", "check", str(cloud.config_path)],
                            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2] / "src")})
     assert check.returncode != 0 and "gateway.audit_log" in check.stdout + check.stderr
+
+
+def test_sighup_moves_the_audit_log_to_a_new_path_and_turning_it_off_takes_a_restart(tmp_path, gateways):
+    with EchoServer() as e:
+        pair = make_pair(tmp_path, a_target=e.port, b_target=e.port)
+        one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
+
+        def text(path: Path | None) -> str:
+            line = f'audit_log = "{path}"\n' if path else ""
+            return pair.cloud_config().replace('route_wait = "2s"\n', f'route_wait = "2s"\n{line}', 1)
+
+        cloud = gateways("cloud1", text(one))
+        gateways("onprem1", pair.onprem_config())
+        wait_tunnels(cloud, 1)
+        assert echo(pair.a_port)[0] == "ok"
+        wait_record(one, lambda r: _stream(r, client=echo.last), "a stream in the first file")
+        cloud.config_text = text(two)
+        mark = cloud.log_mark()
+        cloud.signal(signal.SIGHUP)
+        cloud.wait_log(lambda r: r["event"] == "gateway.reloaded", since=mark)
+        cloud.wait_log(lambda r: r["event"] == "audit.reopened" and r["path"] == str(two), since=mark)
+        assert echo(pair.a_port)[0] == "ok"
+        wait_record(two, lambda r: _stream(r, client=echo.last), "a stream in the new file")
+        assert not any(r.get("client") == echo.last for r in records(one))
+        # no audit_log any more: that takes a restart; the reload says so and the log goes on
+        cloud.config_text = text(None)
+        mark = cloud.log_mark()
+        cloud.signal(signal.SIGHUP)
+        rec = cloud.wait_log(lambda r: r["event"] == "gateway.reload_partial", since=mark)
+        assert "gateway.audit_log" in rec["keys"], rec
+        assert echo(pair.a_port)[0] == "ok"
+        wait_record(two, lambda r: _stream(r, client=echo.last), "still audited after the reload")

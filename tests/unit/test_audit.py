@@ -260,3 +260,21 @@ def test_an_unusable_audit_log_path_is_a_config_problem_naming_the_key(tmp_path:
         load_config(_config(tmp_path, str(target)))
     found = [m for k, m in info.value.problems if k == "gateway.audit_log"]
     assert found and str(target.parent if case == "no_dir" else target) in found[0], info.value.problems
+
+
+def test_a_fifo_or_directory_at_the_path_is_refused_at_open_without_blocking(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "fifo")
+    for target in (tmp_path / "fifo", tmp_path):
+        with pytest.raises(OSError):
+            AuditLog(target, "cloud1").open()
+
+
+def test_a_path_that_cannot_be_opened_at_startup_is_a_startup_error_naming_the_key(tmp_path: Path) -> None:
+    from intercloud.errors import StartupError
+    from intercloud.gateway import Gateway
+
+    cfg = load_config(_config(tmp_path, "audit.jsonl"))
+    cfg = cfg.model_copy(update={"gateway": cfg.gateway.model_copy(update={"audit_log": tmp_path})})  # a directory
+    with pytest.raises(StartupError) as info:
+        Gateway(cfg)._open_audit()
+    assert "gateway.audit_log" in str(info.value) and str(tmp_path) in str(info.value)
