@@ -301,35 +301,46 @@ class AuditLog:
 
     # -- the writer thread -----------------------------------------------------------------------------
     def _run(self) -> None:
-        q = self._q
         stop = False
         while not stop:
-            batch = [q.get()]
-            while len(batch) < BATCH:
-                try:
-                    batch.append(q.get_nowait())
-                except queue.Empty:
-                    break
-            with self._lock:
-                target, self._reopen = self._reopen, None
-            if target is not None:
-                self._do_reopen(target)
-            lines = []
-            for build, ts, fields in batch:
-                if build is _STOP:
-                    stop = True
-                elif build is not _WAKE:
-                    try:
-                        lines.append(json.dumps(build(self.node, ts, **fields), separators=(",", ":"),
-                                                ensure_ascii=False, default=str))
-                    except Exception as exc:  # noqa: BLE001 - a bug must cost one record, not the log
-                        self.dropped_failed += 1
-                        log.error("audit log: a %s record could not be built (%s: %s); dropped (a bug: please "
-                                  "report it)", getattr(build, "__name__", "?"), type(exc).__name__, exc,
-                                  extra={"event": "audit.internal_error"})
-            if lines:
-                self._write(lines)
+            try:
+                stop = self._step()
+            except Exception as exc:  # noqa: BLE001 - the writer must outlive a bug, or the queue only fills
+                log.error("audit log: unexpected error in the writer (%s: %s); it goes on (a bug: please report "
+                          "it)", type(exc).__name__, exc, extra={"event": "audit.internal_error"})
         self._close_fd()
+
+    def _step(self) -> bool:
+        """Take a batch off the queue, reopen if asked, write it; True once told to stop."""
+        q = self._q
+        stop = False
+        batch = [q.get()]
+        while len(batch) < BATCH:
+            try:
+                batch.append(q.get_nowait())
+            except queue.Empty:
+                break
+        with self._lock:
+            target, self._reopen = self._reopen, None
+        if target is not None:
+            self._do_reopen(target)
+        lines = []
+        for build, ts, fields in batch:
+            if build is _STOP:
+                stop = True
+            elif build is not _WAKE:
+                try:
+                    # ASCII only: a peer's text with U+2028 or a lone surrogate stays one valid line
+                    lines.append(json.dumps(build(self.node, ts, **fields), separators=(",", ":"),
+                                            default=str))
+                except Exception as exc:  # noqa: BLE001 - a bug must cost one record, not the log
+                    self.dropped_failed += 1
+                    log.error("audit log: a %s record could not be built (%s: %s); dropped (a bug: please "
+                              "report it)", getattr(build, "__name__", "?"), type(exc).__name__, exc,
+                              extra={"event": "audit.internal_error"})
+        if lines:
+            self._write(lines)
+        return stop
 
     def _write(self, lines: list[str]) -> None:
         data = ("\n".join(lines) + "\n").encode("utf-8", "backslashreplace")

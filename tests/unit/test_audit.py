@@ -278,3 +278,18 @@ def test_a_path_that_cannot_be_opened_at_startup_is_a_startup_error_naming_the_k
     with pytest.raises(StartupError) as info:
         Gateway(cfg)._open_audit()
     assert "gateway.audit_log" in str(info.value) and str(tmp_path) in str(info.value)
+
+
+def test_hostile_text_stays_one_ascii_line_and_a_bad_record_costs_only_itself(tmp_path: Path) -> None:
+    a = AuditLog(tmp_path / "audit.log", "cloud1")
+    a.open()
+    a.start()
+    a.refused("acl", "line\u2028sep\nnew \udcff surrogate \x1b[31m")
+    a.put(refused_record, kind="acl")  # a bug: a required argument missing
+    a.refused("acl", "after")
+    a.close()
+    raw = (tmp_path / "audit.log").read_bytes()
+    assert raw.isascii() and raw.count(b"\n") == 2
+    got = lines(tmp_path / "audit.log")
+    assert got[0]["reason"].startswith("line\u2028sep\nnew") and got[1]["reason"] == "after"
+    assert a.dropped_failed == 1
