@@ -155,8 +155,13 @@ def _max_rate(w: World) -> dict:
     return {"client": refused_at_accept(w.ports["rate"])}
 
 
-def _acl(w: World) -> dict:
+def _acl_deny(w: World) -> dict:
     return {"client": refused_at_accept(w.ports["acl"], source="127.0.0.2")}
+
+
+def _acl_allow(w: World) -> dict:
+    assert echo(w.ports["acl"])[0] == "ok"  # 127.0.0.1 is allowed
+    return {"client": refused_at_accept(w.ports["acl"], source="127.0.0.3")}
 
 
 def _tenant_limit(w: World) -> dict:
@@ -204,8 +209,10 @@ CASES = [
          "max_connections")]),
     Case("max_rate", _max_rate, lambda w, f: [
         (w.cloud_log, lambda r: _refused(r, client=f["client"], kind="max_rate", service="rate"), "max_rate")]),
-    Case("acl", _acl, lambda w, f: [
-        (w.cloud_log, lambda r: _refused(r, client=f["client"], kind="acl", rule="deny 127.0.0.2/32"), "acl")]),
+    Case("acl deny", _acl_deny, lambda w, f: [
+        (w.cloud_log, lambda r: _refused(r, client=f["client"], kind="acl", rule="deny 127.0.0.2/32"), "deny")]),
+    Case("acl allow", _acl_allow, lambda w, f: [
+        (w.cloud_log, lambda r: _refused(r, client=f["client"], kind="acl", rule="allow", service="acl"), "allow")]),
     Case("tenant max_streams", _tenant_limit, lambda w, f: [
         (w.cloud_log, lambda r: _refused(r, client=f["client"], kind="tenant", tenant="t1", rule="max_streams 2"),
          "tenant limit")]),
@@ -219,7 +226,7 @@ def audited_pair(tmp_path, gateways):
         names = ("serviceA", "refusedsvc", "noroute", "lim", "rate", "acl")
         dead, *ports = free_ports(1 + len(names))
         port = dict(zip(names, ports))
-        rules = {"lim": "max_connections = 1\n", "rate": "max_rate = 0.01\n", "acl": 'deny = ["127.0.0.2"]\n'}
+        rules = {"lim": "max_connections = 1\n", "rate": "max_rate = 0.01\n", "acl": 'allow = ["127.0.0.1"]\ndeny = ["127.0.0.2"]\n'}
         pair.cloud_services = ['[[tenant]]\nname = "t1"\nclient_cn = ["onprem1"]\nmax_streams = 2\n'] + [
             service(n, accept=port[n]) + 'tenant = "t1"\n' + rules.get(n, "") for n in names]
         pair.onprem_services = [service(n, connect=dead if n == "refusedsvc" else e.port)
