@@ -164,6 +164,28 @@ def _acl_allow(w: World) -> dict:
     return {"client": refused_at_accept(w.ports["acl"], source="127.0.0.3")}
 
 
+def _proxy_real_client(w: World) -> dict:
+    """Through a trusted load balancer: the PROXY header's client is the one audited, on both sides."""
+    with socket.create_connection((L, w.ports["pp"]), timeout=scaled(10)) as s:
+        s.sendall(b"PROXY TCP4 203.0.113.7 127.0.0.1 40000 5000\r\nhello")
+        got = b""
+        while len(got) < 5:
+            chunk = s.recv(100)
+            assert chunk, got
+            got += chunk
+        assert got == b"hello"
+        s.shutdown(socket.SHUT_WR)
+        while s.recv(100):
+            pass
+    return {"client": "203.0.113.7:40000"}
+
+
+def _proxy_garbage(w: World) -> dict:
+    result, _ = echo(w.ports["pp"], b"GET / HTTP/1.0\r\n\r\n")
+    assert result != "ok"
+    return {"client": echo.last}
+
+
 def _tenant_limit(w: World) -> dict:
     held = []
     try:
@@ -213,6 +235,12 @@ CASES = [
         (w.cloud_log, lambda r: _refused(r, client=f["client"], kind="acl", rule="deny 127.0.0.2/32"), "deny")]),
     Case("acl allow", _acl_allow, lambda w, f: [
         (w.cloud_log, lambda r: _refused(r, client=f["client"], kind="acl", rule="allow", service="acl"), "allow")]),
+    Case("PROXY protocol: the real client", _proxy_real_client, lambda w, f: [
+        (w.cloud_log, lambda r: _stream(r, client=f["client"], service="pp", end="closed"), "cloud"),
+        (w.onprem_log, lambda r: _stream(r, client=f["client"], service="pp", end="closed"), "on-prem")]),
+    Case("PROXY protocol: no header", _proxy_garbage, lambda w, f: [
+        (w.cloud_log, lambda r: _refused(r, client=f["client"], kind="proxy_protocol", service="pp"),
+         "refused: no PROXY header")]),
     Case("tenant max_streams", _tenant_limit, lambda w, f: [
         (w.cloud_log, lambda r: _refused(r, client=f["client"], kind="tenant", tenant="t1", rule="max_streams 2"),
          "tenant limit")]),
@@ -223,10 +251,11 @@ CASES = [
 def audited_pair(tmp_path, gateways):
     with EchoServer() as e:
         pair = make_pair(tmp_path, a_target=e.port, b_target=e.port)
-        names = ("serviceA", "refusedsvc", "noroute", "lim", "rate", "acl")
+        names = ("serviceA", "refusedsvc", "noroute", "lim", "rate", "acl", "pp")
         dead, *ports = free_ports(1 + len(names))
         port = dict(zip(names, ports))
-        rules = {"lim": "max_connections = 1\n", "rate": "max_rate = 0.01\n", "acl": 'allow = ["127.0.0.1"]\ndeny = ["127.0.0.2"]\n'}
+        rules = {"lim": "max_connections = 1\n", "rate": "max_rate = 0.01\n", "acl": 'allow = ["127.0.0.1"]\ndeny = ["127.0.0.2"]\n',
+                 "pp": 'accept_proxy_protocol = true\ntrusted_proxies = ["127.0.0.1"]\n'}
         pair.cloud_services = ['[[tenant]]\nname = "t1"\nclient_cn = ["onprem1"]\nmax_streams = 2\n'] + [
             service(n, accept=port[n]) + 'tenant = "t1"\n' + rules.get(n, "") for n in names]
         pair.onprem_services = [service(n, connect=dead if n == "refusedsvc" else e.port)
