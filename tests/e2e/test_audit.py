@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import jsonschema
@@ -113,7 +113,7 @@ class World:
     echo_port: int
     dead_port: int
     certs: Path
-    held: list[socket.socket] = field(default_factory=list)
+    start_onprem: Callable[[str], object]  # another on-prem gateway of the pair, by node id (its own cert)
 
 
 @dataclass
@@ -186,6 +186,15 @@ def _proxy_garbage(w: World) -> dict:
     return {"client": echo.last}
 
 
+def _tenant_refuses_tunnel(w: World) -> dict:
+    gw = w.start_onprem("onprem2")  # its certificate maps to no [[tenant]] of the cloud
+    try:
+        wait_record(w.cloud_log, lambda r: _refused(r, kind="tenant", peer_node="onprem2"), "tunnel refused")
+    finally:
+        gw.stop()
+    return {}
+
+
 def _tenant_limit(w: World) -> dict:
     held = []
     try:
@@ -241,6 +250,9 @@ CASES = [
     Case("PROXY protocol: no header", _proxy_garbage, lambda w, f: [
         (w.cloud_log, lambda r: _refused(r, client=f["client"], kind="proxy_protocol", service="pp"),
          "refused: no PROXY header")]),
+    Case("tenant refuses a tunnel", _tenant_refuses_tunnel, lambda w, f: [
+        (w.cloud_log, lambda r: _refused(r, kind="tenant", peer_node="onprem2") and "onprem2" in r["reason"]
+         and r["client"].startswith("127.0.0.1:"), "a tunnel refused by the tenant rules")]),
     Case("tenant max_streams", _tenant_limit, lambda w, f: [
         (w.cloud_log, lambda r: _refused(r, client=f["client"], kind="tenant", tenant="t1", rule="max_streams 2"),
          "tenant limit")]),
@@ -260,8 +272,9 @@ def audited_pair(tmp_path, gateways):
             service(n, accept=port[n]) + 'tenant = "t1"\n' + rules.get(n, "") for n in names]
         pair.onprem_services = [service(n, connect=dead if n == "refusedsvc" else e.port)
                                 for n in names if n != "noroute"]
+        admin2 = free_ports(1)[0]
         w = World(tmp_path / "audit" / "cloud1.jsonl", tmp_path / "audit" / "onprem1.jsonl", port, e.port, dead,
-                  pair.certs)
+                  pair.certs, lambda name: gateways(name, pair.onprem_config(name, admin=admin2), ready=False))
         (tmp_path / "audit").mkdir()
         cloud_text = pair.cloud_config().replace('route_wait = "2s"\n',
                                                  f'route_wait = "1s"\naudit_log = "{w.cloud_log}"\n', 1)

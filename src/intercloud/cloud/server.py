@@ -172,6 +172,9 @@ class CloudGateway(Gateway):
             log.warning("tunnel %s from %s closed: its SERVICES %s", tunnel.id, tunnel.peer_addr, refusal,
                         extra={"event": "tenant.refused", "peer_addr": tunnel.peer_addr, "reason": refusal,
                                "tenant": tunnel.tenant})
+            if self.stats.audit is not None:
+                self.stats.audit.refused("tenant", f"SERVICES refused: {refusal}", client=tunnel.peer_addr,
+                                         tenant=tunnel.tenant, peer=tunnel.peer_node)
             tunnel.goaway(refusal, Reason.FORBIDDEN)
             tunnel.fail(f"SERVICES refused: {refusal}", code=1008, quiet=True)
             return
