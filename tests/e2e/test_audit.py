@@ -44,7 +44,8 @@ def records(path: Path) -> list[dict]:
     if not path.exists():
         return []
     out = []
-    for line in path.read_text().splitlines():
+    text = path.read_text()
+    for line in text[:text.rfind("\n") + 1].splitlines():  # not a line the writer is still writing
         rec = json.loads(line)
         VALIDATOR.validate(rec)
         out.append(rec)
