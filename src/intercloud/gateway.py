@@ -259,10 +259,10 @@ class Gateway:
             # a new path applies (reload below); turning the audit log on or off takes a restart
             ("gateway.audit_log", old.gateway.audit_log is None, new.gateway.audit_log is None)) if a != b]
         if fixed:
+            on_off = "gateway.audit_log" in fixed
             new = new.model_copy(update={"gateway": new.gateway.model_copy(update={"role": old.gateway.role,
                                  "node_id": old.gateway.node_id, "admin": old.gateway.admin,
-                                 "audit_log": (new.gateway.audit_log if (old.gateway.audit_log is None) ==
-                                               (new.gateway.audit_log is None) else old.gateway.audit_log)}),
+                                 "audit_log": old.gateway.audit_log if on_off else new.gateway.audit_log}),
                                  "tunnel": new.tunnel.model_copy(update={"listen": old.tunnel.listen,
                                            "max_frame": old.tunnel.max_frame, "per_member": old.tunnel.per_member}),
                                  "cluster": old.cluster})
@@ -341,9 +341,9 @@ class Gateway:
         if fixed:
             log.warning("SIGHUP: %s changed; that takes a restart, the old values stay in force", ", ".join(fixed),
                         extra={"event": "gateway.reload_partial", "keys": fixed})
-        audit = self.stats.audit
-        if audit is not None and new.gateway.audit_log is not None and new.gateway.audit_log != self.config.gateway.audit_log:
-            audit.reopen(new.gateway.audit_log)  # the writer moves to the new path before its next batch
+        audit, path = self.stats.audit, new.gateway.audit_log
+        if audit is not None and path is not None and path != self.config.gateway.audit_log:
+            audit.reopen(path)  # the writer moves to the new path before its next batch
         self.config = new
         self.budget.set_limit(new.gateway.max_buffered)
         self._reload_state = "the configuration was applied only partly; send SIGHUP again or restart"

@@ -158,7 +158,7 @@ class StreamDispatch:
             self.stats.audit.refused(kind, why, client=client, service=service, tenant=tenant, peer=peer, rule=rule)
 
     def _tenant_rule(self, tenant: str) -> str | None:
-        spec = next((t for t in getattr(self.gw.config, "tenants", ()) if t.name == tenant), None)
+        spec = next((t for t in self.gw.config.tenants if t.name == tenant), None)
         return f"max_streams {spec.max_streams}" if spec is not None and spec.max_streams is not None else None
 
     # --- connect side: the peer asks us to dial one of our services ---------------------
