@@ -450,3 +450,39 @@ def test_sighup_moves_the_audit_log_to_a_new_path_and_turning_it_off_takes_a_res
         assert "gateway.audit_log" in rec["keys"], rec
         assert echo(pair.a_port)[0] == "ok"
         wait_record(two, lambda r: _stream(r, client=echo.last), "still audited after the reload")
+
+
+@pytest.mark.needs_root
+@pytest.mark.needs_binary("mount", "umount")
+def test_a_full_disk_drops_records_counted_with_one_error_and_streams_go_on(tmp_path, gateways):
+    """The audit log on a 64 KiB tmpfs: once it is full, records are dropped and counted, one error line
+    says so, and clients keep getting their echoes."""
+    disk = tmp_path / "small"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], check=True)
+    try:
+        with EchoServer() as e:
+            pair = make_pair(tmp_path, a_target=e.port, b_target=e.port)
+            log = disk / "audit.jsonl"
+            cloud = gateways("cloud1", pair.cloud_config().replace(
+                'route_wait = "2s"\n', f'route_wait = "2s"\naudit_log = "{log}"\n', 1))
+            gateways("onprem1", pair.onprem_config())
+            wait_tunnels(cloud, 1)
+            for i in range(200):  # ~700 bytes a record: 64 KiB holds fewer than 100
+                assert echo(pair.a_port, b"%d" % i)[0] == "ok", i
+
+            def dropped() -> float:
+                for line in cloud.http_get("/metrics")[1].decode().splitlines():
+                    if line.startswith('intercloud_audit_dropped_total{reason="write_failed"}'):
+                        return float(line.split()[-1])
+                return 0.0
+
+            wait_until(lambda: dropped() > 0, 10, what="records dropped for a full disk")
+            errors = [r for r in cloud.log_lines() if r.get("event") == "audit.write_failed"]
+            assert len(errors) == 1 and "No space left" in errors[0]["msg"], errors
+            kept = records(log)  # what made it is whole, valid lines (a failed batch is cut off)
+            assert 0 < len(kept) < 200
+            assert log.read_bytes().endswith(b"\n")
+            assert cloud.running
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
