@@ -293,3 +293,9 @@ def test_hostile_text_stays_one_ascii_line_and_a_bad_record_costs_only_itself(tm
     got = lines(tmp_path / "audit.log")
     assert got[0]["reason"].startswith("line\u2028sep\nnew") and got[1]["reason"] == "after"
     assert a.dropped_failed == 1
+
+
+def test_rfc3339_matches_datetime_across_seconds() -> None:
+    for t in (0.0, 1.9999996, 1796395733.98496, 1796395734.000001, 1796395733.5, 1796395734.999999):
+        want = dt.datetime.fromtimestamp(round(t * 1e6) / 1e6, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        assert audit_mod.rfc3339(t) == want, t
