@@ -137,7 +137,7 @@ class Gateway:
         hit = revocations.check(tunnel.peer_der)
         if hit is None:
             return None
-        why = f"{what} from {tunnel.peer_addr}: {hit.why()}"
+        why = f"{what} {'dialed at' if tunnel.client else 'from'} {tunnel.peer_addr}: {hit.why()}"
         tunnel.refusal_logged = True
         peer = tunnel.peer_node if tunnel.peer is not None else tunnel.peer_addr
         self.stats.refused("revoked", why, peer=peer, tenant=tunnel.tenant if self.role == "cloud" else None)
