@@ -18,7 +18,7 @@ from cryptography import x509
 from .admission import gates_for
 from .errors import StartupError
 from .resume import Parking
-from .revocation import Revocations, load_revocations
+from .revocation import Revocations, load_revocations, warn_stale
 from .router import Router
 from .stats import GatewayStats
 from .streams import DEFAULT_TENANT, StreamDispatch
@@ -70,6 +70,7 @@ class Gateway:
         self._reload_state = ""  # for the failure message: how much of the reload was applied
         # [tls] crl: checked on every tunnel handshake (cloud: on-prem certificates; on-prem: the cloud's)
         self.revocations = Revocations() if config.tls.insecure else load_revocations(config.tls.crl)
+        warn_stale(self.revocations, "tls.crl")
 
     # --- overridable per role ----------------------------------------------------------
     def connect_service_names(self, tunnel: Tunnel) -> list[str]:
@@ -128,6 +129,7 @@ class Gateway:
 
     def after_reload(self) -> None:
         """Re-check live tunnels against the reloaded config (cloud: tenants; both: tls.crl)."""
+        warn_stale(self.revocations, "tls.crl")
         self.close_revoked(self.tunnels, self.revocations, "tunnel")
 
     # --- certificate revocation ([tls] crl, [cluster] crl; revocation.py) -----------------

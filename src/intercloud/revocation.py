@@ -1,4 +1,4 @@
-"""Certificate revocation lists (``[tls] crl``, ``[cluster] crl``; docs/operations.md §10.6).
+"""Certificate revocation lists (``[tls] crl``, ``[cluster] crl``; docs/operations.md §10.5).
 
 Why the check is here and not in OpenSSL: ``VERIFY_CRL_CHECK_LEAF`` fails *every* certificate whose
 issuer has no CRL loaded ("unable to get certificate CRL"). A cloud that trusts several tenant CAs
@@ -15,6 +15,7 @@ immutable :class:`Revocations` that the loop swaps in (apply_tls) and then check
 from __future__ import annotations
 
 import datetime as _dt
+import logging
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -22,7 +23,9 @@ from pathlib import Path
 
 from cryptography import x509
 
-__all__ = ["CrlError", "LoadedCrl", "Revocations", "Revoked", "load_crl_file", "load_revocations"]
+__all__ = ["CrlError", "LoadedCrl", "Revocations", "Revoked", "load_crl_file", "load_revocations", "warn_stale"]
+
+log = logging.getLogger("intercloud.tls")
 
 _BLOCK = re.compile(rb"-----BEGIN X509 CRL-----\r?\n.+?-----END X509 CRL-----", re.DOTALL)
 #: A CRL file larger than this is refused: the whole file is parsed into memory on every reload.
@@ -156,3 +159,21 @@ def signed_by(loaded: LoadedCrl, cas: Sequence[x509.Certificate]) -> x509.Certif
         except (TypeError, ValueError):  # a key type that cannot sign CRLs
             continue
     return None
+
+
+def warn_stale(revocations: Revocations, key: str, now: _dt.datetime | None = None) -> int:
+    """One WARNING per CRL past its nextUpdate (at start-up and on every reload). A stale CRL is still
+    used: it still revokes everything it lists, and refusing every peer because a CRL was not refreshed
+    in time would turn a missed cron job into an outage. Returns how many were stale."""
+    now = now or _dt.datetime.now(_dt.UTC)
+    stale = 0
+    for loaded in revocations.crls:
+        nxt = loaded.next_update
+        if nxt is not None and nxt <= now:
+            stale += 1
+            log.warning("%s: CRL %s (issuer %s) is stale: its nextUpdate was %s UTC; still used, but revocations "
+                        "since then are missing. Renew it (intercloud certs crl DIR, or fetch it from its CA) and "
+                        "send SIGHUP", key, loaded.path, loaded.issuer, f"{nxt:%Y-%m-%d %H:%M}",
+                        extra={"event": "tls.crl_stale", "key": key, "crl": str(loaded.path),
+                               "next_update": nxt.isoformat()})
+    return stale

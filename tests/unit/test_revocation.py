@@ -320,3 +320,16 @@ def test_crl_without_ca(pki: Path, tmp_path: Path) -> None:
     path.write_text(cloud_toml(pki, f'crl = "{pki}/crl.pem"').replace(f'ca = "{pki}/ca.pem"', ""))
     with pytest.raises(ConfigError, match="tls.crl is set but tls.ca is not"):
         load_config(path)
+
+
+def test_a_stale_crl_is_logged_and_still_revokes(pki: Path, tmp_path: Path, caplog) -> None:
+    from intercloud.revocation import warn_stale
+
+    ca = certs.load_ca(pki)
+    (tmp_path / "stale.pem").write_bytes(make_crl(ca, [serial(pki / "dc1.pem")], next_update=NOW - dt.timedelta(days=2)))
+    revs = load_revocations([tmp_path / "stale.pem", pki / "crl.pem"])
+    assert revs.check(der(pki / "dc1.pem")) is not None
+    with caplog.at_level("WARNING", logger="intercloud.tls"):
+        assert warn_stale(revs, "tls.crl") == 1
+    rec = [r for r in caplog.records if getattr(r, "event", None) == "tls.crl_stale"]
+    assert len(rec) == 1 and "tls.crl: CRL" in rec[0].getMessage() and "stale" in rec[0].getMessage()
