@@ -213,3 +213,23 @@ def test_revoked_member_peer_link_is_closed_and_not_reestablished(tmp_path, gate
         seen = refusals()
         wait_until(lambda: refusals() >= seen + 2, 15, what="more redials, each refused")
         assert not c1.status()["peer_links"] and not gws["cloud2"].status()["peer_links"]
+
+
+def test_a_crl_for_another_ca_stops_startup_with_one_clear_error(tmp_path, gateways):
+    with EchoServer() as echo1, EchoServer() as echo2:
+        w = World(tmp_path, echo1, echo2)
+        init_certs(tmp_path / "other", cloud=[], onprem=["x"])
+        foreign = tmp_path / "other" / "crl.pem"
+        cloud = gateways("cloud1", w.cloud().replace(f'crl = "{w.certs}/crl.pem"', f'crl = "{foreign}"'),
+                         ready=False)
+        code = cloud.wait_exit(30)
+        text = cloud.log_text()
+        assert code != 0 and "Traceback" not in text, text
+        assert "tls.crl" in text and "a CRL for another CA" in text and str(foreign) in text, text
+        # and a reload onto such a file is refused: the running configuration (and its CRLs) stay
+        good = gateways("cloud1b", w.cloud())
+        mark = good.log_mark()
+        good.config_text = w.cloud().replace(f'crl = "{w.certs}/crl.pem"', f'crl = "{foreign}"')
+        good.signal(signal.SIGHUP)
+        rec = good.wait_log(lambda r: r.get("event") == "gateway.reload_failed", since=mark, timeout=10)
+        assert "tls.crl" in good.log_text(mark) and "Traceback" not in good.log_text(mark), rec
