@@ -39,6 +39,11 @@ def client_address(client: str) -> Address | None:
     return addr
 
 
+def within(addr: Address | None, networks: list[Network]) -> bool:
+    """Whether ``addr`` is in one of ``networks`` (None, no address: in none)."""
+    return addr is not None and any(addr.version == net.version and addr in net for net in networks)
+
+
 class TokenBucket:
     """``rate`` tokens a second, holding at most one second's worth (at least one token)."""
 
@@ -79,12 +84,26 @@ class ServiceGate:
         self.allow: list[Network] = [ipaddress.ip_network(n) for n in svc.allow]
         self.deny: list[Network] = [ipaddress.ip_network(n) for n in svc.deny]
         self.max_connections: int | None = svc.max_connections
+        # accept_proxy_protocol: the networks a PROXY header is taken from (None: no header expected)
+        self.proxies: list[Network] | None = ([ipaddress.ip_network(n) for n in svc.trusted_proxies]
+                                              if getattr(svc, "accept_proxy_protocol", False) else None)
         if svc.max_rate is None:
             self.bucket = None
         elif self.bucket is None:
             self.bucket = TokenBucket(svc.max_rate)
         else:
             self.bucket.configure(svc.max_rate)
+
+    def proxy_refusal(self, peer: str) -> Refusal | None:
+        """accept_proxy_protocol: a connection that is not from one of trusted_proxies is refused
+        before a byte of it is read (its header would be a lie we cannot tell from the truth)."""
+        if self.proxies is None or within(client_address(peer), self.proxies):
+            return None
+        return Refusal("proxy_protocol", "trusted_proxies",
+                       f"{peer} is not in service {self.name}'s trusted_proxies "
+                       f"({', '.join(map(str, self.proxies[:4]))}{', ...' if len(self.proxies) > 4 else ''}) and "
+                       "accept_proxy_protocol is on: only those load balancers may connect; add the balancer's "
+                       "address to trusted_proxies")
 
     def screen(self, client: str) -> Refusal | None:
         """The source rules: deny wins, then a non-empty allow list must match."""

@@ -28,6 +28,7 @@ from .protocol.frames import Reason
 from .transport.tls import certificate_names
 from .tunnel.budget import BufferBudget
 from .tunnel.owner import StreamEnd
+from .transport.proxy_header import ProxyHeaderReader
 from .tunnel.stream import LocalStream
 from .tunnel.tunnel import Tunnel
 
@@ -209,11 +210,25 @@ class Gateway:
     async def _listen(self, svc) -> None:
         ep = svc.accept
         server = await asyncio.get_running_loop().create_server(
-            lambda: LocalStream(svc.name, "accept", on_connected=self.dispatch.client_connected, tenant=svc.tenant or DEFAULT_TENANT),
-            ep.host, ep.port, reuse_address=True, backlog=1024)
+            lambda: self._accepted(svc.name, svc.tenant or DEFAULT_TENANT), ep.host, ep.port,
+            reuse_address=True, backlog=1024)
         self.service_listeners[svc_key(svc)] = server
         log.info("service %s listening on %s", svc.name, ep,
                  extra={"event": "service.listening", "service": svc.name, "address": str(ep)})
+
+    def _accepted(self, name: str, tenant: str):
+        """The protocol of a new connection to service ``name``'s listener: its LocalStream, or with
+        accept_proxy_protocol (as configured now, reloads included) a reader of the PROXY header first."""
+        gate = self.gates.get((tenant, name))
+        if gate is None or gate.proxies is None:
+            return LocalStream(name, "accept", on_connected=self.dispatch.client_connected, tenant=tenant)
+
+        def refused(peer: str, why: str, rule: str) -> None:
+            self.stats.refused("proxy_protocol", why, client=peer, service=name, tenant=tenant, rule=rule)
+        return ProxyHeaderReader(
+            lambda client: LocalStream(name, "accept", client=client, on_connected=self.dispatch.client_connected,
+                                       tenant=tenant),
+            gate.proxy_refusal, refused)
 
     # --- reload (SIGHUP) -----------------------------------------------------------------
     def _sighup(self) -> None:
@@ -346,6 +361,8 @@ class Gateway:
                       extra={"event": "gateway.reload_failed"})
         else:
             self.apply_tls(contexts)
+        # the admission rules first: a listener opened below takes connections under them at once
+        self.gates = gates_for(new.services, self.gates)
         # accept services: close removed or moved listeners, open new ones
         new_accept = {svc_key(s): s for s in new.services if s.accept}
         for name, svc in list(self.accept_services.items()):
@@ -363,7 +380,6 @@ class Gateway:
                     log.error("SIGHUP: service %s: cannot listen on %s: %s", svc.name, svc.accept, exc.strerror,
                               extra={"event": "gateway.reload_failed", "service": svc.name})
         self.accept_services = new_accept
-        self.gates = gates_for(new.services, self.gates)
         new_connect = {svc_key(s): s for s in new.services if s.connect}
         names_changed = set(new_connect) != set(self.connect_services)
         self.connect_services = new_connect

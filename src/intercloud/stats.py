@@ -102,20 +102,23 @@ class GatewayStats:
         return True
 
     def refused(self, kind: str, why: str, *, client: str = "", service: str | None = None,
-                tenant: str | None = None, peer: str | None = None, rule: str | None = None) -> None:
+                tenant: str | None = None, peer: str | None = None, rule: str | None = None,
+                log: bool = True) -> None:
         """One connection, handshake or tunnel refused before it carried anything: count it
         (intercloud_connections_refused_by_total{kind, service}), log one line naming the peer and the rule,
         keep it for the dashboard and hand it to the audit log. ``kind`` is one of REFUSAL_KINDS;
         ``why`` says what happened and what to do; ``rule`` is the config rule that matched (e.g.
-        ``deny 10.0.0.0/8``)."""
+        ``deny 10.0.0.0/8``). ``log`` False: the caller logs it (a listener anyone can reach logs
+        through its rate limiter)."""
         assert kind in REFUSAL_KINDS, kind
         self.counters["connections_refused"] += 1
         self.count("connections_refused", kind=kind, service=service or "")
         where = f"[{service}] " if service else ""
         who = client or peer or "?"
-        logs.emit(slog, logging.WARNING, f"{where}REFUSED {who} ({kind}): {why}",
-                  {"event": "conn.refused", "kind": kind, "service": service, "tenant": tenant, "client": client,
-                   "peer_node": peer, "rule": rule, "reason": why})
+        if log:
+            logs.emit(slog, logging.WARNING, f"{where}REFUSED {who} ({kind}): {why}",
+                      {"event": "conn.refused", "kind": kind, "service": service, "tenant": tenant,
+                       "client": client, "peer_node": peer, "rule": rule, "reason": why})
         self.event("conn.refused", refusal=kind, service=service, client=client, peer_node=peer, rule=rule,
                    reason=why)
         if self.audit is not None:

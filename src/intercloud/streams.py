@@ -183,6 +183,7 @@ class StreamDispatch:
         ep = svc.connect
         stream = LocalStream(svc.name, "connect", client=client, target=f"{ep.host}:{ep.port}", tenant=tunnel.tenant,
                              on_connected=lambda s: self._target_connected(tunnel, sid, s))
+        stream.proxy_protocol = svc.proxy_protocol
         self.stats.hold_slot(stream, gate)
         tunnel.track_open(sid, self._stream_task(stream, self._dial_target(tunnel, sid, svc, stream), tunnel, sid))
 

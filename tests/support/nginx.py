@@ -41,7 +41,8 @@ METHODS = ("least_conn", "round_robin")
 _LOG_FORMAT = (
     '{"time":"$time_iso8601","client":"$remote_addr:$remote_port","server":"$server_addr:$server_port",'
     '"upstream":"$upstream_addr","status":"$status","sent":"$bytes_sent","received":"$bytes_received",'
-    '"session_time":"$session_time","upstream_connect_time":"$upstream_connect_time","sni":"$SNI"}'
+    '"session_time":"$session_time","upstream_connect_time":"$upstream_connect_time","sni":"$SNI",'
+    '"proxy_protocol_client":"$proxy_protocol_addr:$proxy_protocol_port"}'
 )
 
 
@@ -106,6 +107,9 @@ class NginxLB:
         listen_ip: str | None = None,
         connect_timeout: str = "1s",
         name: str = "nginx",
+        send_proxy_protocol: bool = False,
+        listen_proxy_protocol: bool = False,
+        proxy_bind: str | None = None,
     ) -> None:
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, not {method!r}")
@@ -118,6 +122,12 @@ class NginxLB:
         self.max_fails = max_fails
         self.connect_timeout = connect_timeout
         self.backends = [tuple(b) for b in backends]
+        # PROXY protocol: send a v1 header to the backends (proxy_protocol on), expect one from clients
+        # (listen ... proxy_protocol; the access log's proxy_protocol_client is what it said);
+        # proxy_bind: the source address of the connections to the backends
+        self.send_proxy_protocol = send_proxy_protocol
+        self.listen_proxy_protocol = listen_proxy_protocol
+        self.proxy_bind = proxy_bind
         self.ssl_preread_map = dict(ssl_preread_map) if ssl_preread_map else None
         self.prefix = Path(tmpdir) / name
         self.prefix.mkdir(parents=True, exist_ok=True)
@@ -173,8 +183,13 @@ class NginxLB:
             lines.append("    }")
         lines += [
             "    server {",
-            f"        listen {_addr(self.listen_ip, self.listen_port)};",
+            f"        listen {_addr(self.listen_ip, self.listen_port)}"
+            f"{' proxy_protocol' if self.listen_proxy_protocol else ''};",
         ]
+        if self.send_proxy_protocol:
+            lines.append("        proxy_protocol on;")
+        if self.proxy_bind:
+            lines.append(f"        proxy_bind {self.proxy_bind};")
         if self.ssl_preread_map:
             lines += ["        ssl_preread on;", "        proxy_pass $ic_backend;"]
         else:

@@ -151,3 +151,17 @@ def test_config_rejects_bad_limits(kw, message):
     with pytest.raises(Exception) as info:
         svc(**kw)
     assert message in str(info.value)
+
+
+def test_proxy_refusal_only_with_accept_proxy_protocol_and_names_trusted_proxies():
+    assert ServiceGate(svc()).proxy_refusal("203.0.113.9:4000") is None  # no header expected: no check
+    g = ServiceGate(svc(accept_proxy_protocol=True, trusted_proxies=["10.0.0.0/24", "fd00::/64"]))
+    assert g.proxy_refusal("10.0.0.7:4000") is None
+    assert g.proxy_refusal("fd00::9:4000") is None
+    assert g.proxy_refusal("::ffff:10.0.0.7:4000") is None  # a dual-stack listener's view
+    refusal = g.proxy_refusal("10.0.1.7:4000")
+    assert refusal.kind == "proxy_protocol" and refusal.rule == "trusted_proxies"
+    assert "10.0.1.7:4000" in refusal.why and "10.0.0.0/24" in refusal.why
+    assert g.proxy_refusal("?").kind == "proxy_protocol"
+    g.configure(svc())  # a reload that turns it off
+    assert g.proxies is None and g.proxy_refusal("10.0.1.7:4000") is None

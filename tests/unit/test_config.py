@@ -1261,3 +1261,43 @@ def test_tenant_without_matchers_and_bad_fingerprint(tmp_path):
     probs = _problems(tmp_path, _tenant_cloud(tmp_path, "", tenants))
     assert "no client_cn" in probs["tenant[0]"]
     assert "fingerprint" in probs["tenant[1].client_fingerprint"]
+
+
+# ---------------------------------------------------------------------------------------------
+# PROXY protocol keys (docs/operations.md §10.5)
+# ---------------------------------------------------------------------------------------------
+
+_PP_ACCEPT = '[[service]]\nname = "a"\naccept = "tcp://127.0.0.1:7000"\n'
+_PP_CONNECT = '[[service]]\nname = "b"\nconnect = "tcp://127.0.0.1:7001"\n'
+
+
+def test_proxy_protocol_keys_load(tmp_path: Path, pki: Path) -> None:
+    cfg = load_config(write(tmp_path, cloud_toml(
+        pki, tunnel='accept_proxy_protocol = true\ntrusted_proxies = ["10.0.0.0/24", "fd00::/64"]',
+        services=_PP_ACCEPT + 'accept_proxy_protocol = true\ntrusted_proxies = ["127.0.0.1/32"]\n'
+        + _PP_CONNECT + 'proxy_protocol = "v2"\n')))
+    assert cfg.tunnel.accept_proxy_protocol and cfg.tunnel.trusted_proxies == ["10.0.0.0/24", "fd00::/64"]
+    assert cfg.services[0].accept_proxy_protocol and cfg.services[0].trusted_proxies == ["127.0.0.1/32"]
+    assert cfg.services[1].proxy_protocol == "v2" and cfg.services[0].proxy_protocol is None
+
+
+@pytest.mark.parametrize("services, tunnel, key, words", [
+    (_PP_ACCEPT + 'proxy_protocol = "v1"\n', "", "service[0].proxy_protocol", "sent to the target by the gateway"),
+    (_PP_CONNECT + 'proxy_protocol = "v3"\n', "", "service[0].proxy_protocol", "v1"),
+    (_PP_CONNECT + "accept_proxy_protocol = true\ntrusted_proxies = [\"10.0.0.0/8\"]\n", "",
+     "service[0].accept_proxy_protocol", "side that accepts"),
+    (_PP_ACCEPT + "accept_proxy_protocol = true\n", "", "service[0].trusted_proxies", "required with"),
+    (_PP_ACCEPT + 'trusted_proxies = ["10.0.0.0/8"]\n', "", "service[0].trusted_proxies", "no effect without"),
+    (_PP_ACCEPT + 'accept_proxy_protocol = true\ntrusted_proxies = ["10.0.0.1/8"]\n', "",
+     "service[0].trusted_proxies[0]", "10.0.0.1/8"),
+    ("", "accept_proxy_protocol = true", "tunnel.trusted_proxies", "required with"),
+    ("", 'trusted_proxies = ["10.0.0.0/8"]', "tunnel.trusted_proxies", "no effect without"),
+])
+def test_proxy_protocol_key_errors_name_the_key(tmp_path: Path, pki: Path, services: str, tunnel: str, key: str,
+                                                words: str) -> None:
+    assert words in problem_for(write(tmp_path, cloud_toml(pki, tunnel=tunnel, services=services)), key)
+
+
+def test_onprem_gateways_take_no_tunnel_proxy_header(tmp_path: Path, pki: Path) -> None:
+    path = write(tmp_path, onprem_toml(pki, tunnel='accept_proxy_protocol = true\ntrusted_proxies = ["10.0.0.0/8"]'))
+    assert "on-prem gateways accept no tunnels" in problem_for(path, "tunnel.accept_proxy_protocol")

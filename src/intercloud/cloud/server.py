@@ -4,6 +4,7 @@ with ``[cluster]``, joins the other members over peer links (docs/ha.md)."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 
 
@@ -90,8 +91,10 @@ class CloudGateway(Gateway):
         return None
 
     def after_reload(self) -> None:
-        """Tunnels whose certificate a CRL now revokes close (tls.crl, cluster.crl), and so do those whose
-        certificate no longer maps to the same single tenant (issue 4, SIGHUP)."""
+        """SIGHUP: the PROXY protocol settings go onto the tunnel listener; tunnels and peer links whose
+        certificate a CRL now revokes close (tls.crl, cluster.crl), and so do tunnels whose certificate
+        no longer maps to the same single tenant (issue 4)."""
+        self._proxy_settings()
         super().after_reload()
         if self.cluster is not None:
             self.cluster.after_reload()
@@ -113,6 +116,15 @@ class CloudGateway(Gateway):
                                    "subject": t.peer_cert.get("subject"), "reason": why})
                 t.goaway(f"after a configuration reload: {why}", Reason.FORBIDDEN)
                 t.fail(f"certificate no longer maps to tenant {before!r}: {why}", code=1008)
+
+    def _proxy_settings(self) -> None:
+        """tunnel.accept_proxy_protocol / trusted_proxies onto the tunnel listener (start and SIGHUP)."""
+        server, t = self._tunnel_server, self.config.tunnel
+        if server is None or not hasattr(server, "proxies"):
+            return
+        server.proxies = [ipaddress.ip_network(n) for n in t.trusted_proxies] if t.accept_proxy_protocol else None
+        server.on_proxy_refused = lambda peer, why, rule: self.stats.refused(
+            "proxy_protocol", why, client=peer, rule=f"tunnel.{rule}", log=False)
 
     def _tenant(self, name: str):
         return next((t for t in self.config.tenants if t.name == name), None)
@@ -219,6 +231,8 @@ class CloudGateway(Gateway):
                 refused(503, peer, source, f"{cap} handshakes in progress (cluster.max_handshakes)")
                 return ws.Refusal(503, "too many tunnel handshakes in progress; retry")
             tunnel = Tunnel(self, client=False)
+            if peer is not None:  # the on-prem gateway's real address (after a PROXY header), not the balancer's
+                tunnel.peer_addr = peer
             self._handshakes.add(tunnel)
             return tunnel
 
@@ -233,6 +247,7 @@ class CloudGateway(Gateway):
                              "free the port or change tunnel.listen") from None
         self.listeners.append(server)
         self._tunnel_server = server
+        self._proxy_settings()
         log.info("tunnel endpoint listening on %s (%s)", url,
                  "mutual TLS" if ssl_ctx and cfg.tls.verify_client else "TLS" if ssl_ctx else "INSECURE plain ws",
                  extra={"event": "tunnel.listening", "url": str(url)})

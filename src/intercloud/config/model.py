@@ -121,6 +121,13 @@ _KERNEL_SETTING = "leave the kernel's setting"
 class TunnelConfig(_Section):
     """``[tunnel]``: the WebSocket tunnels between on-prem and cloud gateways."""
 
+    #: Cloud: tunnel connections arrive through a TCP load balancer in ``trusted_proxies`` that
+    #: sends a PROXY protocol header (v1 or v2) first; the on-prem gateway's address it names is the
+    #: one logs, status, the audit log and the per-source handshake limit use.
+    accept_proxy_protocol: StrictBool = False
+    #: The load balancers whose PROXY headers are believed (required with accept_proxy_protocol).
+    trusted_proxies: list[Cidr] = Field(default_factory=list, max_length=4096)
+
     #: Cloud: where to accept tunnels, e.g. ``wss://0.0.0.0:8443/intercloud``.
     listen: WsUrl | None = None
     #: On-prem: the cloud URLs to dial (one per member or one load-balancer URL).
@@ -318,6 +325,15 @@ class Service(_Section):
     #: New connections per second of this service on this gateway, a token bucket holding one
     #: second's worth (at least 1); none: unlimited.
     max_rate: Rate | None = None
+    #: Connect side: send the original client's address to the target in a PROXY protocol header
+    #: ("v1" text or "v2" binary) before any byte of the client's; none: no header.
+    proxy_protocol: Literal["v1", "v2"] | None = None
+    #: Accept side: every connection starts with a PROXY protocol header (v1 or v2) from a load
+    #: balancer in ``trusted_proxies``; the client address it names is the one ACLs, logs and the
+    #: target see. Connections from elsewhere, and ones without a valid header, are refused.
+    accept_proxy_protocol: StrictBool = False
+    #: The load balancers whose PROXY headers are believed (required with accept_proxy_protocol).
+    trusted_proxies: list[Cidr] = Field(default_factory=list, max_length=4096)
 
     @property
     def direction(self) -> Literal["accept", "connect"]:

@@ -177,6 +177,10 @@ class Rules:
                 )
             return
         # on-prem
+        if tunnel.accept_proxy_protocol:
+            self.problem("tunnel.accept_proxy_protocol",
+                         "on-prem gateways accept no tunnels; it belongs in the cloud's [tunnel], "
+                         "behind the load balancer that sends the header")
         if tunnel.listen is not None:
             self.problem(
                 "tunnel.listen",
@@ -200,6 +204,7 @@ class Rules:
             seen.setdefault(str(url), i)
 
     def _check_tunnel(self, t: TunnelConfig) -> None:
+        self._check_trusted("tunnel", t.accept_proxy_protocol, t.trusted_proxies)
         if t.ping_timeout <= t.ping_interval and self.ok("tunnel.ping_timeout", "tunnel.ping_interval"):
             self.problem(
                 "tunnel.ping_timeout",
@@ -513,6 +518,7 @@ class Rules:
                     "and connects on the gateway at the other end of the tunnel, so keep one here and "
                     "put the other in that gateway's config",
                 )
+            self._check_proxy_keys(i, svc)
             if svc.connect is not None and svc.connect.port == 0:
                 self.problem(
                     f"service[{i}].connect", f"port 0 cannot be dialed in {svc.connect}; give the target's port"
@@ -527,6 +533,28 @@ class Rules:
             else:
                 names[key] = i
         self._check_announcements([s for s in services if s is not None])
+
+    def _check_proxy_keys(self, i: int, svc: Service) -> None:
+        """PROXY protocol: sent by the side that dials the target, taken by the side that accepts."""
+        if svc.proxy_protocol is not None and svc.accept is not None:
+            self.problem(f"service[{i}].proxy_protocol",
+                         f"service {svc.name!r} accepts here; proxy_protocol is sent to the target by the gateway "
+                         "that connects it: move it to that gateway's [[service]], or use "
+                         "accept_proxy_protocol to take a load balancer's header here")
+        if svc.accept_proxy_protocol and svc.connect is not None:
+            self.problem(f"service[{i}].accept_proxy_protocol",
+                         f"service {svc.name!r} connects a target here; accept_proxy_protocol is for the side that "
+                         "accepts clients behind a load balancer (proxy_protocol sends a header to the target)")
+        self._check_trusted(f"service[{i}]", svc.accept_proxy_protocol, svc.trusted_proxies)
+
+    def _check_trusted(self, where: str, on: bool, trusted: list[str]) -> None:
+        if on and not trusted and self.ok(f"{where}.trusted_proxies"):
+            self.problem(f"{where}.trusted_proxies",
+                         "required with accept_proxy_protocol = true: the load balancers' networks "
+                         'whose PROXY headers are believed, e.g. trusted_proxies = ["10.0.0.0/24"]')
+        elif trusted and not on:
+            self.problem(f"{where}.trusted_proxies",
+                         "has no effect without accept_proxy_protocol = true; set it, or remove trusted_proxies")
 
     def _check_announcements(self, services: list[Service]) -> None:
         """What a gateway announces must fit what every peer accepts (protocol §5.3, §5.5): at most

@@ -46,7 +46,8 @@ import struct
 import traceback
 
 import aiofastnet
-from .. import logs
+from .. import logs, proxy_protocol
+from ..admission import client_address, within
 from . import ws
 
 log = logging.getLogger("intercloud.cloud")
@@ -308,6 +309,10 @@ class TlsWsServer:
         self._tasks: set[asyncio.Task] = set()
         self._loop = asyncio.get_running_loop()
         self._closed = False
+        #: tunnel.accept_proxy_protocol: the trusted_proxies networks (None: no PROXY header expected)
+        #: and what counts a refusal (peer, why, rule); set by the owner, reloads included
+        self.proxies: list | None = None
+        self.on_proxy_refused = None
         _Spare.ensure()
         for s in socks:
             self._loop.add_reader(s.fileno(), self._on_readable, s)
@@ -392,6 +397,24 @@ class TlsWsServer:
         try:
             async with asyncio.timeout_at(deadline):
                 await self._readable(sock)
+                if self.proxies is not None:
+                    stage = "PROXY header"
+                    real = await self._proxy_header(sock, peer, source)
+                    if real is None:
+                        return
+                    addr = client_address(real)
+                    peer, real_source = real, source_of((str(addr),)) if addr is not None else source
+                    if real_source != source:  # per-source limits count the real source, not the balancer
+                        self.slots.release(source)
+                        source = real_source
+                        why = self.slots.refusal(source)
+                        self.slots.take(source)  # released in finally, refused or not
+                        if why is not None:
+                            _reset(sock)
+                            self._limited(logging.WARNING, "tunnel.shed", source, "%s: connection from %s reset "
+                                          "after its PROXY header: %s", self.name, peer, why, peer=peer)
+                            return
+                    await self._readable(sock)  # the TLS bytes may follow the header later
                 try:
                     first = sock.recv(1, socket.MSG_PEEK)
                 except OSError as exc:
@@ -447,6 +470,7 @@ class TlsWsServer:
         except TimeoutError:
             why = f"no {stage} within {self._timeout:g}s of accept (tunnel.handshake_timeout)"
             event = {"first bytes": "tunnel.tls_failed", "TLS handshake": "tunnel.tls_failed",
+                     "PROXY header": "tunnel.proxy_refused",
                      "WebSocket upgrade": "tunnel.upgrade_failed", "HELLO": "tunnel.hello_timeout"}[stage]
             self._limited(logging.WARNING, event, source, "%s: connection from %s closed: %s", self.name, peer, why,
                           peer=peer, code=ws.POLICY_VIOLATION if stage == "HELLO" else None)
@@ -460,6 +484,51 @@ class TlsWsServer:
                 _HeapTrim.note(loop)
             if cert is not None:
                 self.slots.release_cert(cert)
+
+    async def _proxy_header(self, sock: socket.socket, peer: str, source: str) -> str | None:
+        """tunnel.accept_proxy_protocol: take the PROXY header off the socket, leaving the TLS bytes
+        behind it there for the TLS engine; the real peer ("ip:port"), or None when refused (reset,
+        logged, counted). Only bytes of the header are consumed: while it is incomplete every byte
+        there belongs to it (v1: no CRLF yet; v2: fewer than its stated length), once it is whole
+        exactly its length."""
+        if not within(client_address(peer), self.proxies):
+            return self._proxy_refused(sock, peer, source, "trusted_proxies",
+                                       f"{peer} is not in tunnel.trusted_proxies and tunnel.accept_proxy_protocol is "
+                                       "on: only those load balancers may connect; add the balancer's address")
+        got = bytearray()
+        while True:
+            try:
+                data = sock.recv(proxy_protocol.MAX_V2, socket.MSG_PEEK)
+            except (BlockingIOError, InterruptedError):
+                data = None
+            except OSError as exc:
+                data, eof = b"", exc.strerror or str(exc)
+            else:
+                eof = "the connection closed"
+            if data == b"":
+                return self._proxy_refused(sock, peer, source, "accept_proxy_protocol",
+                                           f"{eof} after {len(got)} bytes, before a complete PROXY header")
+            if data:
+                try:
+                    header = proxy_protocol.parse(bytes(got) + data)
+                except proxy_protocol.ProxyHeaderError as exc:
+                    return self._proxy_refused(sock, peer, source, "accept_proxy_protocol",
+                                               f"bad PROXY header from trusted proxy {peer}: {exc}")
+                take = len(data) if header is None else header.length - len(got)
+                got += sock.recv(take)
+                if header is not None:
+                    return header.client or peer  # LOCAL/UNKNOWN: the balancer's own connection
+            else:  # readable said so but nothing is there (or _readable could not wait): do not spin
+                await asyncio.sleep(0.01)
+            await self._readable(sock)
+
+    def _proxy_refused(self, sock: socket.socket, peer: str, source: str, rule: str, why: str) -> None:
+        _reset(sock)
+        self._limited(logging.WARNING, "tunnel.proxy_refused", source, "%s: connection from %s refused (%s): %s",
+                      self.name, peer, rule, why, peer=peer)
+        if self.on_proxy_refused is not None:
+            self.on_proxy_refused(peer, why, rule)
+        return None
 
     async def _readable(self, sock: socket.socket) -> None:
         """Wait until the client has sent something (no TLS engine, no buffers until then)."""

@@ -24,6 +24,7 @@ import struct
 import time
 from typing import TYPE_CHECKING
 
+from .. import proxy_protocol
 from ..protocol import State
 from ..protocol.frames import FrameError, Reason, decode_identity
 from ..transport.tls_server import heap_churn
@@ -117,6 +118,7 @@ class LocalStream(asyncio.BufferedProtocol):
         # drained, deliver() must queue behind them, not os.write ahead of them (see deliver)
         self._stale_queued = False
         self._queued = False  # bytes for the local socket were queued in user space (see finish)
+        self.proxy_protocol: str | None = None  # connect side: "v1"/"v2", a header to the target first
 
     # --- asyncio protocol --------------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -128,6 +130,14 @@ class LocalStream(asyncio.BufferedProtocol):
         if not self.client:
             peer = transport.get_extra_info("peername")
             self.client = f"{peer[0]}:{peer[1]}" if peer else "?"
+        if self.proxy_protocol is not None:
+            # the client's address, and the target's as we reach it for the address it "connected to"
+            # (the accepting gateway's listener means nothing to the target); first on the wire:
+            # deliver() queues behind it if it did not all go out at once
+            peer = transport.get_extra_info("peername")
+            dest = proxy_protocol.address(f"{peer[0]}:{peer[1]}") if peer else None
+            transport.write(proxy_protocol.build(self.proxy_protocol, proxy_protocol.address(self.client), dest))
+            self._stale_queued = transport.get_write_buffer_size() > 0
         if self.on_connected is not None:
             self.on_connected(self)
 
@@ -347,6 +357,15 @@ class LocalStream(asyncio.BufferedProtocol):
             self._send_fin()
         if not self.finished:
             self._update_reading()
+
+    def preload(self, data: bytes) -> None:
+        """Bytes the client sent that were read before this stream took over its socket (what came
+        after a PROXY header): they go first, as if read here."""
+        if data:
+            self._park = bytearray(data)
+            self._park.extend(bytes(max(0, 16384 - len(data))))
+            self._park_len = len(data)
+            self.bytes_up += len(data)
 
     def take_sent(self) -> None:
         """Read, once and without waiting, what the client sent before we accepted it (an HTTP request,

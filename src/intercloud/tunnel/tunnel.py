@@ -192,8 +192,9 @@ class Tunnel(ResumeOps, Listener):
     def on_ws_connected(self, transport) -> None:
         self.ws = transport
         under = transport.underlying_transport
-        peer = under.get_extra_info("peername")
-        self.peer_addr = f"{peer[0]}:{peer[1]}" if peer else "?"
+        if self.peer_addr == "?":  # an accepted tunnel knows it from its listener (PROXY protocol included)
+            peer = under.get_extra_info("peername")
+            self.peer_addr = f"{peer[0]}:{peer[1]}" if peer else "?"
         ssl_obj = under.get_extra_info("ssl_object")
         self.tls = session_info(ssl_obj)
         if ssl_obj is not None:
