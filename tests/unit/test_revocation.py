@@ -333,3 +333,75 @@ def test_a_stale_crl_is_logged_and_still_revokes(pki: Path, tmp_path: Path, capl
         assert warn_stale(revs, "tls.crl") == 1
     rec = [r for r in caplog.records if getattr(r, "event", None) == "tls.crl_stale"]
     assert len(rec) == 1 and "tls.crl: CRL" in rec[0].getMessage() and "stale" in rec[0].getMessage()
+
+
+# ---------------------------------------------------------------------------------------------
+# The gateway side: refuse_revoked (handshakes) and close_revoked (after a reload)
+# ---------------------------------------------------------------------------------------------
+
+
+class FakeTunnel:
+    def __init__(self, der_bytes: bytes | None, node: str, client: bool = False, closed: str = "") -> None:
+        self.peer_der, self.peer_node, self.client, self.close_reason = der_bytes, node, client, closed
+        self.peer = object()
+        self.peer_addr, self.id, self.kind, self.tenant = "10.0.0.9:4000", f"t-{node}", "tunnel", "default"
+        self.refusal_logged = False
+        self.calls: list = []
+
+    def goaway(self, text, code):
+        self.calls.append(("goaway", int(code), text))
+
+    def fail(self, reason, code, quiet=False):
+        self.calls.append(("fail", int(code), reason))
+        self.close_reason = reason
+
+
+def fake_gateway(role: str = "cloud"):
+    from types import SimpleNamespace
+
+    from intercloud.gateway import Gateway
+    from intercloud.stats import GatewayStats
+
+    stats = GatewayStats()
+    gw = SimpleNamespace(stats=stats, role=role, event=stats.event)
+    return gw, Gateway
+
+
+def test_refuse_revoked_counts_and_logs_one_refusal(pki: Path, caplog) -> None:
+    certs.revoke(pki, "dc2")
+    revs = load_revocations([pki / "crl.pem"])
+    gw, Gateway = fake_gateway()
+    ok, bad = FakeTunnel(der(pki / "dc1.pem"), "dc1"), FakeTunnel(der(pki / "dc2.pem"), "dc2")
+    assert Gateway.refuse_revoked(gw, ok, revs, "tunnel") is None and not ok.refusal_logged
+    with caplog.at_level("WARNING"):
+        why = Gateway.refuse_revoked(gw, bad, revs, "tunnel")
+    assert why.startswith("tunnel from 10.0.0.9:4000: certificate CN=dc2 serial ") and str(pki / "crl.pem") in why
+    assert bad.refusal_logged
+    assert gw.stats.counters["connections_refused"] == 1
+    assert gw.stats.labelled[("connections_refused", (("kind", "revoked"), ("service", "")))] == 1
+    lines = [r for r in caplog.records if getattr(r, "event", None) == "conn.refused"]
+    assert len(lines) == 1 and lines[0].peer_node == "dc2" and "REFUSED dc2 (revoked)" in lines[0].getMessage()
+    dialing = FakeTunnel(der(pki / "dc2.pem"), "dc2", client=True)
+    assert Gateway.refuse_revoked(gw, dialing, revs, "peer link").startswith("peer link dialed at 10.0.0.9:4000: ")
+
+
+def test_close_revoked_closes_only_live_revoked_tunnels(pki: Path, caplog) -> None:
+    from intercloud.protocol.frames import Reason
+
+    certs.revoke(pki, "dc2")
+    revs = load_revocations([pki / "crl.pem"])
+    gw, Gateway = fake_gateway()
+    t1, t2 = FakeTunnel(der(pki / "dc1.pem"), "dc1"), FakeTunnel(der(pki / "dc2.pem"), "dc2")
+    gone = FakeTunnel(der(pki / "dc2.pem"), "dc2", closed="already closing")
+    insecure = FakeTunnel(None, "dc3")
+    with caplog.at_level("WARNING"):
+        Gateway.close_revoked(gw, {t1, t2, gone, insecure}, revs, "tunnel")
+    assert t1.calls == [] and gone.calls == [] and insecure.calls == []
+    assert [c[:2] for c in t2.calls] == [("goaway", int(Reason.FORBIDDEN)), ("fail", 1008)]
+    assert "CN=dc2" in t2.calls[0][2]
+    recs = [r for r in caplog.records if getattr(r, "event", None) == "cert.revoked"]
+    assert len(recs) == 1 and recs[0].peer_node == "dc2" and recs[0].crl == str(pki / "crl.pem")
+    # nothing loaded: nothing closed
+    t3 = FakeTunnel(der(pki / "dc2.pem"), "dc2")
+    Gateway.close_revoked(gw, {t3}, load_revocations([]), "tunnel")
+    assert t3.calls == []

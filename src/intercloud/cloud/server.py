@@ -146,6 +146,11 @@ class CloudGateway(Gateway):
 
     def admit(self, tunnel: Tunnel) -> str | None:
         self._handshakes.discard(tunnel)
+        # tls.crl again: screen checked it at the handshake, but a SIGHUP may have loaded a new CRL since
+        # (after_reload closes only admitted tunnels); refused and logged once, in refuse_revoked
+        revoked = self.refuse_revoked(tunnel, self.revocations, "tunnel")
+        if revoked is not None:
+            return revoked
         # the role, then the node id against the certificate (protocol §5.4), then tenant and services
         refusal = super().admit(tunnel) or self.admit_tenant(tunnel)
         if refusal is not None:
