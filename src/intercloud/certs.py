@@ -8,6 +8,7 @@ gateway, and the on-prem gateway proves its identity (which becomes its tenant) 
     DIR/ca.key          CA private key (mode 0600; keep it off the gateways)
     DIR/NAME.pem        leaf certificate of gateway NAME (leaf only, no chain)
     DIR/NAME.key        its private key (mode 0600, unencrypted PKCS#8 PEM)
+    DIR/crl.pem         the CA's certificate revocation list (empty at first; ``certs revoke``)
 
 All keys are ECDSA P-256. Cloud certificates carry the names an on-prem gateway may dial
 (``NAME``, every ``--san``, ``localhost``, 127.0.0.1, ::1) and may act as TLS server and client
@@ -40,6 +41,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 __all__ = [
     "CA_CERT_FILE",
     "CA_KEY_FILE",
+    "CRL_FILE",
+    "DEFAULT_CRL_DAYS",
     "DEFAULT_CA_DAYS",
     "DEFAULT_LEAF_DAYS",
     "CertError",
@@ -52,6 +55,8 @@ __all__ = [
     "load_certificates",
     "load_private_key",
     "public_key_matches",
+    "revoke",
+    "write_crl",
     "split_san",
     "write_certificate",
     "write_private_key",
@@ -59,6 +64,10 @@ __all__ = [
 
 CA_CERT_FILE = "ca.pem"
 CA_KEY_FILE = "ca.key"
+CRL_FILE = "crl.pem"
+#: nextUpdate of the CRLs that ``certs init`` and ``certs revoke`` sign: gateways warn about a CRL
+#: past it (a stale CRL), so re-sign it (``certs revoke`` again, or ``certs crl``) before then.
+DEFAULT_CRL_DAYS = 30
 
 #: Default lifetime of leaf certificates. 825 days is the longest lifetime that Apple platforms
 #: (and many TLS inspection products modelled on them) accept for TLS server certificates.
@@ -73,7 +82,7 @@ CLOCK_SKEW = _dt.timedelta(hours=1)
 #: Gateway names double as file names and DNS names: keep them to a safe alphabet. This is the
 #: same rule as ``gateway.node_id`` in the configuration.
 _NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
-_RESERVED_NAMES = {"ca"}
+_RESERVED_NAMES = {"ca", "crl"}
 
 
 class CertError(Exception):
@@ -442,7 +451,7 @@ def _check_names(cloud: Sequence[str], onprem: Sequence[str]) -> None:
                 )
             if name.lower() in _RESERVED_NAMES:
                 raise CertError(
-                    f"invalid {role} name {name!r}: it would overwrite the CA files {CA_CERT_FILE}/{CA_KEY_FILE}"
+                    f"invalid {role} name {name!r}: it would overwrite the CA files {CA_CERT_FILE}/{CA_KEY_FILE}/{CRL_FILE}"
                 )
             if name in seen:
                 raise CertError(f"name {name!r} given twice (as {seen[name]} and as {role}); names must be unique")
@@ -522,4 +531,113 @@ def init_certs(
     for name, leaf in jobs:
         written.append(write_private_key(directory / f"{name}.key", leaf.key))
         written.append(write_certificate(directory / f"{name}.pem", leaf.cert))
+    if not (directory / CRL_FILE).exists():
+        # an empty CRL from day one, so that `crl = "pki/crl.pem"` can be configured before anything
+        # is revoked (and a revocation is then a `certs revoke` plus a SIGHUP, no config change)
+        written.append(write_crl(directory, ca))
     return written
+
+
+# ---------------------------------------------------------------------------------------------
+# Revocation: `intercloud certs revoke` and `certs crl`
+# ---------------------------------------------------------------------------------------------
+
+
+def _load_crl(path: Path, ca: Issued) -> x509.CertificateRevocationList | None:
+    """The CRL at ``path`` if there is one; it must be this CA's (its entries are carried over)."""
+    if not path.exists():
+        return None
+    data = _read(path, "CRL")
+    try:
+        crl = x509.load_pem_x509_crl(data)
+    except ValueError as exc:
+        raise CertError(f"CRL {path}: cannot load it ({exc}); move it away to start a new, empty CRL "
+                        "(certificates it revoked are then valid again until revoked anew)") from None
+    if crl.issuer != ca.cert.subject or not crl.is_signature_valid(ca.key.public_key()):  # type: ignore[arg-type]
+        raise CertError(f"CRL {path} was not signed by the CA in {path.parent / CA_CERT_FILE} "
+                        f"(its issuer is {crl.issuer.rfc4514_string()}); move it away or use that CA's directory")
+    return crl
+
+
+def write_crl(
+    directory: Path,
+    ca: Issued,
+    revoke: x509.Certificate | None = None,
+    days: int = DEFAULT_CRL_DAYS,
+    now: _dt.datetime | None = None,
+) -> Path:
+    """Sign ``DIR/crl.pem`` anew: every entry of the current one (if any), plus ``revoke`` unless it is
+    already listed; the CRL number goes up by one, nextUpdate is ``days`` from now."""
+    directory = Path(directory)
+    if days < 1:
+        raise CertError(f"--days must be at least 1, got {days}")
+    path = directory / CRL_FILE
+    old = _load_crl(path, ca)
+    now = now or _utcnow()
+    number = 1
+    entries: list[x509.RevokedCertificate] = []
+    if old is not None:
+        entries = list(old)
+        try:
+            number = old.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number + 1
+        except x509.ExtensionNotFound:
+            number = 1
+    if revoke is not None and all(e.serial_number != revoke.serial_number for e in entries):
+        entries.append(
+            x509.RevokedCertificateBuilder().serial_number(revoke.serial_number).revocation_date(now).build()
+        )
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca.cert.subject)
+        .last_update(now - _dt.timedelta(minutes=5))  # a peer whose clock is a little behind
+        .next_update(now + _dt.timedelta(days=days))
+        .add_extension(x509.CRLNumber(number), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()), critical=False)  # type: ignore[arg-type]
+    )
+    for entry in entries:
+        builder = builder.add_revoked_certificate(entry)
+    crl = builder.sign(ca.key, _signature_hash(ca.key))
+    try:
+        _atomic_write(path, crl.public_bytes(serialization.Encoding.PEM), 0o644)
+    except OSError as exc:
+        raise CertError(f"cannot write CRL {path}: {exc.strerror or exc}") from exc
+    return path
+
+
+@dataclass(frozen=True)
+class Revocation:
+    """What ``certs revoke`` did."""
+
+    crl: Path
+    subject: str
+    serial: int
+    #: When the certificate was revoked: now, or earlier (it was already in the CRL).
+    revoked_at: _dt.datetime
+    already: bool
+
+
+def revoke(directory: Path, name: str, days: int = DEFAULT_CRL_DAYS) -> Revocation:
+    """Revoke ``DIR/NAME.pem`` (a certificate ``certs init DIR`` made) in ``DIR/crl.pem``, signed by the
+    CA in DIR. Revoking it again changes no entry (the CRL is re-signed, its nextUpdate renewed)."""
+    directory = Path(directory)
+    if not _NAME_RE.fullmatch(name) or name.lower() in _RESERVED_NAMES:
+        raise CertError(f"invalid name {name!r}: give the NAME of a certificate DIR/NAME.pem that certs init made")
+    ca = load_ca(directory)
+    if ca is None:
+        raise CertError(f"{directory} has no CA ({CA_CERT_FILE} and {CA_KEY_FILE}); revoke in the directory "
+                        "where `intercloud certs init` created the CA that issued the certificate")
+    leaf_path = directory / f"{name}.pem"
+    if not leaf_path.exists():
+        known = sorted(p.stem for p in directory.glob("*.pem") if p.name not in (CA_CERT_FILE, CRL_FILE))
+        raise CertError(f"no certificate {leaf_path}: unknown name {name!r}; the names in {directory} are: "
+                        f"{', '.join(known[:20]) or 'none'}")
+    leaf = load_certificates(leaf_path)[0]
+    if leaf.issuer != ca.cert.subject:
+        raise CertError(f"{leaf_path} was not issued by the CA in {directory / CA_CERT_FILE} (its issuer is "
+                        f"{leaf.issuer.rfc4514_string()}); revoke it with the CA that issued it")
+    old = _load_crl(directory / CRL_FILE, ca)
+    before = next((e for e in old or () if e.serial_number == leaf.serial_number), None)
+    now = _utcnow()
+    path = write_crl(directory, ca, leaf, days, now)
+    return Revocation(path, leaf.subject.rfc4514_string(), leaf.serial_number,
+                      before.revocation_date_utc if before is not None else now, before is not None)

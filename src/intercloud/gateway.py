@@ -18,6 +18,7 @@ from cryptography import x509
 from .admission import gates_for
 from .errors import StartupError
 from .resume import Parking
+from .revocation import Revocations, load_revocations, warn_stale
 from .router import Router
 from .stats import GatewayStats
 from .streams import DEFAULT_TENANT, StreamDispatch
@@ -68,6 +69,9 @@ class Gateway:
         self._reload_thread: threading.Thread | None = None
         self._reload_thread_since = 0.0
         self._reload_state = ""  # for the failure message: how much of the reload was applied
+        # [tls] crl: checked on every tunnel handshake (cloud: on-prem certificates; on-prem: the cloud's)
+        self.revocations = Revocations() if config.tls.insecure else load_revocations(config.tls.crl)
+        warn_stale(self.revocations, "tls.crl")
 
     # --- overridable per role ----------------------------------------------------------
     def connect_service_names(self, tunnel: Tunnel) -> list[str]:
@@ -125,7 +129,40 @@ class Gateway:
         self.apply_tls(self.load_tls(self.config))
 
     def after_reload(self) -> None:
-        """Re-check live tunnels against the reloaded config (cloud: tenants)."""
+        """Re-check live tunnels against the reloaded config (cloud: tenants; both: tls.crl)."""
+        warn_stale(self.revocations, "tls.crl")
+        self.close_revoked(self.tunnels, self.revocations, "tunnel")
+
+    # --- certificate revocation ([tls] crl, [cluster] crl; revocation.py) -----------------
+    def refuse_revoked(self, tunnel: Tunnel, revocations: Revocations, what: str) -> str | None:
+        """Why ``tunnel``'s peer certificate is refused as revoked, or None. Logged and counted here, once
+        (GatewayStats.refused, kind "revoked"): the caller closes the tunnel quietly."""
+        hit = revocations.check(tunnel.peer_der)
+        if hit is None:
+            return None
+        why = f"{what} {'dialed at' if tunnel.client else 'from'} {tunnel.peer_addr}: {hit.why()}"
+        tunnel.refusal_logged = True
+        peer = tunnel.peer_node if tunnel.peer is not None else tunnel.peer_addr
+        self.stats.refused("revoked", why, peer=peer, tenant=tunnel.tenant if self.role == "cloud" else None)
+        return why
+
+    def close_revoked(self, tunnels, revocations: Revocations, what: str) -> None:
+        """After a reload: close every live tunnel (or peer link) whose peer certificate a CRL now revokes,
+        as tenant revocation does (GOAWAY FORBIDDEN, then close 1008); one WARNING each."""
+        if not revocations:
+            return
+        for t in list(tunnels):
+            hit = revocations.check(t.peer_der)
+            if hit is None or t.close_reason:
+                continue
+            why = hit.why()
+            log.warning("%s %s with %s (%s) closed after reload: %s", what, t.id, t.peer_node, t.peer_addr, why,
+                        extra={"event": "cert.revoked", "tunnel": t.id, "peer_node": t.peer_node,
+                               "peer_addr": t.peer_addr, "subject": hit.subject, "serial": f"{hit.serial:#x}",
+                               "crl": str(hit.path), "kind": t.kind})
+            self.event("cert.revoked", peer=t.peer_node, tunnel=t.id, reason=why)
+            t.goaway(f"after a configuration reload: {why}", Reason.FORBIDDEN)
+            t.fail(f"peer certificate revoked: {why}", code=1008, quiet=True)
 
     def is_ready(self) -> bool:
         return self.serving.is_set() and not self.draining
@@ -254,7 +291,8 @@ class Gateway:
         fixed = [k for k, a, b in (
             ("gateway.role", old.gateway.role, new.gateway.role), ("gateway.node_id", old.gateway.node_id, new.gateway.node_id),
             ("gateway.admin", old.gateway.admin, new.gateway.admin), ("tunnel.listen", old.tunnel.listen, new.tunnel.listen),
-            ("cluster", old.cluster, new.cluster), ("tunnel.max_frame", old.tunnel.max_frame, new.tunnel.max_frame),
+            # cluster.crl is re-read like the certificates; the rest of [cluster] takes a restart
+            ("cluster", old.cluster, new.cluster.model_copy(update={"crl": old.cluster.crl})), ("tunnel.max_frame", old.tunnel.max_frame, new.tunnel.max_frame),
             ("tunnel.per_member", old.tunnel.per_member, new.tunnel.per_member),
             # a new path applies (reload below); turning the audit log on or off takes a restart
             ("gateway.audit_log", old.gateway.audit_log is None, new.gateway.audit_log is None)) if a != b]
@@ -265,7 +303,7 @@ class Gateway:
                                  "audit_log": old.gateway.audit_log if on_off else new.gateway.audit_log}),
                                  "tunnel": new.tunnel.model_copy(update={"listen": old.tunnel.listen,
                                            "max_frame": old.tunnel.max_frame, "per_member": old.tunnel.per_member}),
-                                 "cluster": old.cluster})
+                                 "cluster": old.cluster.model_copy(update={"crl": new.cluster.crl})})
         contexts = tls_error = None
         try:
             contexts = self.load_tls(new)

@@ -55,7 +55,7 @@ def test_init_writes_expected_files(tmp_path: Path) -> None:
     written = init_certs(tmp_path / "pki", cloud=["cloud1"], onprem=["onprem1", "onprem2"])
     names = [p.name for p in written]
     assert sorted(names) == sorted(
-        ["ca.pem", "ca.key", "cloud1.pem", "cloud1.key", "onprem1.pem", "onprem1.key", "onprem2.pem", "onprem2.key"]
+        ["ca.pem", "ca.key", "crl.pem", "cloud1.pem", "cloud1.key", "onprem1.pem", "onprem1.key", "onprem2.pem", "onprem2.key"]
     )
     assert all(p.parent == tmp_path / "pki" and p.is_file() for p in written)
 

@@ -2,8 +2,11 @@
 
     intercloud certs init ./pki --cloud cloud1,cloud2 --onprem dc1 --san gw.example.com
 
-writes ``ca.pem``/``ca.key`` (unless DIR already has a CA, which is then reused) and
-``NAME.pem``/``NAME.key`` per gateway, and prints each file written, one per line.
+writes ``ca.pem``/``ca.key`` (unless DIR already has a CA, which is then reused), an empty ``crl.pem``
+and ``NAME.pem``/``NAME.key`` per gateway, and prints each file written, one per line.
+
+    intercloud certs revoke ./pki dc2     # adds dc2.pem to pki/crl.pem; SIGHUP the gateways then
+    intercloud certs crl ./pki            # re-signs pki/crl.pem before its nextUpdate
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from ..certs import DEFAULT_LEAF_DAYS, CertError, init_certs
+from ..certs import DEFAULT_CRL_DAYS, DEFAULT_LEAF_DAYS, CertError, init_certs, load_ca, revoke, write_crl
 
 __all__ = ["add_parser", "run"]
 
@@ -70,6 +73,28 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     init.add_argument("--tenant", metavar="NAME", help="tenant of the on-prem certificates: written as O=NAME and as the URI SAN "
                       "urn:intercloud:tenant:NAME, which a cloud [[tenant]] maps with client_san")
+    rev = commands.add_parser(
+        "revoke",
+        help="revoke a certificate that certs init made: add it to DIR/crl.pem",
+        description=(
+            "Revoke DIR/NAME.pem: add its serial to DIR/crl.pem (earlier entries are kept, the CRL number "
+            "goes up) and sign the CRL with the CA key in DIR. Gateways whose tls.crl or cluster.crl names "
+            "that file refuse the certificate once they re-read it (SIGHUP), and close its live tunnels. "
+            "Revoking a certificate twice changes nothing but the CRL's dates."
+        ),
+    )
+    rev.add_argument("directory", metavar="DIR", type=Path, help="the directory of certs init (with ca.key)")
+    rev.add_argument("name", metavar="NAME", help="the certificate's name: DIR/NAME.pem")
+    crl = commands.add_parser(
+        "crl",
+        help="re-sign DIR/crl.pem with a fresh nextUpdate (no new entries)",
+        description="Sign DIR/crl.pem anew with the same entries, so that gateways do not warn about a stale "
+                    "CRL; run it (or certs revoke) before the CRL's nextUpdate, then SIGHUP the gateways.",
+    )
+    crl.add_argument("directory", metavar="DIR", type=Path, help="the directory of certs init (with ca.key)")
+    for sub in (rev, crl):
+        sub.add_argument("--days", type=int, default=DEFAULT_CRL_DAYS, metavar="N",
+                         help=f"the CRL's nextUpdate, in days from now (default {DEFAULT_CRL_DAYS})")
     parser.set_defaults(func=run)
     return parser
 
@@ -81,7 +106,11 @@ def _split(values: Iterable[str]) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``intercloud certs COMMAND``; return the exit status (0 ok, 1 failed)."""
-    if args.certs_command != "init":  # pragma: no cover - argparse only offers "init"
+    if args.certs_command == "revoke":
+        return _revoke(args)
+    if args.certs_command == "crl":
+        return _crl(args)
+    if args.certs_command != "init":  # pragma: no cover - argparse only offers these
         print(f"intercloud certs: unknown command {args.certs_command!r}", file=sys.stderr)
         return 2
     try:
@@ -100,4 +129,33 @@ def run(args: argparse.Namespace) -> int:
         print(f"{args.directory}: CA already present and no --cloud/--onprem given; nothing written", file=sys.stderr)
     for path in written:
         print(path)
+    return 0
+
+
+def _revoke(args: argparse.Namespace) -> int:
+    try:
+        done = revoke(args.directory, args.name, days=args.days)
+    except CertError as exc:
+        print(f"intercloud certs revoke: {exc}", file=sys.stderr)
+        return 1
+    if done.already:
+        print(f"{done.subject} (serial {done.serial:#x}) was already revoked on {done.revoked_at:%Y-%m-%d %H:%M} UTC; "
+              f"{done.crl} re-signed", file=sys.stderr)
+    else:
+        print(f"{done.subject} (serial {done.serial:#x}) revoked; send SIGHUP to the gateways that use {done.crl}",
+              file=sys.stderr)
+    print(done.crl)
+    return 0
+
+
+def _crl(args: argparse.Namespace) -> int:
+    try:
+        ca = load_ca(args.directory)
+        if ca is None:
+            raise CertError(f"{args.directory} has no CA (ca.pem and ca.key); give the directory of certs init")
+        path = write_crl(args.directory, ca, days=args.days)
+    except CertError as exc:
+        print(f"intercloud certs crl: {exc}", file=sys.stderr)
+        return 1
+    print(path)
     return 0

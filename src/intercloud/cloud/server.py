@@ -14,6 +14,7 @@ from .tenants import match_tenant
 from ..gateway import Gateway
 from ..protocol.announce import ws_frame_limit
 from ..protocol.frames import Reason
+from ..revocation import load_revocations
 from ..transport import tls_server, ws
 from ..transport.tls import server_context
 from ..tunnel.tunnel import Tunnel
@@ -63,6 +64,10 @@ class CloudGateway(Gateway):
             return
         tunnel.tenant, tunnel.tenant_problem = match_tenant(self.config.tenants, tunnel.peer_der)
 
+    def screen(self, tunnel: Tunnel) -> str | None:
+        """tls.crl, on the certificate alone, before our HELLO (members, services) goes out."""
+        return self.refuse_revoked(tunnel, self.revocations, "tunnel")
+
     def admit_tenant(self, tunnel: Tunnel, again: bool = False) -> str | None:
         """Why this on-prem tunnel is refused (tenant, services, limits), or None. ``again``: it is
         already admitted and announced new services (its own tunnel is not counted twice)."""
@@ -86,8 +91,13 @@ class CloudGateway(Gateway):
         return None
 
     def after_reload(self) -> None:
-        """Tunnels whose certificate no longer maps to the same single tenant close (issue 4, SIGHUP)."""
+        """SIGHUP: the PROXY protocol settings go onto the tunnel listener; tunnels and peer links whose
+        certificate a CRL now revokes close (tls.crl, cluster.crl), and so do tunnels whose certificate
+        no longer maps to the same single tenant (issue 4)."""
         self._proxy_settings()
+        super().after_reload()
+        if self.cluster is not None:
+            self.cluster.after_reload()
         if not self.config.tenants and all(t.tenant == "default" for t in self.tunnels):
             return
         for t in list(self.tunnels):
@@ -96,6 +106,8 @@ class CloudGateway(Gateway):
                 tenant, problem = match_tenant(self.config.tenants, t.peer_der)
             else:
                 tenant, problem = "default", None
+            if t.close_reason:  # closed just now: revoked
+                continue
             if problem or tenant != before:
                 why = problem or f"it now maps to tenant {tenant!r}, not {before!r}"
                 log.warning("tunnel %s from %s closed after reload: certificate %r: %s", t.id, t.peer_node,
@@ -134,6 +146,11 @@ class CloudGateway(Gateway):
 
     def admit(self, tunnel: Tunnel) -> str | None:
         self._handshakes.discard(tunnel)
+        # tls.crl again: screen checked it at the handshake, but a SIGHUP may have loaded a new CRL since
+        # (after_reload closes only admitted tunnels); refused and logged once, in refuse_revoked
+        revoked = self.refuse_revoked(tunnel, self.revocations, "tunnel")
+        if revoked is not None:
+            return revoked
         # the role, then the node id against the certificate (protocol §5.4), then tenant and services
         refusal = super().admit(tunnel)
         tenant_refusal = None if refusal is not None else self.admit_tenant(tunnel)
@@ -183,16 +200,18 @@ class CloudGateway(Gateway):
         super().services_changed(tunnel)
 
     def load_tls(self, config):
-        """(tunnel.listen context, cluster contexts or None); in a worker thread on SIGHUP (Gateway.load_tls)."""
+        """(tunnel.listen context, cluster contexts or None, tls.crl); in a worker thread on SIGHUP
+        (Gateway.load_tls)."""
         if config.tls.insecure:
             return None
         ctx = server_context(config.tls.cert, config.tls.key, config.tls.ca, config.tls.verify_client)
-        return ctx, self.cluster.load_tls(config) if self.cluster is not None else None
+        return (ctx, self.cluster.load_tls(config) if self.cluster is not None else None,
+                load_revocations(config.tls.crl))
 
     def apply_tls(self, contexts) -> None:
         if contexts is None:
             return
-        ctx, peer_contexts = contexts
+        ctx, peer_contexts, self.revocations = contexts
         if self._tunnel_server is not None and hasattr(self._tunnel_server, "set_ssl"):
             self._tunnel_server.set_ssl(ctx)
         if self.cluster is not None and peer_contexts is not None:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Protocol
 from ..tunnel.owner import GatewaySide
 
 if TYPE_CHECKING:
+    from ..revocation import Revocations
     from ..stats import GatewayStats
     from ..tunnel.owner import StreamEnd
     from ..tunnel.tunnel import Tunnel
@@ -48,3 +49,9 @@ class ClusterHost(GatewaySide, Protocol):
 
     def event(self, kind: str, **fields) -> None:
         """A line for the dashboard's recent events."""
+
+    def refuse_revoked(self, tunnel: Tunnel, revocations: Revocations, what: str) -> str | None:
+        """Why a peer's certificate is refused as revoked (cluster.crl), logged and counted; or None."""
+
+    def close_revoked(self, tunnels, revocations: Revocations, what: str) -> None:
+        """After a reload: close the links whose peer certificate ``revocations`` now revokes."""

@@ -22,6 +22,7 @@ from ..protocol.announce import ws_frame_limit
 from ..transport import tls_server, ws
 from ..transport.targets import DialTarget, DialTargets, connect_in_order
 from ..protocol.frames import Reason
+from ..revocation import Revocations, load_revocations, warn_stale
 from ..transport.tls import cert_names, client_context, server_context
 from ..tunnel.tunnel import Tunnel
 from .members import MemberTable
@@ -49,8 +50,10 @@ class Cluster:
         self._self_url = str(self.cfg.advertise) if self.cfg.advertise else None
         self.table.set_self(gw.incarnation, self._self_url, frozenset(), time.monotonic())
         self.server_ssl = self.client_ssl = None
+        self.revocations = Revocations()  # cluster.crl: checked on peer-link handshakes both ways
         self._server = None
         self.apply_tls(self.load_tls(gw.config))
+        warn_stale(self.revocations, "cluster.crl")
 
     def load_tls(self, config) -> tuple | None:
         """(server, client) contexts for peer links. Reads files: on SIGHUP this runs in a worker
@@ -63,13 +66,13 @@ class Cluster:
         client_ssl = client_context(cert, key, self.cfg.ca)
         # Peer URLs are often bare addresses; identity is the CA plus the peer_names allow-list.
         client_ssl.check_hostname = False
-        return server_ssl, client_ssl
+        return server_ssl, client_ssl, load_revocations(config.cluster.crl)
 
     def apply_tls(self, contexts: tuple | None) -> None:
         """On the loop: new peer-link handshakes (both directions) use ``contexts`` from load_tls."""
         if contexts is None:
             return
-        self.server_ssl, self.client_ssl = contexts
+        self.server_ssl, self.client_ssl, self.revocations = contexts
         if self._server is not None and hasattr(self._server, "set_ssl"):
             self._server.set_ssl(self.server_ssl)
 
@@ -256,7 +259,8 @@ class Cluster:
             tunnel.refused = True
             if tunnel.hello_sent:  # the whole reason; a close reason holds 123 bytes
                 tunnel.goaway(refusal, Reason.FORBIDDEN)
-            tunnel.fail(refusal, code=1008, quiet=refusal.startswith("peer link to this member itself"))
+            tunnel.fail(refusal, code=1008, quiet=tunnel.refusal_logged
+                        or refusal.startswith("peer link to this member itself"))
             return
         if tunnel.client:
             tunnel.send_hello()  # protocol §5.2: the dialer answers after admitting the peer
@@ -331,11 +335,19 @@ class Cluster:
         loop.call_soon(self.gw.routes_changed)
         return None
 
+    def after_reload(self) -> None:
+        """SIGHUP: close the peer links whose member certificate cluster.crl now revokes."""
+        warn_stale(self.revocations, "cluster.crl")
+        self.gw.close_revoked(self.links, self.revocations, "peer link")
+
     def screen_link(self, tunnel: Tunnel) -> str | None:
         """peer_names, checked on the certificate alone: on cluster.listen before our HELLO (with the
         member table and every route) goes out, so a refused peer learns nothing."""
         if self.server_ssl is None:
             return None
+        revoked = self.gw.refuse_revoked(tunnel, self.revocations, "peer link")  # cluster.crl
+        if revoked is not None:
+            return revoked
         names = cert_names(tunnel.peer_der)
         if not names & set(self.cfg.peer_names):
             return (f"peer-link certificate names {sorted(names)[:8]} are not in cluster.peer_names "

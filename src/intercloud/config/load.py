@@ -376,6 +376,7 @@ class _Checker(Rules):
             self._check_transport_security(role, tunnel, tls)
         if tls is not None:
             self._check_tls_files(role, tls)
+            self._check_tls_crl(role, tls)
         if gateway is not None:
             gateway = self._node_identity(gateway, tls)
         if role is not None and tls is not None:

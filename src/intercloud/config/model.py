@@ -96,6 +96,14 @@ class TlsConfig(_Section):
     insecure: StrictBool = False
     #: On-prem: the host name expected in the cloud's certificate, if not the URL's host.
     server_name: ServerName | None = None
+    #: CRL file(s) (PEM, several CRLs per file allowed) checked after every tunnel handshake: the cloud
+    #: checks on-prem certificates, an on-prem gateway the cloud's (revocation.py). Empty: none.
+    crl: list[ConfigPath] = Field(default_factory=list, max_length=64)
+
+    @field_validator("crl", mode="before")
+    @classmethod
+    def _one_crl_is_a_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
 
 
 def _validate_rate(value: object) -> float:
@@ -243,6 +251,13 @@ class ClusterConfig(_Section):
     key: ConfigPath | None = None
     #: Names (certificate CN or DNS SAN) a peer-link certificate must carry to be accepted.
     peer_names: list[Name] = Field(default_factory=list)
+    #: CRL file(s) (PEM) of cluster.ca, checked on peer-link handshakes both ways. Empty: none.
+    crl: list[ConfigPath] = Field(default_factory=list, max_length=64)
+
+    @field_validator("crl", mode="before")
+    @classmethod
+    def _one_crl_is_a_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
     #: A member nobody has heard of for this long is forgotten.
     member_ttl: Duration(gt=0, le=86400) = 30.0
     #: Connections without HELLO yet (from accept: TLS, upgrade, HELLO) per listener (tunnel.listen,

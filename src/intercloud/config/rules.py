@@ -17,7 +17,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from .. import certs
+from .. import certs, revocation
 from ..transport import sockopts
 from ..transport.tls import certificate_names
 from .fields import default_node_id
@@ -377,12 +377,14 @@ class Rules:
     def _check_cluster(self, role: str, cl: ClusterConfig, tls: TlsConfig, tunnel: TunnelConfig) -> None:
         """[cluster] rules (docs/ha.md §4): peer links are authenticated by their own CA and names."""
         if role != "cloud":
-            if cl.enabled or cl.advertise is not None:
+            if cl.enabled or cl.advertise is not None or cl.crl:
                 self.problem("cluster", "only cloud gateways form a cluster; remove [cluster] from an on-prem config")
             return
         if "allow_members" in tunnel.model_fields_set:
             self.problem("tunnel.allow_members", "allow_members is an on-prem setting; remove it from a cloud config")
         if not cl.enabled:
+            if cl.crl:
+                self.warn("cluster.crl", "no cluster (cluster.listen, cluster.peers): cluster.crl is not used")
             return
         if cl.peers and cl.listen is None:
             self.problem("cluster.listen", "cluster.peers is set but cluster.listen is not; members accept "
@@ -401,6 +403,7 @@ class Rules:
                 certs.load_certificates(cl.ca, "CA file")
             except certs.CertError as exc:
                 self.problem("cluster.ca", str(exc))
+        self._check_crls("cluster.crl", cl.crl, "cluster.ca", cl.ca)
         if not cl.peer_names:
             self.problem("cluster.peer_names", "list the member names (certificate CN or DNS SAN) allowed on "
                          "peer links, e.g. [\"cloud1\", \"cloud2\"]")
@@ -414,6 +417,54 @@ class Rules:
             self.problem("cluster.member_ttl", f"member_ttl ({format_duration(cl.member_ttl)}) must exceed "
                          f"tunnel.ping_timeout ({format_duration(tunnel.ping_timeout)}) or live members are "
                          "forgotten between pings")
+
+    def _check_crls(self, key: str, paths: list[Path], ca_key: str, ca: Path | None) -> None:
+        """``tls.crl`` / ``cluster.crl``: every file parses, every CRL in it is signed by a CA of the matching
+        ``ca`` key (a CRL of another CA would revoke nothing: it is an error), and a CRL past its
+        nextUpdate is a warning: it is still used (a stale list beats none), but it should be renewed."""
+        if not paths:
+            return
+        cas: list[x509.Certificate] | None = None
+        if ca is None:
+            self.problem(key, f"{key} is set but {ca_key} is not; a CRL is checked against the CA that signed it")
+        elif self.ok(ca_key) and ca.is_file():
+            try:
+                cas = certs.load_certificates(ca, "CA file")
+            except certs.CertError:
+                cas = None  # reported under ca_key
+        now = _dt.datetime.now(_dt.UTC)
+        for i, path in enumerate(paths):
+            where = f"{key}[{i}]" if len(paths) > 1 else key
+            if not self._readable(where, path):
+                continue
+            try:
+                loaded = revocation.load_crl_file(path)
+            except revocation.CrlError as exc:
+                self.problem(where, f"{exc}")
+                continue
+            for n, crl in enumerate(loaded, 1):
+                which = f"CRL {path}" + (f" (block {n} of {len(loaded)})" if len(loaded) > 1 else "")
+                if cas is not None and revocation.signed_by(crl, cas) is None:
+                    names = ", ".join(c.subject.rfc4514_string() for c in cas[:5]) or "none"
+                    self.problem(where, f"{which} is a CRL for another CA: issued by {crl.issuer}, but no CA in "
+                                 f"{ca_key} ({ca}: {names}) signed it; give the CRL that the CA in {ca_key} "
+                                 f"published, or add its CA to {ca_key}")
+                nxt = crl.next_update
+                if nxt is not None and nxt <= now:
+                    self.warn(where, f"{which} is stale: its nextUpdate was {nxt:%Y-%m-%d %H:%M} UTC; it is still "
+                              "used, but revocations since then are missing. Fetch the current CRL (intercloud "
+                              "certs crl DIR re-signs one made by certs revoke) and send SIGHUP")
+
+    def _check_tls_crl(self, role: str | None, tls: TlsConfig) -> None:
+        if not tls.crl:
+            return
+        if tls.insecure:
+            self.warn("tls.crl", "tls.insecure = true: tunnels carry no certificates, so tls.crl is not used")
+            return
+        if role == "cloud" and not tls.verify_client:
+            self.warn("tls.crl", "tls.verify_client = false: on-prem gateways present no certificate, so tls.crl "
+                      "revokes nothing; set verify_client = true or remove tls.crl")
+        self._check_crls("tls.crl", tls.crl, "tls.ca", tls.ca)
 
     def _check_tls_role_keys(self, role: str, tls: TlsConfig) -> None:
         if role == "onprem" and "verify_client" in tls.model_fields_set:

@@ -12,6 +12,7 @@ import ssl
 from ..backoff import backoff
 from ..gateway import Gateway
 from ..protocol.announce import ws_frame_limit
+from ..revocation import load_revocations
 from ..transport import proxy as proxymod
 from ..transport import ws
 from ..transport.targets import ConnectError, DialTarget, DialTargets, connect_in_order
@@ -48,13 +49,15 @@ class OnpremGateway(Gateway):
         return bool(self.tunnels) and not self.draining
 
     def load_tls(self, config):
-        """The dialers' context; in a worker thread on SIGHUP (Gateway.load_tls)."""
+        """(the dialers' context, tls.crl); in a worker thread on SIGHUP (Gateway.load_tls)."""
         tls = config.tls
-        return None if tls.insecure else client_context(tls.cert, tls.key, tls.ca)
+        return None if tls.insecure else (client_context(tls.cert, tls.key, tls.ca), load_revocations(tls.crl))
 
     def apply_tls(self, contexts) -> None:
         if contexts is not None:
-            self._ssl = contexts  # the next dial uses it; live tunnels keep their sessions
+            # the next dial uses them; live tunnels keep their sessions unless a CRL now revokes the
+            # cloud's certificate (after_reload)
+            self._ssl, self.revocations = contexts
 
     def _handshaking(self):
         return list(self._dialing)
@@ -118,7 +121,8 @@ class OnpremGateway(Gateway):
         return targets[worker % len(targets)], None
 
     def admit(self, tunnel: Tunnel) -> str | None:
-        refusal = super().admit(tunnel)
+        # tls.crl first: before our HELLO (the services we connect) goes out to a revoked cloud
+        refusal = self.refuse_revoked(tunnel, self.revocations, "cloud gateway") or super().admit(tunnel)
         if refusal:
             return refusal
         peer = tunnel.peer

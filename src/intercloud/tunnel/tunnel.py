@@ -210,7 +210,7 @@ class Tunnel(ResumeOps, Listener):
             refusal = self.gateway.screen(self)
             if refusal is not None:  # e.g. a peer link whose certificate is not a member's: it learns nothing
                 self.refused = True
-                self.fail(refusal, code=1008)
+                self.fail(refusal, code=1008, quiet=self.refusal_logged)  # logged once, where refused
                 return
             self.send_hello()
         # The dialing side answers only once it has admitted the peer's HELLO (protocol §5.2): a tunnel
