@@ -26,6 +26,7 @@ import jsonschema
 import pytest
 
 from intercloud.audit import schema
+from intercloud.certs import init_certs
 from tests.support.ports import free_ports
 from tests.support.servers import EchoServer
 from tests.support.timeouts import scaled, wait_until
@@ -115,6 +116,7 @@ class World:
     dead_port: int
     certs: Path
     start_onprem: Callable[[str], object]  # another on-prem gateway of the pair, by node id (its own cert)
+    cloud: object  # tests.support.gateway.Gateway
 
 
 @dataclass
@@ -196,6 +198,23 @@ def _tenant_refuses_tunnel(w: World) -> dict:
     return {}
 
 
+def _revoked(w: World) -> dict:
+    """certs revoke + SIGHUP on the cloud: onprem3's handshakes are refused (tls.crl, operations §10.5)."""
+    done = subprocess.run([sys.executable, "-m", "intercloud", "certs", "revoke", str(w.certs), "onprem3"],
+                          capture_output=True, text=True, timeout=scaled(60),
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2] / "src")})
+    assert done.returncode == 0, done.stderr
+    mark = w.cloud.log_mark()
+    w.cloud.signal(signal.SIGHUP)
+    w.cloud.wait_log(lambda r: r["event"] == "gateway.reloaded", since=mark)
+    gw = w.start_onprem("onprem3")
+    try:
+        wait_record(w.cloud_log, lambda r: _refused(r, kind="revoked"), "a revoked certificate refused")
+    finally:
+        gw.stop()
+    return {}
+
+
 def _tenant_limit(w: World) -> dict:
     held = []
     try:
@@ -254,6 +273,8 @@ CASES = [
     Case("tenant refuses a tunnel", _tenant_refuses_tunnel, lambda w, f: [
         (w.cloud_log, lambda r: _refused(r, kind="tenant", peer_node="onprem2") and "onprem2" in r["reason"]
          and r["client"].startswith("127.0.0.1:"), "a tunnel refused by the tenant rules")]),
+    Case("revoked", _revoked, lambda w, f: [
+        (w.cloud_log, lambda r: _refused(r, kind="revoked") and "onprem3" in r["reason"], "revoked")]),
     Case("tenant max_streams", _tenant_limit, lambda w, f: [
         (w.cloud_log, lambda r: _refused(r, client=f["client"], kind="tenant", tenant="t1", rule="max_streams 2"),
          "tenant limit")]),
@@ -275,13 +296,16 @@ def audited_pair(tmp_path, gateways):
                                 for n in names if n != "noroute"]
         admin2 = free_ports(1)[0]
         w = World(tmp_path / "audit" / "cloud1.jsonl", tmp_path / "audit" / "onprem1.jsonl", port, e.port, dead,
-                  pair.certs, lambda name: gateways(name, pair.onprem_config(name, admin=admin2), ready=False))
+                  pair.certs, lambda name: gateways(name, pair.onprem_config(name, admin=admin2), ready=False), None)
+        init_certs(pair.certs, cloud=[], onprem=["onprem3"])  # revoked by the "revoked" case
         (tmp_path / "audit").mkdir()
         cloud_text = pair.cloud_config().replace('route_wait = "2s"\n',
                                                  f'route_wait = "1s"\naudit_log = "{w.cloud_log}"\n', 1)
         onprem_text = pair.onprem_config().replace('route_wait = "2s"\n',
                                                    f'route_wait = "2s"\naudit_log = "{w.onprem_log}"\n', 1)
-        cloud = gateways("cloud1", cloud_text)
+        cloud_text = cloud_text.replace(f'ca = "{pair.certs}/ca.pem"\n', f'ca = "{pair.certs}/ca.pem"\n'
+                                        f'crl = "{pair.certs}/crl.pem"\n', 1)
+        cloud = w.cloud = gateways("cloud1", cloud_text)
         onprem = gateways("onprem1", onprem_text)
         wait_tunnels(cloud, 1)
         yield w, cloud, onprem
