@@ -1,4 +1,4 @@
-"""Certificate revocation lists (``[tls] crl``, ``[cluster] crl``; docs/operations.md §10.5).
+"""Certificate revocation lists (``[tls] crl``, ``[cluster] crl``; docs/operations.md §10.2).
 
 Why the check is here and not in OpenSSL: ``VERIFY_CRL_CHECK_LEAF`` fails *every* certificate whose
 issuer has no CRL loaded ("unable to get certificate CRL"). A cloud that trusts several tenant CAs

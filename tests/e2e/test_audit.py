@@ -199,7 +199,7 @@ def _tenant_refuses_tunnel(w: World) -> dict:
 
 
 def _revoked(w: World) -> dict:
-    """certs revoke + SIGHUP on the cloud: onprem3's handshakes are refused (tls.crl, operations §10.5)."""
+    """certs revoke + SIGHUP on the cloud: onprem3's handshakes are refused (tls.crl, operations §10.2)."""
     done = subprocess.run([sys.executable, "-m", "intercloud", "certs", "revoke", str(w.certs), "onprem3"],
                           capture_output=True, text=True, timeout=scaled(60),
                           env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2] / "src")})

@@ -1,4 +1,4 @@
-"""PROXY protocol (docs/operations.md §10.5) with real gateways and a real nginx, on loopback.
+"""PROXY protocol (docs/operations.md §10.1) with real gateways and a real nginx, on loopback.
 
 1. Bad input on a service listener with ``accept_proxy_protocol``: garbage instead of a header, a v1
    line longer than the protocol's 107 bytes, a connection from outside ``trusted_proxies``, a client
