@@ -200,6 +200,8 @@ def run_init_step(docs: list[dict], tmp: Path, pod: str | None = None, token: st
     config.parent.mkdir()
     env = {"PATH": f"{INTERCLOUD.parent}:/usr/bin:/bin", "POD_NAME": pod, "IC_TEMPLATE": str(template),
            "IC_CONFIG": str(config), "IC_TOKEN_FILE": str(root / "admin" / "token"), "HOME": str(tmp)}
+    if "PYTHONPATH" in os.environ:  # the checkout's src/ when the venv belongs to another one
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
     done = subprocess.run(["/bin/sh", str(root / "template" / "render.sh")], capture_output=True, text=True,
                           timeout=60, env=env)
     return done, config
