@@ -12,6 +12,11 @@ behind a forward proxy, TLS from cert-manager, the minimal values):
   the admin token and runs `intercloud check` on the result, with every certificate path pointed at
   files that `intercloud certs init` wrote (no path is skipped; the check must say "valid").
 
+And the rendered pair runs: a cloud member and an on-prem gateway, started from the chart's TOML
+after its init step, pass the pod's own readiness probe command, answer /healthz without the token
+and /metrics only with it, carry a client's connection end to end, and drain on SIGTERM to exit
+status 0 within terminationGracePeriodSeconds.
+
 Negative cases show the test can fail for the right reason: a values file that the chart refuses
 (helm fails with the values key in the message) and one that the chart renders but whose TOML
 `intercloud check` refuses (with the TOML key in the message).
@@ -150,15 +155,16 @@ def test_pod_promises(values):
 
 # --- the TOML of every ConfigMap through the pod's own init step and `intercloud check` ---------------
 
-def _certs(tmp: Path, role: str, pods: list[str], tenant_san: bool) -> Path:
-    """The files the pod mounts, under ``tmp`` as they are under /etc/intercloud in the pod."""
+def _certs(tmp: Path, role: str, pods: list[str], tenant_san: bool, pki: Path | None = None) -> Path:
+    """The files the pod mounts, under ``tmp`` as they are under /etc/intercloud in the pod. ``pki``:
+    a directory whose CA to use (both ends of a tunnel), else a new one in ``tmp``."""
     def certs_init(out: Path, *args: str) -> None:
         done = subprocess.run([str(INTERCLOUD), "certs", "init", str(out), *args], capture_output=True, text=True,
                               timeout=60)
         assert done.returncode == 0, done.stderr
 
     root = tmp / "etc"
-    pki, cluster_pki = tmp / "pki", tmp / "cluster-pki"
+    pki, cluster_pki = pki or tmp / "pki", tmp / "cluster-pki"
     for d in ("tls", "tls-ca", "cluster-tls", "admin"):
         (root / d).mkdir(parents=True)
     if role == "cloud":
@@ -180,8 +186,8 @@ def _certs(tmp: Path, role: str, pods: list[str], tenant_san: bool) -> Path:
     return root
 
 
-def run_init_step(docs: list[dict], tmp: Path, pod: str | None = None, token: str = "t0k3n-" + "x" * 26
-                  ) -> tuple[subprocess.CompletedProcess, Path]:
+def run_init_step(docs: list[dict], tmp: Path, pod: str | None = None, token: str = "t0k3n-" + "x" * 26,
+                  pki: Path | None = None) -> tuple[subprocess.CompletedProcess, Path]:
     """Run render.sh of the rendered ConfigMap as the init container does: the same script, the same
     template, with /etc/intercloud pointed at a directory of real certificates."""
     cm = next(d for d in docs if d["kind"] == "ConfigMap")
@@ -190,7 +196,7 @@ def run_init_step(docs: list[dict], tmp: Path, pod: str | None = None, token: st
     base = workload["metadata"]["name"]
     pods = [f"{base}-{i}" for i in range(workload["spec"]["replicas"])]
     pod = pod or (pods[-1] if role == "cloud" else f"{base}-5d8c7b9f4-x2x7q")
-    root = _certs(tmp, role, pods, tenant_san=True)
+    root = _certs(tmp, role, pods, tenant_san=True, pki=pki)
     template = root / "template" / "gateway.toml"
     template.parent.mkdir()
     template.write_text(cm["data"]["gateway.toml"].replace("/etc/intercloud/", f"{root}/"))
@@ -277,3 +283,81 @@ def test_bad_admin_token_stops_the_init_step(tmp_path):
     done, config = run_init_step(render(CHART / "ci" / "minimal-values.yaml"), tmp_path, token="short|&")
     assert done.returncode == 2 and "admin token" in done.stderr, done.stderr
     assert not config.exists()
+
+
+# --- the rendered pair runs: probes, token, a stream end to end, drain within the grace period ---
+
+def _probe(docs: list[dict], token_file: Path) -> list[str]:
+    """The readiness probe's command of the rendered pod, reading the token where the test put it."""
+    command = _workload(docs)["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["exec"]["command"]
+    assert command[0] == "python3"
+    return [sys.executable, *[c.replace("/etc/intercloud/admin/token", str(token_file)) for c in command[1:]]]
+
+
+def test_rendered_cloud_and_onprem_run_and_pass_their_probes(gateways, tmp_path):
+    """A cloud member and an on-prem gateway from the chart's own TOML and init step, run for real:
+    the readiness probe command of the pod spec passes once each is ready, /healthz needs no token,
+    /metrics does, a client reaches the on-prem target through the tunnel, and SIGTERM ends both
+    with status 0 well within terminationGracePeriodSeconds."""
+    import socket
+    import time
+    import urllib.error
+    import urllib.request
+
+    from tests.support.ports import free_ports
+    from tests.support.servers import EchoServer
+    from tests.support.timeouts import scaled, wait_until
+
+    tunnel, cluster, cloud_admin, onprem_admin, svc = free_ports(5)
+    pki = tmp_path / "pki"
+    cloud_values = tmp_path / "cloud.yaml"
+    cloud_values.write_text(f"""role: cloud
+replicas: 1
+drainTimeoutSeconds: 5
+ports: {{tunnel: {tunnel}, cluster: {cluster}, admin: {cloud_admin}}}
+config:
+  service: [{{name: echo, accept: "tcp://127.0.0.1:{svc}"}}]
+""")
+    with EchoServer() as echo:
+        onprem_values = tmp_path / "onprem.yaml"
+        onprem_values.write_text(f"""role: onprem
+replicas: 1
+drainTimeoutSeconds: 5
+ports: {{admin: {onprem_admin}}}
+config:
+  tls: {{server_name: tunnel.example.com}}
+  tunnel: {{connect: ["wss://127.0.0.1:{tunnel}/intercloud"], proxy: none, per_member: 1}}
+  service: [{{name: echo, connect: "tcp://127.0.0.1:{echo.port}"}}]
+""")
+        started = {}
+        for role, values in (("cloud", cloud_values), ("onprem", onprem_values)):
+            docs = render(values)
+            (tmp_path / role).mkdir()
+            done, config = run_init_step(docs, tmp_path / role, pki=pki)
+            assert done.returncode == 0, done.stdout + done.stderr
+            gw = gateways(role, config.read_text(), ready=False)
+            started[role] = (gw, docs, tmp_path / role / "etc" / "admin" / "token")
+        for role, (gw, docs, token_file) in started.items():
+            probe = _probe(docs, token_file)
+            wait_until(lambda: subprocess.run(probe, capture_output=True, timeout=10).returncode == 0,  # noqa: B023
+                       timeout=30, what=f"{role}: the pod's readiness probe passes")
+            assert gw.http_get("/healthz")[0] == 200
+            assert gw.http_get("/metrics")[0] == 401  # guarded: the admin endpoint is not on loopback
+            token = token_file.read_text()
+            req = urllib.request.Request(f"{gw.admin_url}/metrics", headers={"Authorization": f"Bearer {token}"})
+            with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(req, timeout=5) as resp:
+                assert b"intercloud_ready" in resp.read()
+
+        def echoed() -> bool:
+            with socket.create_connection(("127.0.0.1", svc), timeout=scaled(5)) as c:
+                c.sendall(b"through the chart\n")
+                return c.recv(100) == b"through the chart\n"
+
+        wait_until(echoed, timeout=20, what="a client of the cloud service reaches the on-prem echo target",
+                   ignore=(OSError,))
+        for role, (gw, docs, _) in started.items():
+            grace = _workload(docs)["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+            t0 = time.monotonic()
+            gw.terminate()
+            assert gw.wait_exit(timeout=grace) == 0, f"{role}: the drain did not end with status 0"
+            assert time.monotonic() - t0 < grace
