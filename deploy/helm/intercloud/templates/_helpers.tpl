@@ -58,6 +58,15 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- printf "%s-peers" (include "intercloud.fullname" .) }}
 {{- end }}
 
+{{/* listenAddress as the host of HOST:PORT and URLs ([::] for IPv6), and the loopback address probes use. */}}
+{{- define "intercloud.listenHost" -}}
+{{- if contains ":" .Values.listenAddress }}{{ printf "[%s]" .Values.listenAddress }}{{ else }}{{ .Values.listenAddress }}{{ end }}
+{{- end }}
+
+{{- define "intercloud.loopback" -}}
+{{- if contains ":" .Values.listenAddress }}[::1]{{ else }}127.0.0.1{{ end }}
+{{- end }}
+
 {{/* Cloud: the pod names of the StatefulSet, which are the members' node ids, as a list. */}}
 {{- define "intercloud.podNames" -}}
 {{- $names := list }}
@@ -170,7 +179,7 @@ The gateway's TOML file. @POD_NAME@ and @ADMIN_TOKEN@ are replaced at start by t
 {{- $cfg := .Values.config }}
 {{- $gateway := merge (dict
       "role" .Values.role
-      "admin" (printf "0.0.0.0:%d" (int .Values.ports.admin))
+      "admin" (printf "%s:%d" (include "intercloud.listenHost" .) (int .Values.ports.admin))
       "admin_token" "@ADMIN_TOKEN@"
       "drain_timeout" (printf "%ds" (int .Values.drainTimeoutSeconds))) (deepCopy ($cfg.gateway | default dict)) }}
 {{- if or (eq .Values.role "cloud") .Values.onprem.nodeIdFromPodName }}
@@ -182,7 +191,7 @@ The gateway's TOML file. @POD_NAME@ and @ADMIN_TOKEN@ are replaced at start by t
       "ca" "/etc/intercloud/tls-ca/ca.crt") (deepCopy ($cfg.tls | default dict)) }}
 {{- $tunnel := deepCopy ($cfg.tunnel | default dict) }}
 {{- if eq .Values.role "cloud" }}
-{{- $_ := set $tunnel "listen" (printf "wss://0.0.0.0:%d%s" (int .Values.ports.tunnel) .Values.tunnelPath) }}
+{{- $_ := set $tunnel "listen" (printf "wss://%s:%d%s" (include "intercloud.listenHost" .) (int .Values.ports.tunnel) .Values.tunnelPath) }}
 {{- end -}}
 # intercloud gateway configuration, rendered by the Helm chart from its values (docs/kubernetes.md).
 # @POD_NAME@ / @ADMIN_TOKEN@ are filled in at pod start; the result is checked with `intercloud check`.
@@ -197,7 +206,7 @@ The gateway's TOML file. @POD_NAME@ and @ADMIN_TOKEN@ are replaced at start by t
 {{- if eq .Values.role "cloud" }}
 {{- $peers := printf "wss://%s.%s.svc.%s:%d%s" (include "intercloud.peersService" .) .Release.Namespace .Values.clusterDomain (int .Values.ports.cluster) .Values.clusterPath }}
 {{- $cluster := merge (dict
-      "listen" (printf "wss://0.0.0.0:%d%s" (int .Values.ports.cluster) .Values.clusterPath)
+      "listen" (printf "wss://%s:%d%s" (include "intercloud.listenHost" .) (int .Values.ports.cluster) .Values.clusterPath)
       "peers" (list $peers)
       "ca" "/etc/intercloud/cluster-tls/ca.crt"
       "cert" "/etc/intercloud/cluster-tls/tls.crt"
