@@ -165,7 +165,7 @@ def _certs(tmp: Path, role: str, pods: list[str], tenant_san: bool, pki: Path | 
 
     root = tmp / "etc"
     pki, cluster_pki = pki or tmp / "pki", tmp / "cluster-pki"
-    for d in ("tls", "tls-ca", "cluster-tls", "admin"):
+    for d in ("tls", "tls-ca", "cluster-tls", "admin", "crl", "cluster-crl"):
         (root / d).mkdir(parents=True)
     if role == "cloud":
         # one certificate that names every member, as the chart's cert-manager Certificate does
@@ -174,6 +174,7 @@ def _certs(tmp: Path, role: str, pods: list[str], tenant_san: bool, pki: Path | 
         shutil.copy(cluster_pki / f"{pods[0]}.pem", root / "cluster-tls" / "tls.crt")
         shutil.copy(cluster_pki / f"{pods[0]}.key", root / "cluster-tls" / "tls.key")
         shutil.copy(cluster_pki / "ca.pem", root / "cluster-tls" / "ca.crt")
+        shutil.copy(cluster_pki / "crl.pem", root / "cluster-crl" / "crl.pem")  # signed by the cluster CA
         name = pods[0]
     else:
         # a certificate from a Secret, shared by the Deployment's replicas: it cannot name their
@@ -183,6 +184,7 @@ def _certs(tmp: Path, role: str, pods: list[str], tenant_san: bool, pki: Path | 
     shutil.copy(pki / f"{name}.pem", root / "tls" / "tls.crt")
     shutil.copy(pki / f"{name}.key", root / "tls" / "tls.key")
     shutil.copy(pki / "ca.pem", root / "tls-ca" / "ca.crt")
+    shutil.copy(pki / "crl.pem", root / "crl" / "crl.pem")
     return root
 
 
@@ -225,6 +227,8 @@ def test_configmap_toml_passes_intercloud_check(values, tmp_path):
     assert "@POD_NAME@" not in text and "@ADMIN_TOKEN@" not in text
     cfg = tomllib.loads(text)
     assert cfg["gateway"]["admin_token"].startswith("t0k3n-")
+    crl_values = yaml.safe_load(values.read_text()).get("tls", {}).get("crl")
+    assert ("crl" in cfg["tls"]) == bool(crl_values), "tls.crl follows values tls.crl.secretName"
     if cfg["gateway"]["role"] == "cloud":
         assert cfg["gateway"]["node_id"] == _workload(docs)["metadata"]["name"] + "-2"
         # the node id is a name of the certificate: no warning about it

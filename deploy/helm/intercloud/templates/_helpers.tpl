@@ -95,7 +95,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- fail (printf "values config.gateway.%s: set by the chart (see docs/kubernetes.md §3); remove it from config.gateway" $key) }}
 {{- end }}
 {{- end }}
-{{- range $key := list "cert" "key" "ca" "insecure" }}
+{{- range $key := list "cert" "key" "ca" "insecure" "crl" }}
 {{- if hasKey ($.Values.config.tls | default dict) $key }}
 {{- fail (printf "values config.tls.%s: set by the chart from the Secret tls.secretName; remove it from config.tls" $key) }}
 {{- end }}
@@ -103,7 +103,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if hasKey (.Values.config.tunnel | default dict) "listen" }}
 {{- fail "values config.tunnel.listen: set by the chart (ports.tunnel, tunnelPath); remove it from config.tunnel" }}
 {{- end }}
-{{- range $key := list "listen" "peers" "ca" "cert" "key" "peer_names" }}
+{{- range $key := list "listen" "peers" "ca" "cert" "key" "peer_names" "crl" }}
 {{- if hasKey ($.Values.config.cluster | default dict) $key }}
 {{- fail (printf "values config.cluster.%s: set by the chart (the headless Service and cluster.secretName); remove it from config.cluster" $key) }}
 {{- end }}
@@ -189,6 +189,9 @@ The gateway's TOML file. @POD_NAME@ and @ADMIN_TOKEN@ are replaced at start by t
       "cert" "/etc/intercloud/tls/tls.crt"
       "key" "/etc/intercloud/tls/tls.key"
       "ca" "/etc/intercloud/tls-ca/ca.crt") (deepCopy ($cfg.tls | default dict)) }}
+{{- if .Values.tls.crl.secretName }}
+{{- $_ := set $tls "crl" "/etc/intercloud/crl/crl.pem" }}
+{{- end }}
 {{- $tunnel := deepCopy ($cfg.tunnel | default dict) }}
 {{- if eq .Values.role "cloud" }}
 {{- $_ := set $tunnel "listen" (printf "wss://%s:%d%s" (include "intercloud.listenHost" .) (int .Values.ports.tunnel) .Values.tunnelPath) }}
@@ -212,6 +215,9 @@ The gateway's TOML file. @POD_NAME@ and @ADMIN_TOKEN@ are replaced at start by t
       "cert" "/etc/intercloud/cluster-tls/tls.crt"
       "key" "/etc/intercloud/cluster-tls/tls.key"
       "peer_names" (include "intercloud.podNames" . | fromJsonArray)) (deepCopy ($cfg.cluster | default dict)) }}
+{{- if .Values.cluster.crl.secretName }}
+{{- $_ := set $cluster "crl" "/etc/intercloud/cluster-crl/crl.pem" }}
+{{- end }}
 
 [cluster]
 {{- include "intercloud.tomlTable" (dict "table" $cluster "name" "cluster") }}
