@@ -71,6 +71,8 @@ pytestmark = pytest.mark.skipif(
 def helm(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, HELM_CACHE_HOME="/tmp/intercloud-helm/cache", HELM_CONFIG_HOME="/tmp/intercloud-helm/config",
                HELM_DATA_HOME="/tmp/intercloud-helm/data")
+    if args[0] in ("lint", "template"):  # capabilities and deprecation checks of the schemas' version
+        args = (*args, "--kube-version", K8S_VERSION)
     return subprocess.run([HELM, *args], capture_output=True, text=True, timeout=120, env=env)
 
 
@@ -78,6 +80,11 @@ def render(values: Path) -> list[dict]:
     done = helm("template", RELEASE, str(CHART), "--namespace", NAMESPACE, "-f", str(values))
     assert done.returncode == 0, f"helm template -f {values.name} failed:\n{done.stderr}"
     return [doc for doc in yaml.safe_load_all(done.stdout) if doc]
+
+
+def test_default_values_lint():
+    done = helm("lint", str(CHART), "--strict")
+    assert done.returncode == 0, f"helm lint (default values):\n{done.stdout}\n{done.stderr}"
 
 
 def test_ci_values_matrix_is_complete():

@@ -233,3 +233,33 @@ The gateway's TOML file. @POD_NAME@ and @ADMIN_TOKEN@ are replaced at start by t
 {{- include "intercloud.tomlTable" (dict "table" $s "name" (printf "service[%d]" $i)) }}
 {{- end }}
 {{- end }}
+
+{{/* The securityContext of both containers: the Pod Security Standard "restricted". */}}
+{{- define "intercloud.containerSecurityContext" -}}
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+runAsNonRoot: true
+capabilities:
+  drop: ["ALL"]
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{/* The mounts of both containers (the init step reads what the gateway reads). */}}
+{{- define "intercloud.volumeMounts" -}}
+- {name: template, mountPath: /etc/intercloud/template, readOnly: true}
+- {name: config, mountPath: /run/intercloud}
+- {name: tmp, mountPath: /tmp}
+- {name: admin-token, mountPath: /etc/intercloud/admin, readOnly: true}
+- {name: tls, mountPath: /etc/intercloud/tls, readOnly: true}
+- {name: tls-ca, mountPath: /etc/intercloud/tls-ca, readOnly: true}
+{{- if eq .Values.role "cloud" }}
+- {name: cluster-tls, mountPath: /etc/intercloud/cluster-tls, readOnly: true}
+{{- end }}
+{{- if .Values.tls.crl.secretName }}
+- {name: crl, mountPath: /etc/intercloud/crl, readOnly: true}
+{{- end }}
+{{- if and (eq .Values.role "cloud") .Values.cluster.crl.secretName }}
+- {name: cluster-crl, mountPath: /etc/intercloud/cluster-crl, readOnly: true}
+{{- end }}
+{{- end }}
