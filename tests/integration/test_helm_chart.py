@@ -30,11 +30,19 @@ from __future__ import annotations
 import base64
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
+import tomllib
+import urllib.request
 from pathlib import Path
 
 import pytest
+
+from tests.support.ports import free_ports
+from tests.support.servers import EchoServer
+from tests.support.timeouts import scaled, wait_until
 
 yaml = pytest.importorskip("yaml", reason="PyYAML comes with kubernetes-validate: pip install -e '.[test]'")
 kubernetes_validate = pytest.importorskip(
@@ -146,8 +154,6 @@ def test_pod_promises(values):
     assert pod["topologySpreadConstraints"]
     # terminationGracePeriodSeconds covers the preStop wait and the whole drain
     toml = next(d for d in docs if d["kind"] == "ConfigMap")["data"]["gateway.toml"]
-    import tomllib
-
     drain = int(tomllib.loads(toml)["gateway"]["drain_timeout"].rstrip("s"))
     pre_stop = gateway["lifecycle"]["preStop"]["sleep"]["seconds"]
     assert pod["terminationGracePeriodSeconds"] > pre_stop + drain
@@ -224,8 +230,6 @@ def run_init_step(docs: list[dict], tmp: Path, pod: str | None = None, token: st
 
 @pytest.mark.parametrize("values", CI_VALUES, ids=lambda p: p.stem)
 def test_configmap_toml_passes_intercloud_check(values, tmp_path):
-    import tomllib
-
     docs = render(values)
     done, config = run_init_step(docs, tmp_path)
     assert done.returncode == 0, f"{values.name}: init step failed:\n{done.stdout}\n{done.stderr}"
@@ -310,15 +314,6 @@ def test_rendered_cloud_and_onprem_run_and_pass_their_probes(gateways, tmp_path)
     the readiness probe command of the pod spec passes once each is ready, /healthz needs no token,
     /metrics does, a client reaches the on-prem target through the tunnel, and SIGTERM ends both
     with status 0 well within terminationGracePeriodSeconds."""
-    import socket
-    import time
-    import urllib.error
-    import urllib.request
-
-    from tests.support.ports import free_ports
-    from tests.support.servers import EchoServer
-    from tests.support.timeouts import scaled, wait_until
-
     tunnel, cluster, cloud_admin, onprem_admin, svc = free_ports(5)
     pki = tmp_path / "pki"
     cloud_values = tmp_path / "cloud.yaml"
