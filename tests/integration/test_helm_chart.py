@@ -309,6 +309,7 @@ def _probe(docs: list[dict], token_file: Path) -> list[str]:
     return [sys.executable, *[c.replace("/etc/intercloud/admin/token", str(token_file)) for c in command[1:]]]
 
 
+@pytest.mark.e2e
 def test_rendered_cloud_and_onprem_run_and_pass_their_probes(gateways, tmp_path):
     """A cloud member and an on-prem gateway from the chart's own TOML and init step, run for real:
     the readiness probe command of the pod spec passes once each is ready, /healthz needs no token,
