@@ -345,7 +345,8 @@ def write_private_key(path: Path, key: CertificateIssuerPrivateKeyTypes) -> Path
     return Path(path)
 
 
-def _read(path: Path, what: str) -> bytes:
+def read_file(path: Path, what: str) -> bytes:
+    """A certificate, key or CRL file's bytes; CertError names the file and what to do."""
     try:
         return Path(path).read_bytes()
     except FileNotFoundError:
@@ -363,7 +364,7 @@ def load_certificates(path: Path, what: str = "certificate") -> list[x509.Certif
 
     Raises :class:`CertError` naming the file when it is missing, unreadable, empty or not PEM.
     """
-    data = _read(path, what)
+    data = read_file(path, what)
     if b"-----BEGIN CERTIFICATE-----" not in data:
         hint = ""
         if b"PRIVATE KEY-----" in data:
@@ -377,7 +378,7 @@ def load_certificates(path: Path, what: str = "certificate") -> list[x509.Certif
 
 def load_private_key(path: Path, what: str = "private key") -> CertificateIssuerPrivateKeyTypes:
     """Load an unencrypted PEM private key. Encrypted keys are rejected with a clear message."""
-    data = _read(path, what)
+    data = read_file(path, what)
     if b"PRIVATE KEY-----" not in data:
         hint = ""
         if b"-----BEGIN CERTIFICATE-----" in data:
@@ -547,7 +548,7 @@ def _load_crl(path: Path, ca: Issued) -> x509.CertificateRevocationList | None:
     """The CRL at ``path`` if there is one; it must be this CA's (its entries are carried over)."""
     if not path.exists():
         return None
-    data = _read(path, "CRL")
+    data = read_file(path, "CRL")
     try:
         crl = x509.load_pem_x509_crl(data)
     except ValueError as exc:

@@ -179,6 +179,7 @@ class Gateway:
         from .admin.server import AdminServer
 
         admin = AdminServer(self) if self.config.gateway.admin else None
+        self._open_audit()
         try:
             async with asyncio.TaskGroup() as tg:
                 self.tg = tg
@@ -196,7 +197,26 @@ class Gateway:
         finally:
             if admin:
                 await admin.stop()
+            if self.stats.audit is not None:  # what the drain logged (tunnels down) goes out too
+                await asyncio.to_thread(self.stats.audit.close)
         return 0
+
+    def _open_audit(self) -> None:
+        """[gateway] audit_log (docs/operations.md §10.3): open it before anything can happen to audit."""
+        path = self.config.gateway.audit_log
+        if path is None:
+            return
+        from .audit import AuditLog
+
+        audit = AuditLog(path, self.node_id)
+        try:
+            audit.open()
+        except OSError as exc:
+            raise StartupError(f"{self.config.source}: gateway.audit_log {path}: cannot open it for writing: "
+                               f"{exc.strerror or exc}; create its directory, make it writable by this user, or "
+                               "change gateway.audit_log") from None
+        audit.start()
+        self.stats.audit = audit
 
     async def _start_listeners(self) -> None:
         for svc in self.accept_services.values():
@@ -235,6 +255,8 @@ class Gateway:
         """The SIGHUP handler: start a reload, or fold this signal into the one in progress (it runs
         once more when done, so the newest file wins and no change is lost). Nothing here raises: a
         reload task that raised would cancel the whole TaskGroup and drop every tunnel."""
+        if self.stats.audit is not None:  # logrotate moved the file: reopen it whatever the reload does
+            self.stats.audit.reopen(self.config.gateway.audit_log)
         if self.tg is None or self.stopping.is_set():
             log.warning("SIGHUP ignored: the gateway is %s; send it again once it runs",
                         "stopping" if self.stopping.is_set() else "still starting",
@@ -271,10 +293,14 @@ class Gateway:
             ("gateway.admin", old.gateway.admin, new.gateway.admin), ("tunnel.listen", old.tunnel.listen, new.tunnel.listen),
             # cluster.crl is re-read like the certificates; the rest of [cluster] takes a restart
             ("cluster", old.cluster, new.cluster.model_copy(update={"crl": old.cluster.crl})), ("tunnel.max_frame", old.tunnel.max_frame, new.tunnel.max_frame),
-            ("tunnel.per_member", old.tunnel.per_member, new.tunnel.per_member)) if a != b]
+            ("tunnel.per_member", old.tunnel.per_member, new.tunnel.per_member),
+            # a new path applies (reload below); turning the audit log on or off takes a restart
+            ("gateway.audit_log", old.gateway.audit_log is None, new.gateway.audit_log is None)) if a != b]
         if fixed:
+            on_off = "gateway.audit_log" in fixed
             new = new.model_copy(update={"gateway": new.gateway.model_copy(update={"role": old.gateway.role,
-                                 "node_id": old.gateway.node_id, "admin": old.gateway.admin}),
+                                 "node_id": old.gateway.node_id, "admin": old.gateway.admin,
+                                 "audit_log": old.gateway.audit_log if on_off else new.gateway.audit_log}),
                                  "tunnel": new.tunnel.model_copy(update={"listen": old.tunnel.listen,
                                            "max_frame": old.tunnel.max_frame, "per_member": old.tunnel.per_member}),
                                  "cluster": old.cluster.model_copy(update={"crl": new.cluster.crl})})
@@ -353,6 +379,9 @@ class Gateway:
         if fixed:
             log.warning("SIGHUP: %s changed; that takes a restart, the old values stay in force", ", ".join(fixed),
                         extra={"event": "gateway.reload_partial", "keys": fixed})
+        audit, path = self.stats.audit, new.gateway.audit_log
+        if audit is not None and path is not None and path != self.config.gateway.audit_log:
+            audit.reopen(path)  # the writer moves to the new path before its next batch
         self.config = new
         self.budget.set_limit(new.gateway.max_buffered)
         self._reload_state = "the configuration was applied only partly; send SIGHUP again or restart"
@@ -489,6 +518,7 @@ class Gateway:
                          "peer_node": peer.node_id, "node": self.node_id, **tunnel.tls,
                          "peer_cert": tunnel.peer_cert.get("subject"), "services": peer.services})
         self.event("tunnel.opened", peer=peer.node_id, tunnel=tunnel.id)
+        self.stats.tunnel_up(tunnel)
         self.parking.peer_up(tunnel)
         twins = [t for t in self.tunnels if t.peer_node == peer.node_id and t.peer.incarnation != peer.incarnation]
         if twins:  # a cloned VM (same certificate and node id): both serve, neither hides the other
@@ -510,6 +540,7 @@ class Gateway:
                       reason, extra={"event": "tunnel.closed", "tunnel": tunnel.id, "peer_node": tunnel.peer_node,
                                      "peer_addr": tunnel.peer_addr, "reason": reason})
             self.event("tunnel.closed", peer=tunnel.peer_node, tunnel=tunnel.id, reason=reason)
+            self.stats.tunnel_down(tunnel, reason)
             self.routes_changed()
 
     def duplicate_identities(self) -> dict[str, list[str]]:

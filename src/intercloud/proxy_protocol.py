@@ -1,6 +1,6 @@
 """The PROXY protocol, versions 1 and 2 (haproxy.org's proxy-protocol.txt): the header a load balancer
 puts in front of a TCP connection to say whose it is, and the one we put in front of a target
-connection (docs/operations.md §10.5). Pure functions, no sockets.
+connection (docs/operations.md §10.1). Pure functions, no sockets.
 
 Hand-written (about 150 lines) rather than a PyPI package: the ones there are unmaintained or
 asyncio-server frameworks of their own, and every value here comes from the network, so each limit

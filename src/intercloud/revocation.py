@@ -1,4 +1,4 @@
-"""Certificate revocation lists (``[tls] crl``, ``[cluster] crl``; docs/operations.md §10.5).
+"""Certificate revocation lists (``[tls] crl``, ``[cluster] crl``; docs/operations.md §10.2).
 
 Why the check is here and not in OpenSSL: ``VERIFY_CRL_CHECK_LEAF`` fails *every* certificate whose
 issuer has no CRL loaded ("unable to get certificate CRL"). A cloud that trusts several tenant CAs
@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
+
+from .certs import CertError, read_file
 
 __all__ = ["CrlError", "LoadedCrl", "Revocations", "Revoked", "load_crl_file", "load_revocations", "warn_stale"]
 
@@ -111,17 +113,15 @@ def load_crl_file(path: Path, what: str = "CRL") -> list[LoadedCrl]:
     Raises CrlError naming the file when it is missing, unreadable, empty or not a PEM CRL."""
     path = Path(path)
     try:
-        if path.stat().st_size > MAX_CRL_FILE:
-            raise CrlError(f"{what} {path}: larger than {MAX_CRL_FILE // (1024 * 1024)} MiB; is it a CRL?")
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise CrlError(f"{what} {path}: file not found") from None
-    except IsADirectoryError:
-        raise CrlError(f"{what} {path}: is a directory, expected a PEM CRL file") from None
-    except PermissionError:
-        raise CrlError(f"{what} {path}: permission denied; make it readable by the user running intercloud") from None
-    except OSError as exc:
-        raise CrlError(f"{what} {path}: cannot read: {exc.strerror or exc}") from None
+        too_big = path.stat().st_size > MAX_CRL_FILE
+    except OSError:
+        too_big = False  # read_file says what is wrong with it
+    if too_big:
+        raise CrlError(f"{what} {path}: larger than {MAX_CRL_FILE // (1024 * 1024)} MiB; is it a CRL?")
+    try:
+        data = read_file(path, what)
+    except CertError as exc:
+        raise CrlError(str(exc)) from None
     blocks = _BLOCK.findall(data)
     if not blocks:
         hint = ""

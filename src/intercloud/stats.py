@@ -99,6 +99,8 @@ class GatewayStats:
                    "tunnel": tunnel.id, "client": stream.client, "target": stream.target,
                    "peer_node": peer, "bytes_out": stream.bytes_up,
                    "bytes_in": stream.bytes_down, "duration": round(dur, 6), "reason": reason})
+        if self.audit is not None and stream.in_service:  # one that never opened: StreamDispatch audits it
+            self.audit.stream_closed(tunnel, stream, reason)
         return True
 
     def refused(self, kind: str, why: str, *, client: str = "", service: str | None = None,
@@ -123,6 +125,15 @@ class GatewayStats:
                    reason=why)
         if self.audit is not None:
             self.audit.refused(kind, why, client=client, service=service, tenant=tenant, peer=peer, rule=rule)
+
+    def tunnel_up(self, tunnel: Tunnel) -> None:
+        """A tunnel or peer link was admitted (the audit log's ``tunnel`` and ``link`` records)."""
+        if self.audit is not None:
+            self.audit.tunnel_up(tunnel)
+
+    def tunnel_down(self, tunnel: Tunnel, reason: str) -> None:
+        if self.audit is not None:
+            self.audit.tunnel_down(tunnel, reason)
 
     def count(self, name: str, n: float = 1, **labels) -> None:
         key = (name, tuple(sorted(labels.items())))

@@ -64,11 +64,15 @@ class StreamDispatch:
     def client_connected(self, stream: LocalStream) -> None:
         """A client connected to an accept listener (called from LocalStream.connection_made)."""
         if self.gw.draining:
+            self._audit_refused("draining", f"{self.gw.node_id} is draining (shutting down); the client may retry "
+                                "on another member", stream.client, stream.service, stream.tenant)
             reset(stream.transport)
             return
         limit = self.gw.stream_limit(stream.tenant)
         if limit is not None:
             self._refuse_client(stream, limit)
+            self._audit_refused("tenant", limit, stream.client, stream.service, stream.tenant,
+                                rule=self._tenant_rule(stream.tenant))
             return
         gate = self.gw.gates.get((stream.tenant, stream.service))
         if gate is not None:  # allow/deny, max_connections, max_rate (admission.py)
@@ -103,6 +107,9 @@ class StreamDispatch:
         if svc == self._fault_service:
             raise RuntimeError("fault injected by INTERCLOUD_TEST_STREAM_FAULT (a test hook; unset it)")
         if stream.finished:  # the client left while we opened
+            if self.stats.audit is not None and not stream.in_service:
+                self.stats.audit.stream_failed(stream, "client_left", "the client left before the stream opened",
+                                               tunnel=stream.tunnel)
             return
         if result.ok:
             stream.identify()  # the far end's resume identity, if any (protocol §10.2)
@@ -115,9 +122,12 @@ class StreamDispatch:
             self.stats.count("route_timeouts", service=svc, tenant=stream.tenant)
             why = (f"no route: no tunnel offers service {svc!r} (waited {wait:g}s, gateway.route_wait); "
                    "check that a gateway on the other side connects this service and its tunnels are up")
+            self._audit_refused("no_route", why, stream.client, svc, stream.tenant, rule="route_wait")
         else:
             why = (f"every gateway offering {svc!r} refused; last {result.peer}: "
                    f"{Reason.name_of(result.code)} {result.text}")
+            if self.stats.audit is not None:
+                self.stats.audit.stream_failed(stream, "refused", why, peer_node=result.peer)
         self._refuse_client(stream, why)
 
     def _open_refused(self, stream: LocalStream, tunnel: Tunnel, code: int, text: str) -> None:
@@ -140,12 +150,25 @@ class StreamDispatch:
             reset(tr)
         stream.finished = True
 
+    # --- the audit log: refusals and failed streams that GatewayStats.refused and stream_closed do not see
+    # (these have log lines of their own: stream.refused, stream.open_refused, stream.target_failed)
+    def _audit_refused(self, kind: str, why: str, client: str, service: str, tenant: str, *,
+                       peer: str | None = None, rule: str | None = None) -> None:
+        if self.stats.audit is not None:
+            self.stats.audit.refused(kind, why, client=client, service=service, tenant=tenant, peer=peer, rule=rule)
+
+    def _tenant_rule(self, tenant: str) -> str | None:
+        spec = next((t for t in self.gw.config.tenants if t.name == tenant), None)
+        return f"max_streams {spec.max_streams}" if spec is not None and spec.max_streams is not None else None
+
     # --- connect side: the peer asks us to dial one of our services ---------------------
     def relay_requested(self, link: Tunnel, sid: int, tenant: str, service: str, client: str) -> None:
         """A member relays a stream of ``tenant`` to us (protocol §3.2): carry it over our own tunnels."""
         limit = self.gw.stream_limit(tenant)
         if limit is not None:
             link.refuse(sid, Reason.LIMIT, limit)
+            self._audit_refused("tenant", limit, client, service, tenant, peer=link.peer_node,
+                                rule=self._tenant_rule(tenant))
             return
         inner, outer = BridgeEnd.pair(service, client, target="", tenant=tenant)
         self.stats.hold_slot(inner)  # the inner end is the one counted and logged (stream_closed)
@@ -162,6 +185,7 @@ class StreamDispatch:
             slog.warning("OPEN from %s refused: %s", tunnel.peer_node, text,
                          extra={"event": "stream.open_refused", "service": service, "peer_node": tunnel.peer_node,
                                 "tenant": tunnel.tenant})
+            self._audit_refused("no_route", text, client, service, tunnel.tenant, peer=tunnel.peer_node)
             return
         limit = self.gw.stream_limit(tunnel.tenant)
         if limit is not None:
@@ -169,6 +193,8 @@ class StreamDispatch:
             slog.warning("OPEN %s from %s refused: %s", service, tunnel.peer_node, limit,
                          extra={"event": "stream.open_refused", "service": service, "peer_node": tunnel.peer_node,
                                 "tenant": tunnel.tenant, "reason": limit})
+            self._audit_refused("tenant", limit, client, service, tunnel.tenant, peer=tunnel.peer_node,
+                                rule=self._tenant_rule(tunnel.tenant))
             return
         gate = self.gw.gates.get((tunnel.tenant, service))
         if gate is not None:  # the same rules on the side that dials, against the client the OPEN names
@@ -205,6 +231,8 @@ class StreamDispatch:
         if code is None or stream.sid:  # connected: _target_connected took it from there
             return  # (a timeout that fired after it did closes the socket; the stream reports that itself)
         tunnel.refuse(sid, code, text)
+        if self.stats.audit is not None:
+            self.stats.audit.stream_failed(stream, "refused", f"{Reason.name_of(code)} {text}", tunnel=tunnel)
         self.stats.counters["open_failures"] += 1
         self.stats.count("open_failures", service=svc.name, tenant=tunnel.tenant, reason=Reason.label(code))
         slog.warning("[%s] target failed for client %s via %s: %s", svc.name, client, tunnel.peer_node, text,
@@ -242,9 +270,14 @@ class StreamDispatch:
             inner.start()
             outer.start()
         elif result.peer is None:
-            link.refuse(sid, Reason.UNKNOWN_SERVICE, f"{self.gw.node_id} has no tunnel offering {service!r} any more")
+            text = f"{self.gw.node_id} has no tunnel offering {service!r} any more"
+            link.refuse(sid, Reason.UNKNOWN_SERVICE, text)
+            self._audit_refused("no_route", text, inner.client, service, tenant, peer=link.peer_node)
         else:
             link.refuse(sid, result.code, f"via {self.gw.node_id}: {result.peer}: {result.text}")
+            if self.stats.audit is not None:
+                self.stats.audit.stream_failed(inner, "refused", f"{Reason.name_of(result.code)} {result.text}",
+                                               peer_node=result.peer)
 
     def relay_resume_requested(self, link: Tunnel, sid: int, tenant: str, service: str, resume: dict) -> None:
         """A member relays a RESUME to us (protocol §10.5): carry it over our tunnel to the far end

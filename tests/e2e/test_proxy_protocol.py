@@ -1,4 +1,4 @@
-"""PROXY protocol (docs/operations.md §10.5) with real gateways and a real nginx, on loopback.
+"""PROXY protocol (docs/operations.md §10.1) with real gateways and a real nginx, on loopback.
 
 1. Bad input on a service listener with ``accept_proxy_protocol``: garbage instead of a header, a v1
    line longer than the protocol's 107 bytes, a connection from outside ``trusted_proxies``, a client
@@ -55,13 +55,6 @@ def _echo(s: socket.socket, payload: bytes) -> bytes:
         got += chunk
     return got
 
-
-def _metric(gw, line_start: str) -> float:
-    code, body = gw.http_get("/metrics")
-    for line in body.decode().splitlines():
-        if line.startswith(line_start):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
 
 
 def _reset(s: socket.socket) -> str:
@@ -134,7 +127,7 @@ def test_bad_proxy_headers_and_untrusted_sources_are_refused_other_streams_unaff
     assert _echo(keep, blob) == blob
     keep.close()
     assert "Traceback" not in cloud.log_path.read_text()
-    wait_until(lambda: _metric(cloud, 'intercloud_connections_refused_by_total{kind="proxy_protocol",service="pp"}')
+    wait_until(lambda: cloud.metric('intercloud_connections_refused_by_total{kind="proxy_protocol",service="pp"}')
                == 4, scaled(5), what="the 4 refusals in /metrics")
 
 
@@ -171,5 +164,5 @@ def test_tunnel_listener_behind_nginx_sees_the_onprem_gateways_address(tmp_path,
         assert got == "reset"
         line = cloud.wait_log(lambda r: r.get("event") == "tunnel.proxy_refused", since=mark)
         assert "tunnel.trusted_proxies" in line["msg"] and line["peer_addr"].startswith("127.0.0.1:"), line
-        wait_until(lambda: _metric(cloud, 'intercloud_connections_refused_by_total{kind="proxy_protocol",service=""}')
+        wait_until(lambda: cloud.metric('intercloud_connections_refused_by_total{kind="proxy_protocol",service=""}')
                    == 1, scaled(5), what="the refusal in /metrics")

@@ -1,5 +1,5 @@
 """A client's real address through a load balancer, the tunnel and a relay, to the target: real nginx
-on both sides (docs/operations.md §10.5).
+on both sides (docs/operations.md §10.1).
 
 Two clients, each in its own network namespace with its own address, reach:
 - service A through an nginx ``stream`` front end (``proxy_protocol on``, a v1 header) in front of a

@@ -141,7 +141,7 @@ def test_allow_and_deny_ipv4_and_ipv6_from_clients_in_their_own_namespaces(tmp_p
                                      (c1, socket.AF_INET, lab.root_ip, pb)):
         assert attempt(host, family, addr, port) == "ok"
     for svc in ("acl4", "acl6"):  # /metrics bodies may be up to a second old: wait for a fresh one
-        wait_until(lambda: _metric(cloud, f'intercloud_connections_refused_by_total{{kind="acl",service="{svc}"}}') == 1,
+        wait_until(lambda: cloud.metric(f'intercloud_connections_refused_by_total{{kind="acl",service="{svc}"}}') == 1,
                    10, what=f"the {svc} refusal in /metrics")
 
 
@@ -179,13 +179,6 @@ def _burst(port: int, n: int, hold: bool) -> tuple[list[str], list[socket.socket
     return results, held
 
 
-def _metric(gw, line_start: str) -> float:
-    code, body = gw.http_get("/metrics")
-    for line in body.decode().splitlines():
-        if line.startswith(line_start):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
-
 
 def test_max_connections_and_max_rate_hold_under_a_burst_of_ten_times_the_limit(tmp_path, gateways, echo_a):
     pc, pr = free_ports(2)
@@ -200,7 +193,7 @@ def test_max_connections_and_max_rate_hold_under_a_burst_of_ten_times_the_limit(
     results, held = _burst(pc, 50, hold=True)
     try:
         assert results.count("ok") == 5 and results.count("reset") == 45, results
-        wait_until(lambda: _metric(cloud, 'intercloud_connections_refused_by_total{kind="max_connections",service="capped"}')
+        wait_until(lambda: cloud.metric('intercloud_connections_refused_by_total{kind="max_connections",service="capped"}')
                    == 45, 10, what="45 refusals counted")
         # the slots come back when the held connections end
         for s in held:
@@ -221,7 +214,7 @@ def test_max_connections_and_max_rate_hold_under_a_burst_of_ten_times_the_limit(
     # the bucket holds 5 tokens and earns 5 a second while the burst lasts
     assert 5 <= served <= 5 + int(5 * elapsed) + 1, (served, elapsed, results)
     assert results.count("reset") == 50 - served, results
-    wait_until(lambda: _metric(cloud, 'intercloud_connections_refused_by_total{kind="max_rate",service="paced"}')
+    wait_until(lambda: cloud.metric('intercloud_connections_refused_by_total{kind="max_rate",service="paced"}')
                == 50 - served, 10, what="the rate refusals counted")
     lines = _refusals(cloud)
     assert any(r["kind"] == "max_rate" and r["rule"] == "max_rate 5" for r in lines)

@@ -246,6 +246,17 @@ class Gateway:
             raise AssertionError(f"gateway {self.name}: GET /api/status -> {code}: {body[:500]!r}")
         return json.loads(body)
 
+    def metric(self, line_start: str) -> float:
+        """The value of the first /metrics line that starts with ``line_start`` (a name with its
+        labels, e.g. ``intercloud_connections_refused_by_total{kind="acl",service="db"}``); 0 if none."""
+        code, body = self.http_get("/metrics")
+        if code != 200:
+            raise AssertionError(f"gateway {self.name}: GET /metrics -> {code}: {body[:300]!r}")
+        for line in body.decode().splitlines():
+            if line.startswith(line_start):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
     # -- logs ----------------------------------------------------------------------------
 
     def log_text(self, since: int = 0) -> str:

@@ -83,6 +83,15 @@ class _Collector:
             dup.add_metric([node], len(incs))
         yield dup
         yield GaugeMetricFamily("intercloud_ready", "1 when /readyz is 200", value=1 if gw.is_ready() else 0)
+        # the audit log (docs/operations.md §10.3); zeros without one, so alerts need no special case
+        audit = gw.stats.audit
+        dropped = CounterMetricFamily("intercloud_audit_dropped", "Audit log records dropped: queue full (the writer "
+                                      "is behind) or write failed (disk full)", labels=["reason"])
+        dropped.add_metric(["queue_full"], audit.dropped_full if audit is not None else 0)
+        dropped.add_metric(["write_failed"], audit.dropped_failed if audit is not None else 0)
+        yield dropped
+        yield CounterMetricFamily("intercloud_audit_records", "Audit log records written",
+                                  value=audit.written if audit is not None else 0)
         yield from _tcp(gw)
         b = getattr(gw, "budget", None)
         if b is not None:  # protocol §6.4

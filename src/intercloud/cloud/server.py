@@ -152,13 +152,18 @@ class CloudGateway(Gateway):
         if revoked is not None:
             return revoked
         # the role, then the node id against the certificate (protocol §5.4), then tenant and services
-        refusal = super().admit(tunnel) or self.admit_tenant(tunnel)
+        refusal = super().admit(tunnel)
+        tenant_refusal = None if refusal is not None else self.admit_tenant(tunnel)
+        refusal = refusal or tenant_refusal
         if refusal is not None:
             tunnel.refusal_logged = True
             log.warning("tunnel from %s refused: %s", tunnel.peer_addr, refusal,
                         extra={"event": "tenant.refused", "peer_addr": tunnel.peer_addr, "reason": refusal,
                                "peer_node": tunnel.peer_node, "subject": tunnel.peer_cert.get("subject"),
                                "tenant": tunnel.tenant})
+            if tenant_refusal is not None and self.stats.audit is not None:  # logged above: audit record only
+                self.stats.audit.refused("tenant", refusal, client=tunnel.peer_addr, tenant=tunnel.tenant,
+                                         peer=tunnel.peer_node)
         return refusal
 
     def tunnel_ready(self, tunnel: Tunnel) -> None:
@@ -184,6 +189,9 @@ class CloudGateway(Gateway):
             log.warning("tunnel %s from %s closed: its SERVICES %s", tunnel.id, tunnel.peer_addr, refusal,
                         extra={"event": "tenant.refused", "peer_addr": tunnel.peer_addr, "reason": refusal,
                                "tenant": tunnel.tenant})
+            if self.stats.audit is not None:
+                self.stats.audit.refused("tenant", f"SERVICES refused: {refusal}", client=tunnel.peer_addr,
+                                         tenant=tunnel.tenant, peer=tunnel.peer_node)
             tunnel.goaway(refusal, Reason.FORBIDDEN)
             tunnel.fail(f"SERVICES refused: {refusal}", code=1008, quiet=True)
             return

@@ -9,12 +9,14 @@ from ..tunnel.owner import GatewaySide
 
 if TYPE_CHECKING:
     from ..revocation import Revocations
+    from ..stats import GatewayStats
     from ..tunnel.owner import StreamEnd
     from ..tunnel.tunnel import Tunnel
 
 
 class ClusterHost(GatewaySide, Protocol):
     draining: bool
+    stats: GatewayStats  # the audit log's link records (tunnel_up, tunnel_down)
 
     def route_keys(self) -> set[str]:
         """"tenant/service" for every service our own on-prem tunnels connect (our route set)."""

@@ -327,6 +327,7 @@ class Cluster:
         log.info("peer link %s with member %s (%s) up", tunnel.label, peer.node_id, tunnel.peer_addr,
                  extra={"event": "cluster.link_up", "member": peer.node_id, "peer_addr": tunnel.peer_addr})
         self.gw.event("cluster.link_up", member=peer.node_id)
+        self.gw.stats.tunnel_up(tunnel)  # the audit log's link record
         # after the caller has sent our HELLO (a dialer sends it only once admitted, protocol §5.2)
         loop = asyncio.get_running_loop()
         loop.call_soon(self._push_link, tunnel)  # the whole table now: a big HELLO left it out (protocol §5.5)
@@ -364,6 +365,7 @@ class Cluster:
             log.info("peer link with member %s down: %s", tunnel.peer_node, reason,
                      extra={"event": "cluster.link_down", "member": tunnel.peer_node, "reason": reason})
             self.gw.event("cluster.link_down", member=tunnel.peer_node, reason=reason)
+            self.gw.stats.tunnel_down(tunnel, reason)
             self.gw.routes_changed()
 
     def members_received(self, tunnel: Tunnel, members: list) -> None:

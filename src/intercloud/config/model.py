@@ -76,6 +76,9 @@ class GatewayConfig(_Section):
     #: Process-wide budget for credit granted beyond each stream's initial 64 KiB window, which bounds
     #: the bytes received from tunnels and held in user space (docs/protocol.md §6.4).
     max_buffered: Size(ge=1 * MiB, le=64 * GiB) = 256 * MiB
+    #: The audit log (docs/operations.md §10.3): JSON lines, one per stream, tunnel, peer link and
+    #: refusal. None: no audit log. Its directory must exist and be writable (config.rules).
+    audit_log: ConfigPath | None = None
 
 
 class TlsConfig(_Section):

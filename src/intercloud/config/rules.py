@@ -112,6 +112,28 @@ class Rules:
             )
         if gw.admin is None and gw.admin_token is not None and self.ok("gateway.admin"):
             self.warn("gateway.admin_token", "set but gateway.admin is not, so there is no admin endpoint to protect")
+        if gw.audit_log is not None and self.ok("gateway.audit_log"):
+            self._check_audit_log(gw.audit_log)
+
+    def _check_audit_log(self, path: Path) -> None:
+        """gateway.audit_log must be a file this process can append to, or one it can create: found
+        here rather than by the first record (a startup error) or never (a reload)."""
+        key = "gateway.audit_log"
+        if path.exists() or path.is_symlink():
+            if not path.is_file():
+                kind = "a directory" if path.is_dir() else "not a regular file (a FIFO, socket or device)"
+                self.problem(key, f"{path} is {kind}; give the path of a file to append JSON lines to")
+            elif not os.access(path, os.W_OK):
+                self.problem(key, f"{path} is not writable by this user (uid {os.geteuid()}); fix its permissions "
+                             "or choose another path")
+            return
+        parent = path.parent
+        if not parent.is_dir():
+            self.problem(key, f"directory {parent} does not exist; create it (writable by the gateway's user) "
+                         "or choose another path")
+        elif not os.access(parent, os.W_OK | os.X_OK):
+            self.problem(key, f"cannot create {path}: directory {parent} is not writable by this user "
+                         f"(uid {os.geteuid()}) or is on a read-only file system; fix it or choose another path")
 
     def _node_identity(self, gw: GatewayConfig, tls: TlsConfig | None) -> GatewayConfig:
         """gateway.node_id and this gateway's certificate (protocol §5.4). The other side admits only a

@@ -1,5 +1,5 @@
 """An accepted service connection that starts with a PROXY protocol header (``accept_proxy_protocol``,
-docs/operations.md §10.5): read the header, then hand the socket, its real client address and any
+docs/operations.md §10.1): read the header, then hand the socket, its real client address and any
 bytes that came after the header to the service's LocalStream, which goes on as if the client had
 connected to us directly.
 
