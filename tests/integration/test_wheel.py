@@ -103,9 +103,12 @@ def test_wheel_metadata_and_package_data(wheel):
     assert "intercloud = intercloud.cli:main" in entry_points
     # Package data the code reads at run time (admin/server.py serves the dashboard from here).
     assert "intercloud/admin/static/dashboard.html" in names
-    # Every package under src/ made it in: a directory without its modules fails at import time.
-    for init in (REPO_ROOT / "src" / "intercloud").rglob("__init__.py"):
-        rel = init.relative_to(REPO_ROOT / "src").as_posix()
+    # Every file under src/intercloud made it in: modules, the dashboard, JSON schemas.
+    src = REPO_ROOT / "src"
+    for path in (src / "intercloud").rglob("*"):
+        if path.is_dir() or "__pycache__" in path.parts or path.suffix == ".pyc":
+            continue
+        rel = path.relative_to(src).as_posix()
         assert rel in names, f"{rel} missing from the wheel"
 
 
@@ -123,10 +126,13 @@ def test_installed_wheel_runs_version_and_demo(fresh_venv, tmp_path):
     assert version.returncode == 0, version.stderr
     assert version.stdout.strip() == f"intercloud {intercloud.__version__}"
 
-    dashboard = _run([bin_dir / "python", "-c", "from intercloud.admin.server import _dashboard; "
-                      "print(len(_dashboard()))"], cwd=tmp_path, timeout=30)
-    assert dashboard.returncode == 0, dashboard.stderr
-    assert int(dashboard.stdout) > 1000
+    # Package data read through importlib.resources, from the installed files.
+    data = _run([bin_dir / "python", "-c", "from intercloud.admin.server import _dashboard; "
+                 "from intercloud.audit import schema; print(len(_dashboard()), len(schema()))"],
+                cwd=tmp_path, timeout=30)
+    assert data.returncode == 0, data.stderr
+    dashboard_bytes, schema_keys = map(int, data.stdout.split())
+    assert dashboard_bytes > 1000 and schema_keys > 0
 
     demo = _run([bin_dir / "intercloud", "demo", "--walkthrough", "--port-offset", str(PORT_OFFSET)],
                 cwd=tmp_path, timeout=180)
