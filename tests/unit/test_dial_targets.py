@@ -284,3 +284,62 @@ async def test_sighup_that_changes_tunnel_connect_applies_at_once() -> None:
         assert [t["address"] for t in gw.dial_targets_view()] == ["10.0.1.1", "10.0.1.2"]
     finally:
         task.cancel()
+
+
+# --- a replaced member comes back at a new address (a StatefulSet pod; docs/ha.md §3.2.1) ---------
+
+async def test_a_member_change_brings_the_next_lookup_forward_to_a_second_later() -> None:
+    dns = FakeDNS({"cloud.test": [v4("10.0.0.1"), v4("10.0.0.2")]})
+    targets, now = make(["wss://cloud.test/intercloud"], dns, every=30)
+    targets.look_again_soon()  # before the first lookup: nothing to bring forward
+    assert targets.due()
+    await targets.refresh(5)
+    now[0] = 0.4
+    targets.look_again_soon()
+    assert not targets.due() and targets.wait_time() == 1.0, "RETRY_FAILED after the change"
+    now[0] = 0.9
+    targets.look_again_soon()  # a burst of member changes still means one lookup, not a later one
+    assert targets.wait_time() == 0.5
+    dns.answers["cloud.test"] = [v4("10.0.0.1"), v4("10.0.0.7")]  # 10.0.0.2 replaced by 10.0.0.7
+    now[0] = 1.4
+    assert await targets.refresh(5) is True and len(dns.asked) == 2
+    assert [t["address"] for t in targets.view()] == ["10.0.0.1", "10.0.0.7"], "the old address is gone"
+    now[0] = 20
+    targets.look_again_soon()
+    assert targets.wait_time() == 1.0, "a change long after the last lookup: a second later too"
+    now[0] = 21
+    await targets.refresh(5)
+    assert targets.wait_time() == 30, "then the usual interval again"
+
+
+async def test_an_onprem_gateway_looks_the_name_up_again_when_a_member_returns() -> None:
+    """The cloud's MEMBERS names a new incarnation of cloud2 (replaced, now at 10.0.0.7): the gateway
+    resolves tunnel.connect again within a second, not at the next 30 s lookup."""
+    from types import SimpleNamespace
+
+    gw = onprem_gateway(["ws://cloud.test:8443/intercloud"])
+    dns = FakeDNS({"cloud.test": [v4("10.0.0.1"), v4("10.0.0.2")]})
+    clock = [0.0]
+    gw._dial_targets = DialTargets(gw.config.tunnel.connect, by_name=lambda h: False, lookup=dns,
+                                   clock=lambda: clock[0], every=30)
+    gw._spawn_workers = lambda: None
+    tunnel = SimpleNamespace(peer_node="cloud1", peer=SimpleNamespace(incarnation="a1"), goaway_received=False,
+                             members=[{"node_id": "cloud1", "incarnation": "a1"},
+                                      {"node_id": "cloud2", "incarnation": "b1"}])
+    gw.tunnels = [tunnel]
+    task = asyncio.create_task(gw._keep_resolving())
+    try:
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert len(dns.asked) == 1
+        gw._members_maybe_changed()  # the members as first seen
+        clock[0] = 5
+        dns.answers["cloud.test"] = [v4("10.0.0.1"), v4("10.0.0.7")]
+        gw.members_received(tunnel, [{"node_id": "cloud1", "incarnation": "a1"},
+                                     {"node_id": "cloud2", "incarnation": "b2"}])
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert len(dns.asked) == 2
+        assert [t["address"] for t in gw.dial_targets_view()] == ["10.0.0.1", "10.0.0.7"]
+    finally:
+        task.cancel()

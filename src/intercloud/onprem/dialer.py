@@ -154,6 +154,10 @@ class OnpremGateway(Gateway):
         returned = {n for n, inc in key} & {n for n, _ in self._member_key} and key - self._member_key
         dropped = (self._member_key - key) if key else frozenset()
         self._member_key = key
+        # A member that joined or came back may sit at a new address under the tunnel.connect name, one
+        # that left may have taken its address with it: look the names up again soon (docs/ha.md §3.2.1).
+        self._dial_targets.look_again_soon()
+        self._reloaded.set()
         # The cloud's member table dropped an instance (GOAWAY, member_ttl): streams parked toward it
         # cannot come back (protocol §10.4).
         for node, inc in dropped & {s.far for s in self.parking.parked if s.far is not None}:
