@@ -343,3 +343,30 @@ async def test_an_onprem_gateway_looks_the_name_up_again_when_a_member_returns()
         assert [t["address"] for t in gw.dial_targets_view()] == ["10.0.0.1", "10.0.0.7"]
     finally:
         task.cancel()
+
+
+def test_a_free_worker_skips_targets_whose_member_is_covered_and_finds_the_new_address() -> None:
+    """cloud2 was replaced: 10.0.0.3 left the name, 10.0.0.10 joined. Sorted, the targets are now
+    [.2 cloud1, .4 cloud3, .10 new cloud2]: the workers that held cloud2's tunnels (1 and 4, on target
+    1) would dial cloud3's address, be refused as covered, and never reach .10."""
+    from types import SimpleNamespace
+
+    gw = onprem_gateway(["ws://cloud.test:8443/intercloud"])
+    gw._dial_targets = DialTargets(gw.config.tunnel.connect, by_name=lambda h: False, lookup=FakeDNS({}))
+    gw._dial_targets._answers = {"ws://cloud.test:8443/intercloud": member_orders(
+        [v4("10.0.0.2"), v4("10.0.0.4"), v4("10.0.0.10")])}
+    gw._dial_targets.targets = gw._dial_targets._build()
+
+    def tunnel(node, ip):
+        return SimpleNamespace(peer_node=node, peer_addr=f"{ip}:8443", goaway_received=False, members=[],
+                               peer=SimpleNamespace(incarnation="x"))
+
+    gw.tunnels = [tunnel("cloud1", "10.0.0.2"), tunnel("cloud1", "10.0.0.2"),
+                  tunnel("cloud3", "10.0.0.4"), tunnel("cloud3", "10.0.0.4")]
+    for worker in (1, 4, 0):
+        target, node = gw._choose_target(worker)
+        assert node is None and target.addresses[0][1][0] == "10.0.0.10", worker
+    gw.tunnels = gw.tunnels[:3]  # cloud3 lacks a tunnel: its own target is fine again
+    assert gw._choose_target(1)[0].addresses[0][1][0] == "10.0.0.4"
+    gw.tunnels += [tunnel("cloud3", "10.0.0.4"), tunnel("cloud2", "10.0.0.10"), tunnel("cloud2", "10.0.0.10")]
+    assert gw._choose_target(1)[0].addresses[0][1][0] == "10.0.0.4", "all covered: the worker's own target"

@@ -118,6 +118,17 @@ class OnpremGateway(Gateway):
                             "directly", node, m["url"], extra={"event": "tunnel.member_not_allowed",
                                                                "member": node, "url": m["url"]})
         targets = self._dial_targets.targets  # a name with several addresses is several (transport/targets.py)
+        # Worker i dials target i mod count. When the addresses behind a name change (a member replaced
+        # at a new address), that pairing shifts: the workers that lost their member can all map to
+        # targets whose members are covered already, be refused there for ever, while nobody dials the
+        # new address. So start at the worker's own target but pass over those whose own address is
+        # that of a live tunnel to a member that has all its tunnels (docs/ha.md §3.3).
+        full = {t.peer_addr.rsplit(":", 1)[0].strip("[]") for t in self.tunnels
+                if not t.goaway_received and cov.get(t.peer_node, 0) >= per}
+        for k in range(len(targets)):
+            target = targets[(worker + k) % len(targets)]
+            if (target.addresses[0][1][0] if target.addresses else target.host) not in full:
+                return target, None
         return targets[worker % len(targets)], None
 
     def admit(self, tunnel: Tunnel) -> str | None:
