@@ -197,10 +197,11 @@ class StatefulSet:
         gen = old.generation + 1
         host = self.lab.host(f"{name}-r{gen}")  # a new pod: a new namespace, a new address
         self.ha.clouds[name] = _cloud_addrs(host.ip)
-        gw = self.gateways(f"{name}-r{gen}", self.ha.cloud_config(name), argv_prefix=host.argv_prefix, ready=False)
+        gw = self.gateways(f"{name}-r{gen}", self.ha.cloud_config(name), argv_prefix=host.argv_prefix, start=False)
         self.members[name] = Member(name, host, gw, gen)
         self.in_name.add(name)
-        self.publish()  # (before the process starts: its own resolver must list it too)
+        self.publish()  # before the process starts: `ip netns exec` mounts the hosts file only if it exists
+        gw.start()
         row["started"] = time.monotonic() - t0
         row["address"] = f"{old.host.ip} -> {host.ip}"
         self.wait_ready(name)
