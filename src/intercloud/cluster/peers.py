@@ -94,10 +94,10 @@ class Cluster:
     async def _dial_peers(self, tg: asyncio.TaskGroup) -> None:
         """One dial loop per peers entry, or per member address when an entry's host name resolves to
         several (transport/targets.py; no fallback to another member's address: that member has a loop
-        of its own). Names are looked up again every RESOLVE_EVERY seconds, and soon after the member set changes
-        (look_again_soon); the loop of an address that
-        left the name retires before its next dial (never cancelled: a live link to it stays until it
-        ends, and ends like any link)."""
+        of its own). Names are looked up again every RESOLVE_EVERY seconds, and 1 s after the member set
+        changes (members_changed, look_again_soon); the loop of an address that left the name retires
+        before its next dial (never cancelled: a live link to it stays until it ends, and ends like any
+        link)."""
         targets = self.peer_targets
         loops = self._loops
         while not self.gw.draining:
