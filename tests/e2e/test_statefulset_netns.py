@@ -176,7 +176,7 @@ class StatefulSet:
         self.in_name.discard(name)
         self.balance()  # endpoints first: no new client is sent to the member that will drain
         self.publish()  # and its address leaves the name
-        held = Transfer((old.host.ip, CLIENT_A_PORT), LONG_SIZE, seed=hash(name) & 0xFFFF, chunk=LONG_CHUNK,
+        held = Transfer((old.host.ip, CLIENT_A_PORT), LONG_SIZE, seed=900 + MEMBERS.index(name), chunk=LONG_CHUNK,
                         pace=LONG_PACE, label=f"held-by-{name}", via=name)
         held.start()  # a long stream that starts at the member itself: its drain must hold it
         assert held.connected.wait(scaled(10)) and held.local_port, held.describe()

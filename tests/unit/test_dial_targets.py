@@ -370,3 +370,17 @@ def test_a_free_worker_skips_targets_whose_member_is_covered_and_finds_the_new_a
     assert gw._choose_target(1)[0].addresses[0][1][0] == "10.0.0.4"
     gw.tunnels += [tunnel("cloud3", "10.0.0.4"), tunnel("cloud2", "10.0.0.10"), tunnel("cloud2", "10.0.0.10")]
     assert gw._choose_target(1)[0].addresses[0][1][0] == "10.0.0.4", "all covered: the worker's own target"
+
+
+async def test_the_resolver_loop_ends_when_cancelled_as_a_member_change_wakes_it() -> None:
+    """The drain closes every tunnel (a member change: the loop is woken) and cancels the loop in the
+    same turn of the event loop; the loop must end, or the process never exits after SIGTERM."""
+    gw = onprem_gateway(["ws://10.0.0.1:8443/intercloud"])
+    gw._spawn_workers = lambda: None
+    task = asyncio.create_task(gw._keep_resolving())
+    for _ in range(20):
+        await asyncio.sleep(0)
+    gw._reloaded.set()
+    task.cancel()
+    done, _ = await asyncio.wait([task], timeout=2)
+    assert task in done and task.cancelled(), "the loop swallowed its cancellation"

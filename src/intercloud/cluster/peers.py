@@ -109,8 +109,9 @@ class Cluster:
                 if key not in loops:
                     loops[key] = tg.create_task(self._keep_dialing(target, key))
                     loops[key].add_done_callback(lambda _t, k=key: loops.pop(k, None))
-            try:
-                await asyncio.wait_for(self._resolve_soon.wait(), targets.wait_time())
+            try:  # asyncio.timeout: wait_for can lose a cancellation that coincides with the event (3.11)
+                async with asyncio.timeout(targets.wait_time()):
+                    await self._resolve_soon.wait()
             except TimeoutError:
                 pass
 

@@ -167,8 +167,9 @@ class OnpremGateway(Gateway):
         self._member_key = key
         # A member that joined or came back may sit at a new address under the tunnel.connect name, one
         # that left may have taken its address with it: look the names up again soon (docs/ha.md §3.2.1).
-        self._dial_targets.look_again_soon()
-        self._reloaded.set()
+        if not self.draining:
+            self._dial_targets.look_again_soon()
+            self._reloaded.set()
         # The cloud's member table dropped an instance (GOAWAY, member_ttl): streams parked toward it
         # cannot come back (protocol §10.4).
         for node, inc in dropped & {s.far for s in self.parking.parked if s.far is not None}:
@@ -200,8 +201,12 @@ class OnpremGateway(Gateway):
         while True:
             await self._refresh_targets()
             self._reloaded.clear()
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for loses a cancellation that arrives
+            # just as the event is set, and the drain both closes tunnels (a member change sets it) and
+            # cancels this task in the same turn of the loop: the process would never exit.
             try:
-                await asyncio.wait_for(self._reloaded.wait(), max(0.1, self._dial_targets.wait_time()))
+                async with asyncio.timeout(max(0.1, self._dial_targets.wait_time())):
+                    await self._reloaded.wait()
             except TimeoutError:
                 pass
 
