@@ -110,6 +110,7 @@ class NginxLB:
         send_proxy_protocol: bool = False,
         listen_proxy_protocol: bool = False,
         proxy_bind: str | None = None,
+        half_close: bool = False,
     ) -> None:
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, not {method!r}")
@@ -118,6 +119,9 @@ class NginxLB:
         self.listen_ip = listen_ip or (host.ip if host is not None else "127.0.0.1")
         self.listen_port = listen_port
         self.method = method
+        # proxy_half_close: without it nginx ends the whole session when either side half-closes, so
+        # a client that sends its request, shuts down its write side and reads the answer gets nothing
+        self.half_close = half_close
         self.fail_timeout = fail_timeout
         self.max_fails = max_fails
         self.connect_timeout = connect_timeout
@@ -197,6 +201,7 @@ class NginxLB:
         lines += [
             f"        proxy_connect_timeout {self.connect_timeout};",
             "        proxy_next_upstream on;",
+            *(["        proxy_half_close on;"] if self.half_close else []),
             "    }",
             "}",
         ]

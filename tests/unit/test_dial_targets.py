@@ -284,3 +284,103 @@ async def test_sighup_that_changes_tunnel_connect_applies_at_once() -> None:
         assert [t["address"] for t in gw.dial_targets_view()] == ["10.0.1.1", "10.0.1.2"]
     finally:
         task.cancel()
+
+
+# --- a replaced member comes back at a new address (a StatefulSet pod; docs/ha.md §3.2.1) ---------
+
+async def test_a_member_change_brings_the_next_lookup_forward_to_a_second_later() -> None:
+    dns = FakeDNS({"cloud.test": [v4("10.0.0.1"), v4("10.0.0.2")]})
+    targets, now = make(["wss://cloud.test/intercloud"], dns, every=30)
+    targets.look_again_soon()  # before the first lookup: nothing to bring forward
+    assert targets.due()
+    await targets.refresh(5)
+    now[0] = 0.4
+    targets.look_again_soon()
+    assert not targets.due() and targets.wait_time() == 1.0, "RETRY_FAILED after the change"
+    now[0] = 0.9
+    targets.look_again_soon()  # a burst of member changes still means one lookup, not a later one
+    assert targets.wait_time() == 0.5
+    dns.answers["cloud.test"] = [v4("10.0.0.1"), v4("10.0.0.7")]  # 10.0.0.2 replaced by 10.0.0.7
+    now[0] = 1.4
+    assert await targets.refresh(5) is True and len(dns.asked) == 2
+    assert [t["address"] for t in targets.view()] == ["10.0.0.1", "10.0.0.7"], "the old address is gone"
+    now[0] = 20
+    targets.look_again_soon()
+    assert targets.wait_time() == 1.0, "a change long after the last lookup: a second later too"
+    now[0] = 21
+    await targets.refresh(5)
+    assert targets.wait_time() == 30, "then the usual interval again"
+
+
+async def test_an_onprem_gateway_looks_the_name_up_again_when_a_member_returns() -> None:
+    """The cloud's MEMBERS names a new incarnation of cloud2 (replaced, now at 10.0.0.7): the gateway
+    resolves tunnel.connect again within a second, not at the next 30 s lookup."""
+    from types import SimpleNamespace
+
+    gw = onprem_gateway(["ws://cloud.test:8443/intercloud"])
+    dns = FakeDNS({"cloud.test": [v4("10.0.0.1"), v4("10.0.0.2")]})
+    clock = [0.0]
+    gw._dial_targets = DialTargets(gw.config.tunnel.connect, by_name=lambda h: False, lookup=dns,
+                                   clock=lambda: clock[0], every=30)
+    gw._spawn_workers = lambda: None
+    tunnel = SimpleNamespace(peer_node="cloud1", peer=SimpleNamespace(incarnation="a1"), goaway_received=False,
+                             members=[{"node_id": "cloud1", "incarnation": "a1"},
+                                      {"node_id": "cloud2", "incarnation": "b1"}])
+    gw.tunnels = [tunnel]
+    task = asyncio.create_task(gw._keep_resolving())
+    try:
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert len(dns.asked) == 1
+        gw._members_maybe_changed()  # the members as first seen
+        clock[0] = 5
+        dns.answers["cloud.test"] = [v4("10.0.0.1"), v4("10.0.0.7")]
+        gw.members_received(tunnel, [{"node_id": "cloud1", "incarnation": "a1"},
+                                     {"node_id": "cloud2", "incarnation": "b2"}])
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert len(dns.asked) == 2
+        assert [t["address"] for t in gw.dial_targets_view()] == ["10.0.0.1", "10.0.0.7"]
+    finally:
+        task.cancel()
+
+
+def test_a_free_worker_skips_targets_whose_member_is_covered_and_finds_the_new_address() -> None:
+    """cloud2 was replaced: 10.0.0.3 left the name, 10.0.0.10 joined. Sorted, the targets are now
+    [.2 cloud1, .4 cloud3, .10 new cloud2]: the workers that held cloud2's tunnels (1 and 4, on target
+    1) would dial cloud3's address, be refused as covered, and never reach .10."""
+    from types import SimpleNamespace
+
+    gw = onprem_gateway(["ws://cloud.test:8443/intercloud"])
+    gw._dial_targets = DialTargets(gw.config.tunnel.connect, by_name=lambda h: False, lookup=FakeDNS({}))
+    gw._dial_targets._answers = {"ws://cloud.test:8443/intercloud": member_orders(
+        [v4("10.0.0.2"), v4("10.0.0.4"), v4("10.0.0.10")])}
+    gw._dial_targets.targets = gw._dial_targets._build()
+
+    def tunnel(node, ip):
+        return SimpleNamespace(peer_node=node, peer_addr=f"{ip}:8443", goaway_received=False, members=[],
+                               peer=SimpleNamespace(incarnation="x"))
+
+    gw.tunnels = [tunnel("cloud1", "10.0.0.2"), tunnel("cloud1", "10.0.0.2"),
+                  tunnel("cloud3", "10.0.0.4"), tunnel("cloud3", "10.0.0.4")]
+    for worker in (1, 4, 0):
+        target, node = gw._choose_target(worker)
+        assert node is None and target.addresses[0][1][0] == "10.0.0.10", worker
+    gw.tunnels = gw.tunnels[:3]  # cloud3 lacks a tunnel: its own target is fine again
+    assert gw._choose_target(1)[0].addresses[0][1][0] == "10.0.0.4"
+    gw.tunnels += [tunnel("cloud3", "10.0.0.4"), tunnel("cloud2", "10.0.0.10"), tunnel("cloud2", "10.0.0.10")]
+    assert gw._choose_target(1)[0].addresses[0][1][0] == "10.0.0.4", "all covered: the worker's own target"
+
+
+async def test_the_resolver_loop_ends_when_cancelled_as_a_member_change_wakes_it() -> None:
+    """The drain closes every tunnel (a member change: the loop is woken) and cancels the loop in the
+    same turn of the event loop; the loop must end, or the process never exits after SIGTERM."""
+    gw = onprem_gateway(["ws://10.0.0.1:8443/intercloud"])
+    gw._spawn_workers = lambda: None
+    task = asyncio.create_task(gw._keep_resolving())
+    for _ in range(20):
+        await asyncio.sleep(0)
+    gw._reloaded.set()
+    task.cancel()
+    done, _ = await asyncio.wait([task], timeout=2)
+    assert task in done and task.cancelled(), "the loop swallowed its cancellation"

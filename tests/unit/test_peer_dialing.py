@@ -93,3 +93,40 @@ async def test_the_same_url_listed_twice_is_one_loop_and_does_not_block_readines
         for task in list(cl._loops.values()):
             task.cancel()
     assert len(set(calls)) == 1
+
+
+async def test_a_change_of_the_member_table_looks_the_name_up_again_within_a_second() -> None:
+    """A replaced member (a StatefulSet pod) comes back at a new address: when the member table changes
+    the supervisor looks the peers name up again RETRY_FAILED (1 s) later, not at the next 30 s lookup,
+    and dials the new address (docs/ha.md §4.1, §12)."""
+    gw = cloud(["ws://cluster.test:9443/cluster"])
+    cl = gw.cluster
+    dns = FakeDNS({"cluster.test": [v4("10.0.0.1", 9443), v4("10.0.0.2", 9443)]})
+    now = [0.0]
+    cl.peer_targets = DialTargets(cl.cfg.peers, by_name=lambda h: False, fallback=False, lookup=dns,
+                                  clock=lambda: now[0])  # every 30 s
+    dialed: list[str] = []
+
+    async def fake_dial(target):
+        dialed.append(target.addresses[0][1][0])
+        return FakeLink()
+
+    cl._dial = fake_dial
+    gw.routes_changed = lambda: None
+    gw.members_changed = lambda view: None  # no on-prem tunnels here
+    async with asyncio.TaskGroup() as tg:
+        supervisor = tg.create_task(cl._dial_peers(tg))
+        await spin()
+        assert sorted(dialed) == ["10.0.0.1", "10.0.0.2"] and len(dns.asked) == 1
+        dns.answers["cluster.test"] = [v4("10.0.0.1", 9443), v4("10.0.0.9", 9443)]  # cloud2 replaced
+        now[0] = 5
+        assert cl.table.heard({"node_id": "cloud2", "incarnation": "b2"}, now[0], direct=True)  # its HELLO
+        cl.members_changed()
+        await spin()
+        assert len(dns.asked) == 1, "not before RETRY_FAILED"
+        now[0] = 6
+        await async_wait_until(lambda: "10.0.0.9" in dialed, 5, what="the new address to be dialed")
+        assert len(dns.asked) == 2
+        supervisor.cancel()
+        for task in list(cl._loops.values()):
+            task.cancel()

@@ -47,6 +47,7 @@ class Cluster:
         self._tried: set[tuple] = set()  # dial targets whose first dial attempt finished (readiness)
         self._loops: dict[tuple, asyncio.Task] = {}  # the dial loop of each target (_dial_peers)
         self._pushed: tuple = ()
+        self._resolve_soon = asyncio.Event()  # members_changed: look the peers names up again (_dial_peers)
         self._self_url = str(self.cfg.advertise) if self.cfg.advertise else None
         self.table.set_self(gw.incarnation, self._self_url, frozenset(), time.monotonic())
         self.server_ssl = self.client_ssl = None
@@ -93,12 +94,14 @@ class Cluster:
     async def _dial_peers(self, tg: asyncio.TaskGroup) -> None:
         """One dial loop per peers entry, or per member address when an entry's host name resolves to
         several (transport/targets.py; no fallback to another member's address: that member has a loop
-        of its own). Names are looked up again every RESOLVE_EVERY seconds; the loop of an address that
-        left the name retires before its next dial (never cancelled: a live link to it stays until it
-        ends, and ends like any link)."""
+        of its own). Names are looked up again every RESOLVE_EVERY seconds, and 1 s after the member set
+        changes (members_changed, look_again_soon); the loop of an address that left the name retires
+        before its next dial (never cancelled: a live link to it stays until it ends, and ends like any
+        link)."""
         targets = self.peer_targets
         loops = self._loops
         while not self.gw.draining:
+            self._resolve_soon.clear()
             await targets.refresh(self.gw.config.tunnel.handshake_timeout)
             wanted = {_key(t): t for t in targets.targets}
             self._wanted = set(wanted)
@@ -106,7 +109,11 @@ class Cluster:
                 if key not in loops:
                     loops[key] = tg.create_task(self._keep_dialing(target, key))
                     loops[key].add_done_callback(lambda _t, k=key: loops.pop(k, None))
-            await asyncio.sleep(targets.wait_time())
+            try:  # asyncio.timeout: wait_for can lose a cancellation that coincides with the event (3.11)
+                async with asyncio.timeout(targets.wait_time()):
+                    await self._resolve_soon.wait()
+            except TimeoutError:
+                pass
 
     async def _serve(self) -> None:
         url = self.cfg.listen
@@ -428,6 +435,11 @@ class Cluster:
         if key == self._pushed:
             return
         self._pushed = key
+        # A member that joined or came back may be a new instance at a new address under a peers name
+        # (a replaced StatefulSet pod), one that left may have taken its address with it: look the names
+        # up again soon rather than at the next RESOLVE_EVERY (docs/ha.md §4.1).
+        self.peer_targets.look_again_soon()
+        self._resolve_soon.set()
         log.info("members now: %s", ", ".join(m["node_id"] for m in view),
                  extra={"event": "cluster.members", "members": [m["node_id"] for m in view]})
         self.gw.members_changed(view)

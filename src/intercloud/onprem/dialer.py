@@ -118,6 +118,17 @@ class OnpremGateway(Gateway):
                             "directly", node, m["url"], extra={"event": "tunnel.member_not_allowed",
                                                                "member": node, "url": m["url"]})
         targets = self._dial_targets.targets  # a name with several addresses is several (transport/targets.py)
+        # Worker i dials target i mod count. When the addresses behind a name change (a member replaced
+        # at a new address), that pairing shifts: the workers that lost their member can all map to
+        # targets whose members are covered already, be refused there for ever, while nobody dials the
+        # new address. So start at the worker's own target but pass over those whose own address is
+        # that of a live tunnel to a member that has all its tunnels (docs/ha.md §3.3).
+        full = {t.peer_addr.rsplit(":", 1)[0].strip("[]") for t in self.tunnels
+                if not t.goaway_received and cov.get(t.peer_node, 0) >= per}
+        for k in range(len(targets)):
+            target = targets[(worker + k) % len(targets)]
+            if (target.addresses[0][1][0] if target.addresses else target.host) not in full:
+                return target, None
         return targets[worker % len(targets)], None
 
     def admit(self, tunnel: Tunnel) -> str | None:
@@ -154,6 +165,11 @@ class OnpremGateway(Gateway):
         returned = {n for n, inc in key} & {n for n, _ in self._member_key} and key - self._member_key
         dropped = (self._member_key - key) if key else frozenset()
         self._member_key = key
+        # A member that joined or came back may sit at a new address under the tunnel.connect name, one
+        # that left may have taken its address with it: look the names up again soon (docs/ha.md §3.2.1).
+        if not self.draining:
+            self._dial_targets.look_again_soon()
+            self._reloaded.set()
         # The cloud's member table dropped an instance (GOAWAY, member_ttl): streams parked toward it
         # cannot come back (protocol §10.4).
         for node, inc in dropped & {s.far for s in self.parking.parked if s.far is not None}:
@@ -185,8 +201,12 @@ class OnpremGateway(Gateway):
         while True:
             await self._refresh_targets()
             self._reloaded.clear()
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for loses a cancellation that arrives
+            # just as the event is set, and the drain both closes tunnels (a member change sets it) and
+            # cancels this task in the same turn of the loop: the process would never exit.
             try:
-                await asyncio.wait_for(self._reloaded.wait(), max(0.1, self._dial_targets.wait_time()))
+                async with asyncio.timeout(max(0.1, self._dial_targets.wait_time())):
+                    await self._reloaded.wait()
             except TimeoutError:
                 pass
 

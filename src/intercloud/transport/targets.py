@@ -10,7 +10,8 @@ first; with ``fallback`` (tunnels: any member will do) then every other answer, 
 OS gives a plain ``connect`` to a name. Not expanded: hosts the caller dials by name (through a
 forward proxy, which resolves them; the on-prem network often cannot) and IP literals.
 
-Names are resolved again every ``RESOLVE_EVERY`` seconds; a failed lookup keeps the last answer. A name
+Names are resolved again every ``RESOLVE_EVERY`` seconds, and within ``RETRY_FAILED`` of a change of the member
+set (``look_again_soon``: a replaced member comes back at a new address); a failed lookup keeps the last answer. A name
 that never resolved is one target whose dial fails with the resolver's error. Addresses are sorted
 within a family, so a resolver that rotates its answers keeps each member on the same target.
 """
@@ -147,6 +148,15 @@ class DialTargets:
             return 0.0
         left = (RETRY_FAILED if self._errors else self._every) - (self._clock() - self._resolved_at)
         return max(0.0, left)
+
+    def look_again_soon(self) -> None:
+        """The member set changed (a member joined, came back with a new incarnation, or left). A member
+        that comes back is often a new instance at a new address under the same name (a StatefulSet pod
+        replaced by Kubernetes; docs/ha.md §3.2.1): look the names up again ``RETRY_FAILED`` seconds
+        after the change (time for DNS to publish it) instead of at the next ``RESOLVE_EVERY``; a burst
+        of changes still means one lookup. The caller wakes whatever waits out ``wait_time()``."""
+        if self._resolved_at is not None:
+            self._resolved_at = min(self._resolved_at, self._clock() - self._every + RETRY_FAILED)
 
     def due(self) -> bool:
         if self._resolved_at is None:
