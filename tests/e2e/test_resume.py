@@ -1,7 +1,8 @@
 """Streams survive tunnel breaks (issue 15, protocol §10), on loopback with real gateway processes.
 
-The break here is ``ss -K`` on the tunnel sockets (the kernel aborts them: the dialing gateway sees
-ECONNABORTED, the cloud a TCP reset), which is what a load balancer or a WAN blip does to a tunnel.
+The break here is ``ss -K`` on the tunnel sockets (the kernel aborts them: the gateway sees
+ECONNABORTED or a TCP reset), which is what a load balancer or a WAN blip does to a tunnel; where the
+test counts replayed bytes, an iptables DROP on lo first leaves bytes in flight both ways.
 The namespace tests (test_resume_netns.py) add the blackhole, the restarted nginx and killed relays.
 """
 
@@ -63,6 +64,39 @@ def _kill_tunnels(port: int) -> str:
     return r.stdout
 
 
+def _send_queues(port: int) -> tuple[int, int]:
+    """The largest Send-Q (bytes not yet acknowledged) of the tunnel sockets to ``port``: (the
+    accepting end's, the dialing end's)."""
+    out = subprocess.run(["ss", "-tnH", "state", "established", "(", "dport", "=", f":{port}", "or", "sport", "=",
+                          f":{port}", ")"], capture_output=True, text=True, timeout=10).stdout
+    ends = [0, 0]
+    for line in out.splitlines():
+        f = line.split()
+        accepting = f[2].rsplit(":", 1)[1] == str(port)
+        ends[0 if accepting else 1] = max(ends[0 if accepting else 1], int(f[1]))
+    return ends[0], ends[1]
+
+
+def _reset_with_bytes_in_flight(port: int, unacked: int = 64 * 1024) -> str:
+    """Drop the tunnels' packets both ways on lo until each end holds ``unacked`` bytes the other never
+    got, then abort both ends of every tunnel to ``port``: each gateway must replay. (A bare ``ss -K``
+    on loopback, where every byte sent is in the peer's socket at once, leaves an end that kept up with
+    nothing to replay.)"""
+    rules = [["INPUT", "-i", "lo", "-p", "tcp", side, str(port), "-j", "DROP"] for side in ("--dport", "--sport")]
+    added = []
+    try:
+        for rule in rules:
+            subprocess.run(["iptables", "-w", "-I", *rule], check=True, capture_output=True, timeout=10)
+            added.append(rule)
+        wait_until(lambda: min(_send_queues(port)) >= unacked, scaled(10),
+                   what=f"both ends of the tunnels to :{port} hold {unacked} bytes the other has not got")
+        return subprocess.run(["ss", "-K", "(", "dport", "=", f":{port}", "or", "sport", "=", f":{port}", ")"],
+                              capture_output=True, text=True, timeout=10).stdout
+    finally:
+        for rule in added:
+            subprocess.run(["iptables", "-w", "-D", *rule], capture_output=True, timeout=10)
+
+
 def _start(tmp_path, gateways, echo_a, echo_b, tunnel_extra: str = ""):
     pair = make_pair(tmp_path, a_target=echo_a.port, b_target=echo_b.port, per_member=2)
     pair.extra_onprem_tunnel = tunnel_extra
@@ -89,13 +123,15 @@ async def _transfers_through_a_break(pair, n: int, size: int, brk) -> list:
     return await asyncio.wait_for(asyncio.gather(*jobs, return_exceptions=True), scaled(120))
 
 
+@pytest.mark.needs_root
+@pytest.mark.needs_binary("iptables", "ss")
 def test_streams_in_both_directions_survive_a_reset_of_every_tunnel(resume_pair):
     pair, cloud, onprem = resume_pair
     mark_c, mark_o = cloud.log_mark(), onprem.log_mark()
     n, size = 10, 8 * MiB
 
     def brk() -> None:
-        killed = _kill_tunnels(pair.tunnel_port)
+        killed = _reset_with_bytes_in_flight(pair.tunnel_port)
         assert "ESTAB" in killed, killed
 
     results = asyncio.run(_transfers_through_a_break(pair, n, size, brk))
@@ -113,7 +149,8 @@ def test_streams_in_both_directions_survive_a_reset_of_every_tunnel(resume_pair)
     for gw in (cloud, onprem):
         wait_until(lambda: gw.status()["resume"]["resumed"] >= n, 10, what=f"{gw.name} status counts the resumes")
         r = gw.status()["resume"]
-        assert r["parked"] == 0 and r["failed"] == 0 and r["bytes_replayed"] > 0, r
+        # each end held >= 64 KiB of wire bytes the other never got at the break (_reset_with_bytes_in_flight)
+        assert r["parked"] == 0 and r["failed"] == 0 and r["bytes_replayed"] >= 32 * 1024, r
         m = metrics(gw)
         assert m["intercloud_streams_resumed_total"] >= n and m["intercloud_streams_parked_now"] == 0, m
         assert m["intercloud_bytes_replayed_total"] == r["bytes_replayed"]

@@ -6,7 +6,7 @@ round trip, a 20 Mbit/s bottleneck with a 20 ms queue, no loss. The cloud gatewa
 echo server in ``-srv``, the clients in ``-cli``. A bulk client fills the tunnel for a few seconds
 while a ping-pong client shares it; the cloud gateway's /api/status (read from a thread switched
 into its namespace) must then show the tunnel's queues sized to about 10 ms of 20 Mbit/s (32 KiB, down from
-the configured 256 KiB and 128 KiB), and every bulk byte must arrive. Latency itself is measured by
+the starting 256 KiB and 128 KiB), and every bulk byte must arrive. Latency itself is measured by
 bench/wan.py, not asserted here.
 """
 

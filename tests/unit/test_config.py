@@ -195,9 +195,9 @@ def test_defaults(tmp_path: Path, pki: Path) -> None:
     assert t.connect == [] and t.per_member == 2 and t.proxy is None and t.proxy_disabled is False
     assert (t.ping_interval, t.ping_timeout, t.handshake_timeout, t.connect_timeout) == (5.0, 15.0, 10.0, 10.0)
     assert t.stream_window == 4 * MiB and t.max_frame == 256 * 1024
-    assert t.max_streams == 10000 and t.max_tunnel_buffer == 256 * KiB
+    assert t.max_streams == 10000 and t.max_tunnel_buffer == 1024 * KiB
     assert (t.reconnect_min, t.reconnect_max) == (0.2, 30.0)
-    assert t.congestion == "bbr" and t.notsent_lowat == 128 * 1024
+    assert t.congestion == "bbr" and t.notsent_lowat == 1024 * 1024
     assert cfg.services == []
 
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from intercloud.tunnel.turns import MIN_QUEUE, MIN_TURN, QUEUE_TIME, TURN, TurnRing, queue_limits
+from intercloud.tunnel.turns import (MIN_QUEUE, MIN_TURN, QUEUE_TIME, START_BUFFER, START_LOWAT, TURN, TurnRing,
+                                     queue_limits)
 
 Q = 100  # quantum in the model: the property does not depend on its size
 
@@ -144,10 +145,14 @@ KiB = 1024
 
 def test_queues_are_sized_by_time_within_the_configured_limits() -> None:
     """queue_limits: QUEUE_TIME of sending per queue, at least MIN_QUEUE, at most the config; the turn
-    at most half the buffer limit; unknown rate: the config as it is."""
+    at most half the buffer limit; unknown rate: the start limits within the config."""
     cfg = (256 * KiB, 128 * KiB)
     assert queue_limits(0, *cfg) == (256 * KiB, 128 * KiB, TURN)  # rate unknown
     assert queue_limits(125_000_000, *cfg) == (256 * KiB, 128 * KiB, TURN)  # 1 Gbit/s: 1.25 MB > both
+    defaults = (1024 * KiB, 1024 * KiB)
+    assert queue_limits(0, *defaults) == (START_BUFFER, START_LOWAT, TURN)  # small until the rate is known
+    assert queue_limits(125_000_000, *defaults) == (1024 * KiB, 1024 * KiB, TURN)  # fast path: the maxima
+    assert queue_limits(0, 64 * KiB, 0) == (64 * KiB, 0, TURN)  # never above the config, 0 stays 0
     mbit20 = 2_500_000  # bytes per second
     high, lowat, turn = queue_limits(mbit20, *cfg)
     assert high == lowat == MIN_QUEUE and turn == MIN_TURN  # 25 KB of 10 ms, raised to the floor

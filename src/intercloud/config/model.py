@@ -155,7 +155,8 @@ class TunnelConfig(_Section):
     max_streams: BoundedInt(1, 1_000_000) = 10000
     #: Bytes queued toward one tunnel in the process before streams with more to send wait for
     #: turns (protocol §6.3): every frame sent next waits behind this queue.
-    max_tunnel_buffer: Size(ge=64 * KiB, le=1 * GiB) = 256 * KiB
+    #: A maximum: a tunnel starts at 256 KiB and is sized to ~10 ms of its rate (tunnel/turns.py).
+    max_tunnel_buffer: Size(ge=64 * KiB, le=1 * GiB) = 1 * MiB
     #: How long a stream whose tunnel broke stays parked waiting to resume on another path
     #: (protocol §10); 0 turns resume off (streams are reset when their tunnel breaks).
     resume_timeout: Duration(ge=0, le=3600) = 30.0
@@ -166,7 +167,8 @@ class TunnelConfig(_Section):
     #: default). Set when the WebSocket is up (transport/sockopts.py); a refusal falls back to the default.
     congestion: Congestion = "bbr"
     #: TCP_NOTSENT_LOWAT of tunnel and peer-link sockets: unsent bytes the kernel takes (0: its default).
-    notsent_lowat: Size(ge=16 * KiB, le=64 * MiB, zero=_KERNEL_SETTING) = 128 * KiB
+    #: A maximum: a tunnel starts at 128 KiB and is sized to ~10 ms of its rate (tunnel/turns.py).
+    notsent_lowat: Size(ge=16 * KiB, le=64 * MiB, zero=_KERNEL_SETTING) = 1 * MiB
 
     _proxy_disabled: bool = PrivateAttr(default=False)
 

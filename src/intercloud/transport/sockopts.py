@@ -8,7 +8,8 @@ Every tunnel and peer link, dialed or accepted, gets two options when its WebSoc
   loaded: ENOENT; not permitted: EPERM, a process without CAP_NET_ADMIN may only pick one of
   ``net.ipv4.tcp_allowed_congestion_control``) the socket keeps the kernel's default, and one warning
   per process and (algorithm, reason) says so, not one per tunnel. ``"system"`` leaves it alone.
-* ``TCP_NOTSENT_LOWAT`` = ``tunnel.notsent_lowat`` (default 128 KiB): the kernel takes no more than this
+* ``TCP_NOTSENT_LOWAT`` = 128 KiB at first, then sized to the rate up to ``tunnel.notsent_lowat`` (default
+  1 MiB; tunnel/turns.py): the kernel takes no more than this
   many bytes that are not yet sent, so what waits to go out waits in the gateway, where a frame sent
   later (an interactive stream's) is not queued behind megabytes of bulk data already in the socket.
   Bytes in flight (sent, not yet acknowledged) are not limited: throughput is not. 0 leaves it alone.

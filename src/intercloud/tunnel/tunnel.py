@@ -28,7 +28,7 @@ from ..transport.ws import CloseCode, Listener, MsgType
 from .budget import INITIAL_WINDOW
 from .stream import ACK_EVERY, LocalStream
 from .resuming import ResumeOps
-from .turns import TURN, TurnRing, queue_limits
+from .turns import TURN, TurnRing, queue_limits, start_limits
 
 if TYPE_CHECKING:
     from .owner import StreamEnd, TunnelOwner
@@ -202,10 +202,11 @@ class Tunnel(ResumeOps, Listener):
             self.peer_cert = describe_peer_cert(self.peer_der)
         self.gateway.classify(self)
         t = self.gateway.config.tunnel
-        under.set_write_buffer_limits(high=t.max_tunnel_buffer, low=t.max_tunnel_buffer // 2)  # protocol §6.3
-        self._queue_limits = (t.max_tunnel_buffer, t.notsent_lowat, TURN)
+        self._queue_limits = start_limits(t.max_tunnel_buffer, t.notsent_lowat)  # sized by rate later
+        high, lowat, _turn = self._queue_limits
+        under.set_write_buffer_limits(high=high, low=high // 2)  # protocol §6.3
         self.sock = under.get_extra_info("socket")
-        sockopts.apply(self.sock, t.congestion, t.notsent_lowat, source=self.gateway.config.source)
+        sockopts.apply(self.sock, t.congestion, lowat, source=self.gateway.config.source)
         if not self.client:
             refusal = self.gateway.screen(self)
             if refusal is not None:  # e.g. a peer link whose certificate is not a member's: it learns nothing
@@ -334,8 +335,8 @@ class Tunnel(ResumeOps, Listener):
     def size_queues(self) -> None:
         """Size the queues in front of the wire to the connection's rate (turns.queue_limits): about
         QUEUE_TIME of sending each, within the configured max_tunnel_buffer and notsent_lowat. On a
-        20 Mbit/s path the configured 256 + 128 KiB would be 150 ms in front of every interactive
-        frame; sized, about 25 ms. Runs at the end of a congestion cycle, at most every _SIZE_EVERY:
+        20 Mbit/s path the starting 256 + 128 KiB would be 150 ms in front of every interactive
+        frame; sized, about 25 ms. On loopback they grow to the configured maxima. Runs at the end of a congestion cycle, at most every _SIZE_EVERY:
         an uncongested tunnel has empty queues, whatever their limits."""
         t = self.gateway.config.tunnel
         limits = queue_limits(sockopts.pacing_rate(self.sock), t.max_tunnel_buffer, t.notsent_lowat)

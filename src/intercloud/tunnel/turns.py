@@ -19,6 +19,13 @@ TURN = 64 * 1024
 # come back within it to keep the link busy; an interactive frame waits about twice it.
 QUEUE_TIME = 0.010
 MIN_QUEUE = 32 * 1024  # below this, per-frame costs grow and a loop hiccup idles the link
+# Until a connection's rate is known the queues start at most this big (within the config): the
+# configured maxima (1 MiB each by default) are for paths fast enough to drain them in QUEUE_TIME;
+# on a 20 Mbit/s path 256 + 128 KiB already wait 150 ms. Sized by rate, a loopback or 1 Gbit/s tunnel
+# reaches the maxima: 128 KiB there cost the sending gateway 13-16 % more CPU per GB than 1 MiB
+# (docs/performance.md §8.4), at no gain in latency (10 ms of 1 Gbit/s is 1.25 MB).
+START_BUFFER = 256 * 1024
+START_LOWAT = 128 * 1024
 MIN_TURN = 16 * 1024
 
 
@@ -26,14 +33,20 @@ def queue_limits(rate: int, max_buffer: int, max_lowat: int) -> tuple[int, int, 
     """(outgoing-buffer limit, TCP_NOTSENT_LOWAT, turn size) for a connection that sends ``rate`` bytes
     per second: QUEUE_TIME's worth each, at least MIN_QUEUE, at most what the config allows
     (``max_lowat`` 0: the kernel's setting is left alone and stays 0 here). A turn is at most half the
-    buffer limit, so that one turn past the limit does not double the wait. ``rate`` 0 (unknown): the
-    configured limits."""
+    buffer limit, so that one turn past the limit does not double the wait. ``rate`` 0 (unknown):
+    start_limits."""
     if rate <= 0:
-        return max_buffer, max_lowat, TURN
+        return start_limits(max_buffer, max_lowat)
     target = max(MIN_QUEUE, int(rate * QUEUE_TIME))
     high = min(max_buffer, target)
     lowat = min(max_lowat, target) if max_lowat else 0
     return high, lowat, max(MIN_TURN, min(TURN, high // 2))
+
+
+def start_limits(max_buffer: int, max_lowat: int) -> tuple[int, int, int]:
+    """The limits of a connection whose rate is not known yet: START_BUFFER and START_LOWAT within
+    the configured maxima (``max_lowat`` 0: the kernel's setting)."""
+    return min(max_buffer, START_BUFFER), min(max_lowat, START_LOWAT) if max_lowat else 0, TURN
 
 
 class TurnTaker(Protocol):
