@@ -327,6 +327,11 @@ class Limiter:
 
 
 _limiter = Limiter()
+# Refusals (ACL, service limits, PROXY headers, revoked certificates: stats.refused) are worth a line
+# each on a normal day and the same flood when a stranger hammers a service port: their own limiter,
+# keyed per refusal kind, with a burst large enough that an operator sees every refusal of a normal
+# day and a flood writes at most ~10 lines a second per kind (metrics and the audit log count them all).
+_refusals = Limiter(burst=20, event_burst=100)
 
 
 def limited(logger: logging.Logger, level: int, event: str, source: str, msg: str, *args,
@@ -336,6 +341,13 @@ def limited(logger: logging.Logger, level: int, event: str, source: str, msg: st
     return _limiter.log(logger, level, event, source, msg, *args, extra=extra)
 
 
+def limited_refusal(logger: logging.Logger, kind: str, source: str, msg: str, fields: dict) -> bool:
+    """One WARNING ``conn.refused`` line (``fields`` its extras), rate-limited per refusal ``kind`` and
+    ``source`` (the client's or peer's host); a summary line's event is ``conn.refused.KIND``."""
+    return _refusals.log(logger, logging.WARNING, f"conn.refused.{kind}", source, "%s", msg, extra=fields)
+
+
 def limited_summaries() -> None:
     """Write the summary lines of every window still open (at exit: nothing suppressed goes unsaid)."""
     _limiter.flush(float("inf"))
+    _refusals.flush(float("inf"))

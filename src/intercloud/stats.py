@@ -21,7 +21,7 @@ COUNTERS = ("streams_opened", "streams_closed", "open_failures", "route_timeouts
 #: Why a connection or handshake was refused before it carried anything (``GatewayStats.refused``):
 #: the ``kind`` label of intercloud_connections_refused_by_total and of the audit log's refusal records.
 REFUSAL_KINDS = ("acl", "max_connections", "max_rate", "proxy_protocol", "revoked", "tenant", "draining",
-                 "no_route")
+                 "no_route", "identity")
 
 
 class GatewayStats:
@@ -110,17 +110,19 @@ class GatewayStats:
         (intercloud_connections_refused_by_total{kind, service}), log one line naming the peer and the rule,
         keep it for the dashboard and hand it to the audit log. ``kind`` is one of REFUSAL_KINDS;
         ``why`` says what happened and what to do; ``rule`` is the config rule that matched (e.g.
-        ``deny 10.0.0.0/8``). ``log`` False: the caller logs it (a listener anyone can reach logs
-        through its rate limiter)."""
+        ``deny 10.0.0.0/8``). The line goes through the refusal rate limiter (logs.limited_refusal:
+        a flood on a service port must not flood the log); ``log`` False: the caller logs it (the
+        tunnel listener, through its own)."""
         assert kind in REFUSAL_KINDS, kind
         self.counters["connections_refused"] += 1
         self.count("connections_refused", kind=kind, service=service or "")
         where = f"[{service}] " if service else ""
         who = client or peer or "?"
         if log:
-            logs.emit(slog, logging.WARNING, f"{where}REFUSED {who} ({kind}): {why}",
-                      {"event": "conn.refused", "kind": kind, "service": service, "tenant": tenant,
-                       "client": client, "peer_node": peer, "rule": rule, "reason": why})
+            logs.limited_refusal(slog, kind, who.rsplit(":", 1)[0] if client else who,
+                                 f"{where}REFUSED {who} ({kind}): {why}",
+                                 {"event": "conn.refused", "kind": kind, "service": service, "tenant": tenant,
+                                  "client": client, "peer_node": peer, "rule": rule, "reason": why})
         self.event("conn.refused", refusal=kind, service=service, client=client, peer_node=peer, rule=rule,
                    reason=why)
         if self.audit is not None:

@@ -119,3 +119,44 @@ def test_summary_comes_out_at_the_next_line_without_a_loop(lines):
     clock.now += 11
     lim.log(logger, logging.WARNING, "other", "s", "three")
     assert out.texts == ["one", "1 more e from s in the last 10s (rate-limited: 1 lines per 10s and source)", "three"]
+
+
+def test_a_refusal_flood_on_a_service_port_writes_a_bounded_number_of_lines(monkeypatch):
+    """stats.refused (ACL, limits, PROXY headers) goes through logs.limited_refusal: a stranger's
+    flood is counted in full but written as at most the burst per source and kind, plus one summary;
+    another kind from the same source still gets its lines."""
+    from intercloud import logs
+    from intercloud.stats import GatewayStats
+
+    clock = Clock()
+    real = logs._refusals
+    monkeypatch.setattr(logs, "_refusals", Limiter(window=real.window, burst=real.burst,
+                                                   event_burst=real.event_burst, clock=clock))
+    logger = logging.getLogger("intercloud.stream")
+    handler = Lines()
+    logger.addHandler(handler)
+    monkeypatch.setattr(logger, "level", logging.DEBUG)
+    try:
+        stats = GatewayStats()
+        for i in range(5000):
+            stats.refused("acl", "source not allowed", client=f"203.0.113.9:{1024 + i}", service="db",
+                          rule="deny 203.0.113.0/24")
+        stats.refused("max_rate", "over max_rate", client="203.0.113.9:9", service="db", rule="max_rate 5")
+        many = [f"198.51.100.{i % 250}:{i}" for i in range(5000)]
+        for c in many:
+            stats.refused("proxy_protocol", "bad header", client=c, service="db", rule="accept_proxy_protocol")
+        assert stats.counters["connections_refused"] == 10001  # every refusal counted
+        acl = [r for r in handler.records if getattr(r, "kind", None) == "acl"]
+        assert len(acl) == real.burst and all(r.event == "conn.refused" and r.rule == "deny 203.0.113.0/24"
+                                              and r.source == "203.0.113.9" for r in acl)
+        assert [r.kind for r in handler.records if getattr(r, "kind", None) == "max_rate"] == ["max_rate"]
+        pp = [r for r in handler.records if getattr(r, "kind", None) == "proxy_protocol"]
+        assert len(pp) == real.event_burst  # many sources: capped per kind
+        clock.now += real.window
+        logs._refusals.flush()
+        summaries = [r.getMessage() for r in handler.records if getattr(r, "summary", False)]
+        assert f"{5000 - real.burst} more conn.refused.acl from 203.0.113.9" in summaries[0], summaries
+        assert any("more conn.refused.proxy_protocol from 250 sources" in s for s in summaries), summaries
+        assert len(handler.records) <= real.burst + 1 + real.event_burst + 3
+    finally:
+        logger.removeHandler(handler)
