@@ -10,12 +10,15 @@ and saying what to do.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tests.e2e.conftest import wait_tunnels
 from tests.e2e.topology import make_pair
 from tests.support.netcat import nc_exchange
 from tests.support.servers import EchoServer
+from tests.support.timeouts import wait_until
 
 pytestmark = pytest.mark.needs_binary("nc")
 L = "127.0.0.1"
@@ -36,7 +39,8 @@ def _no_stream_gets_through(gw, port: int, service: str, echo) -> None:
 def test_onprem_node_id_not_in_its_certificate_is_refused_by_the_cloud(tmp_path, gateways):
     with EchoServer() as echo_a, EchoServer() as echo_b:
         pair = make_pair(tmp_path, a_target=echo_a.port, b_target=echo_b.port)
-        cloud = gateways("cloud1", pair.cloud_config())
+        audit = tmp_path / "audit.jsonl"
+        cloud = gateways("cloud1", pair.cloud_config().replace("[gateway]\n", f'[gateway]\naudit_log = "{audit}"\n', 1))
         mark = cloud.log_mark()
         pair.onprem_cert = "onprem1"  # onprem1's certificate, but it says it is onprem2
         onprem = gateways("onprem2", pair.onprem_config("onprem2"), ready=False)
@@ -60,6 +64,14 @@ def test_onprem_node_id_not_in_its_certificate_is_refused_by_the_cloud(tmp_path,
         # one line per refused tunnel: the tenant.refused line, no "closing" line beside it
         problems = [r for r in lines if r["level"] in PROBLEMS and r["event"] != "stream.refused"]
         assert problems and all(r["event"] == "tenant.refused" for r in problems), problems
+        # counted and audited as an identity refusal (not as a tenant's)
+        assert cloud.metric('intercloud_connections_refused_by_total{kind="identity",service=""}') >= 1
+        wait_until(lambda: audit.exists() and '"identity"' in audit.read_text(), 10, what="the audit record")
+        recs = [json.loads(line) for line in audit.read_text().splitlines()]
+        ident = [r for r in recs if r["type"] == "refused" and r["kind"] == "identity"]
+        assert ident and ident[0]["peer_node"] == "onprem2" and ident[0]["rule"] == "node_id", recs
+        assert "not a name of its client certificate" in ident[0]["reason"], ident[0]
+        assert not [r for r in recs if r["type"] == "refused" and r["kind"] == "tenant"], recs
 
 
 def test_cloud_node_id_not_in_its_certificate_is_refused_by_the_onprem_gateway(tmp_path, gateways):

@@ -164,6 +164,9 @@ class CloudGateway(Gateway):
             if tenant_refusal is not None and self.stats.audit is not None:  # logged above: audit record only
                 self.stats.audit.refused("tenant", refusal, client=tunnel.peer_addr, tenant=tunnel.tenant,
                                          peer=tunnel.peer_node)
+            elif tenant_refusal is None:  # role or node id against the certificate: counted and audited too
+                self.stats.refused("identity", refusal, client=tunnel.peer_addr, tenant=tunnel.tenant,
+                                   peer=tunnel.peer_node, rule="node_id", log=False)
         return refusal
 
     def tunnel_ready(self, tunnel: Tunnel) -> None:
