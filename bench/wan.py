@@ -14,6 +14,9 @@ Topology (built with ../shared/tools/wan/wan.sh, the userspace WAN emulator; thi
     direct      client (cli) -> 10.77.3.2 (srv), across the same WAN (cloud and onprem only forward)
     frp         client -> frps remotePort (cloud, 10.77.1.1) => one TLS connection, yamux (tcpMux) =>
                 frpc (onprem, dials 10.77.2.1) -> 10.77.3.2; frp 0.65 defaults
+    onetcp      client -> bench/onetcp.py (cloud) => one plain TCP connection, BBR, 16 KiB NOTSENT_LOWAT and
+                frames round robin, nothing else => bench/onetcp.py (onprem dials 10.77.2.1) -> 10.77.3.2: the
+                floor of any tunnel that carries every stream in one connection (on request)
     intercloud  client -> cloud gateway accept (10.77.1.1) => wss tunnel (on-prem dials 10.77.2.1) =>
                 on-prem gateway connect -> 10.77.3.2 (service A direction); [tunnel] per_member = 1, so one
                 tunnel carries every stream (a bulk and an interactive stream share it)
@@ -34,7 +37,8 @@ Figures per (profile, system), on fresh relay processes, in this order:
    ``--ping-seconds`` (default 10): p50/p99/max ms and pings unanswered within ``--ping-timeout``
    (default 10 s). (a) idle; (b) beside a bulk stream (iperf3 -P 1 forward) through the same path, the
    pings starting ``--bulk-warmup`` s (default 2) after the bulk: for intercloud the same tunnel, for frp
-   the same frps-frpc connection, for direct a separate TCP connection over the same link.
+   the same frps-frpc connection, for onetcp its one connection, for direct a separate TCP connection
+   over the same link.
 3. New connections: ``--conns`` (default 30) sequential connect + one byte + its echo: p50/p99 ms.
 4. Recovery after an outage: a steady probe (a new connect+echo attempt every 100 ms, each given up
    after 10 s, at most 64 in flight) and one long-lived ping-pong stream opened before; after
@@ -482,6 +486,24 @@ class Frp(System):
             self.check_alive()
             time.sleep(0.1)
         raise RuntimeError(f"{self.name}: frpc did not start the iperf proxy")
+
+
+class OneTcp(System):
+    kind = "onetcp"
+    description = ("the floor of one connection: client -> bench/onetcp.py listen (cloud) => one plain TCP connection "
+                   "(bbr, NOTSENT_LOWAT 16 KiB, 16 KiB frames round robin, no TLS, no flow control) => bench/onetcp.py "
+                   "dial (onprem, dials 10.77.2.1) -> server")
+
+    def start(self) -> None:
+        b = self.bench
+        off = b.next_offset()
+        tport, iperf_port, echo_port = 9443 + off, 35201 + off, 37007 + off
+        self.iperf_addr, self.echo_addr = (CLOUD_IN, iperf_port), (CLOUD_IN, echo_port)
+        py = [sys.executable, str(BENCH / "onetcp.py")]
+        self.relays["cloud"] = b.spawn("cloud", f"{self.name}-cloud", [
+            *py, "listen", f"{CLOUD_WAN}:{tport}", f"iperf={CLOUD_IN}:{iperf_port}", f"echo={CLOUD_IN}:{echo_port}"])
+        self.relays["onprem"] = b.spawn("onprem", f"{self.name}-onprem", [
+            *py, "dial", f"{CLOUD_WAN}:{tport}", f"iperf={SRV}:{IPERF_PORT}", f"echo={SRV}:{ECHO_PORT}"])
 
 
 class Intercloud(System):
@@ -1264,8 +1286,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                                           "10 connections, a 2 s outage")
     p.add_argument("--profiles", default=",".join(DEFAULT_PROFILES),
                    help=f"comma-separated, from {', '.join(PROFILES)} (default {','.join(DEFAULT_PROFILES)})")
-    p.add_argument("--systems", default="direct,frp,intercloud", help="comma-separated: direct, frp, intercloud "
-                   "(the default variant); --variant adds more")
+    p.add_argument("--systems", default="direct,frp,intercloud", help="comma-separated: direct, frp, onetcp (the "
+                   "floor of one connection, bench/onetcp.py), intercloud (the default variant); --variant adds more")
     p.add_argument("--reps", type=int, help="repetitions (default 3; --quick 1)")
     p.add_argument("--seconds", type=float, help="iperf3 -t (default 15; --quick 3)")
     p.add_argument("--ping-seconds", type=float,
@@ -1320,14 +1342,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.kinds = {}
     a.system_list = []
     for n in (x.strip() for x in a.systems.split(",") if x.strip()):
-        if n in ("direct", "frp"):
+        if n in ("direct", "frp", "onetcp"):
             a.kinds[n] = n
         elif n in ("intercloud", a.label):
             n = a.label
             a.kinds[n] = "intercloud"
             a.variants[n] = default
         else:
-            p.error(f"unknown system {n!r}; choose from direct, frp, intercloud")
+            p.error(f"unknown system {n!r}; choose from direct, frp, onetcp, intercloud")
         if n not in a.system_list:
             a.system_list.append(n)
     for spec in a.variant:
@@ -1449,6 +1471,7 @@ def main(argv: list[str] | None = None) -> int:
                     log(f"rep {rep + 1}/{cfg.reps}, {prof.name}: {name} ({time.monotonic() - t_start:.0f}s elapsed)")
                     kind = cfg.kinds[name]
                     system = (Direct(bench, name) if kind == "direct" else Frp(bench, name) if kind == "frp"
+                              else OneTcp(bench, name) if kind == "onetcp"
                               else Intercloud(bench, name, cfg.variants[name]))
                     result["systems"].setdefault(name, {"kind": kind, "description": system.description,
                                                         **({"variant": cfg.variants[name].describe()}
