@@ -18,7 +18,7 @@ from cryptography import x509
 from .admission import gates_for
 from .errors import StartupError
 from .resume import Parking
-from .revocation import Revocations, load_revocations, warn_stale
+from .revocation import Revocations, describe, load_revocations, warn_stale
 from .router import Router
 from .stats import GatewayStats
 from .streams import DEFAULT_TENANT, StreamDispatch
@@ -33,6 +33,8 @@ from .tunnel.stream import LocalStream
 from .tunnel.tunnel import Tunnel
 
 log = logging.getLogger("intercloud.gateway")
+#: How often the gateway looks for CRLs that have gone past their nextUpdate while it runs.
+CRL_WATCH_EVERY = 60.0
 tlog = logging.getLogger("intercloud.tunnel")
 
 # On shutdown, how long closing tunnels may take to flush their queued frames.
@@ -71,7 +73,8 @@ class Gateway:
         self._reload_state = ""  # for the failure message: how much of the reload was applied
         # [tls] crl: checked on every tunnel handshake (cloud: on-prem certificates; on-prem: the cloud's)
         self.revocations = Revocations() if config.tls.insecure else load_revocations(config.tls.crl)
-        warn_stale(self.revocations, "tls.crl")
+        self._crl_warned: set = set()  # stale CRLs already said so (revocation.warn_stale)
+        self.warn_stale_crls("tls.crl", self.revocations)
 
     # --- overridable per role ----------------------------------------------------------
     def connect_service_names(self, tunnel: Tunnel) -> list[str]:
@@ -130,10 +133,36 @@ class Gateway:
 
     def after_reload(self) -> None:
         """Re-check live tunnels against the reloaded config (cloud: tenants; both: tls.crl)."""
-        warn_stale(self.revocations, "tls.crl")
+        self.warn_stale_crls("tls.crl", self.revocations)
         self.close_revoked(self.tunnels, self.revocations, "tunnel")
 
     # --- certificate revocation ([tls] crl, [cluster] crl; revocation.py) -----------------
+    def crl_sets(self) -> list[tuple[str, Revocations]]:
+        """(config key, its CRLs) for every CRL set in force: tls.crl, and cluster.crl on a cluster member."""
+        sets = [("tls.crl", self.revocations)]
+        cluster = getattr(self, "cluster", None)
+        if cluster is not None:
+            sets.append(("cluster.crl", cluster.revocations))
+        return sets
+
+    def warn_stale_crls(self, key: str, revocations: Revocations) -> None:
+        """At start-up and on reload: one WARNING per stale CRL of ``key``, said again each time; the
+        watch (_crl_watch) then says only the ones that go stale later."""
+        self._crl_warned = {w for w in self._crl_warned if w[0] != key}
+        warn_stale(revocations, key, warned=self._crl_warned)
+
+    def crl_view(self) -> list[dict]:
+        """/api/status ``crl``: every loaded CRL, its dates and whether it is stale."""
+        return [entry for key, revs in self.crl_sets() for entry in describe(revs, key)]
+
+    async def _crl_watch(self, every: float = CRL_WATCH_EVERY) -> None:
+        """A CRL that passes its nextUpdate while the gateway runs is said once, when it happens, not
+        only at the next reload (the renewal job that should have replaced it has failed)."""
+        while True:
+            await asyncio.sleep(every)
+            for key, revs in self.crl_sets():
+                warn_stale(revs, key, warned=self._crl_warned)
+
     def refuse_revoked(self, tunnel: Tunnel, revocations: Revocations, what: str) -> str | None:
         """Why ``tunnel``'s peer certificate is refused as revoked, or None. Logged and counted here, once
         (GatewayStats.refused, kind "revoked"): the caller closes the tunnel quietly."""
@@ -187,6 +216,7 @@ class Gateway:
                     await admin.start()
                 await self._start_listeners()
                 tg.create_task(self._liveness())
+                tg.create_task(self._crl_watch())
                 role_task = tg.create_task(self.run_role())
                 await self.stopping.wait()
                 await self._drain()

@@ -25,7 +25,8 @@ from cryptography import x509
 
 from .certs import CertError, read_file
 
-__all__ = ["CrlError", "LoadedCrl", "Revocations", "Revoked", "load_crl_file", "load_revocations", "warn_stale"]
+__all__ = ["CrlError", "LoadedCrl", "Revocations", "Revoked", "describe", "load_crl_file", "load_revocations",
+           "warn_stale"]
 
 log = logging.getLogger("intercloud.tls")
 
@@ -161,19 +162,40 @@ def signed_by(loaded: LoadedCrl, cas: Sequence[x509.Certificate]) -> x509.Certif
     return None
 
 
-def warn_stale(revocations: Revocations, key: str, now: _dt.datetime | None = None) -> int:
-    """One WARNING per CRL past its nextUpdate (at start-up and on every reload). A stale CRL is still
-    used: it still revokes everything it lists, and refusing every peer because a CRL was not refreshed
-    in time would turn a missed cron job into an outage. Returns how many were stale."""
+def warn_stale(revocations: Revocations, key: str, now: _dt.datetime | None = None,
+               warned: set | None = None) -> int:
+    """One WARNING per CRL past its nextUpdate (at start-up, on every reload, and from the gateway's
+    CRL watch once a minute). A stale CRL is still used: it still revokes everything it lists, and
+    refusing every peer because a CRL was not refreshed in time would turn a missed cron job into an
+    outage. ``warned``: CRLs (key, path, nextUpdate) already warned about, skipped and added to, so the
+    watch says it once per CRL. Returns how many were stale."""
     now = now or _dt.datetime.now(_dt.UTC)
     stale = 0
     for loaded in revocations.crls:
         nxt = loaded.next_update
         if nxt is not None and nxt <= now:
             stale += 1
+            if warned is not None:
+                if (key, loaded.path, nxt) in warned:
+                    continue
+                warned.add((key, loaded.path, nxt))
             log.warning("%s: CRL %s (issuer %s) is stale: its nextUpdate was %s UTC; still used, but revocations "
                         "since then are missing. Renew it (intercloud certs crl DIR, or fetch it from its CA) and "
                         "send SIGHUP", key, loaded.path, loaded.issuer, f"{nxt:%Y-%m-%d %H:%M}",
                         extra={"event": "tls.crl_stale", "key": key, "crl": str(loaded.path),
                                "next_update": nxt.isoformat()})
     return stale
+
+
+def describe(revocations: Revocations, key: str, now: _dt.datetime | None = None) -> list[dict]:
+    """The ``crl`` entries of /api/status for one config key (``tls.crl``, ``cluster.crl``): per CRL its
+    file, issuer, dates, how many certificates it revokes and whether it is past its nextUpdate."""
+    now = now or _dt.datetime.now(_dt.UTC)
+    out = []
+    for loaded in revocations.crls:
+        nxt = loaded.next_update
+        out.append({"key": key, "path": str(loaded.path), "issuer": loaded.issuer,
+                    "this_update": loaded.crl.last_update_utc.isoformat(),
+                    "next_update": nxt.isoformat() if nxt is not None else None,
+                    "revoked": len(loaded.crl), "stale": nxt is not None and nxt <= now})
+    return out

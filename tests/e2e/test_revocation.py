@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import threading
+from datetime import datetime
 from pathlib import Path
 
 from intercloud.certs import init_certs
@@ -111,6 +112,13 @@ def test_revoked_onprem_is_cut_and_refused_while_the_other_streams_on(tmp_path, 
         dc1 = gateways("dc1", w.onprem("dc1", "service1"))
         dc2 = gateways("dc2", w.onprem("dc2", "service2"))
         wait_until(lambda: _peers(cloud) == {"dc1": 2, "dc2": 2}, 15, what="two tunnels from each of dc1 and dc2")
+        [crl] = cloud.status()["crl"]  # operators see the CRL in force: the empty one of certs init
+        assert crl["key"] == "tls.crl" and crl["path"] == str(w.certs / "crl.pem") and crl["revoked"] == 0, crl
+        assert crl["stale"] is False and crl["issuer"].startswith("CN=") and crl["next_update"], crl
+        assert cloud.metric('intercloud_crl_revoked_certificates{key="tls.crl"}') == 0
+        assert cloud.metric('intercloud_crl_stale{key="tls.crl"}') == 0
+        nxt = cloud.metric('intercloud_crl_next_update_timestamp_seconds{key="tls.crl"}')
+        assert abs(nxt - datetime.fromisoformat(crl["next_update"]).timestamp()) < 1, (nxt, crl)
 
         results: dict = {}
         gate = threading.Event()
@@ -131,6 +139,8 @@ def test_revoked_onprem_is_cut_and_refused_while_the_other_streams_on(tmp_path, 
         assert {r["peer_node"] for r in cut} == {"dc2"} and len(cut) == 2, cut
         assert all(r["crl"] == str(w.certs / "crl.pem") and r["subject"] == "CN=dc2" for r in cut)
         wait_until(lambda: _peers(cloud) == {"dc1": 2}, 10, what="only dc1's tunnels left")
+        assert cloud.status()["crl"][0]["revoked"] == 1  # the reloaded CRL
+        assert cloud.metric('intercloud_crl_revoked_certificates{key="tls.crl"}') == 1
 
         # dc2 redials at once: refused right after the TLS handshake, one line naming it and the CRL
         rec = cloud.wait_log(lambda r: r.get("event") == "conn.refused" and r.get("kind") == "revoked",

@@ -405,3 +405,44 @@ def test_close_revoked_closes_only_live_revoked_tunnels(pki: Path, caplog) -> No
     t3 = FakeTunnel(der(pki / "dc2.pem"), "dc2")
     Gateway.close_revoked(gw, {t3}, load_revocations([]), "tunnel")
     assert t3.calls == []
+
+
+def test_describe_and_a_crl_that_goes_stale_while_running_is_said_once(pki: Path, tmp_path: Path, caplog) -> None:
+    """/api/status ``crl`` (revocation.describe) and the gateway's CRL watch: a CRL that passes its
+    nextUpdate while the gateway runs is logged once when the watch sees it, not at every round."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from intercloud.gateway import Gateway
+    from intercloud.revocation import describe, warn_stale
+
+    ca = certs.load_ca(pki)
+    (tmp_path / "week.pem").write_bytes(make_crl(ca, [serial(pki / "dc1.pem"), serial(pki / "dc2.pem")]))
+    revs = load_revocations([tmp_path / "week.pem"])
+    [entry] = describe(revs, "tls.crl")
+    assert entry["key"] == "tls.crl" and entry["path"] == str(tmp_path / "week.pem") and entry["revoked"] == 2
+    assert entry["issuer"] == ca.cert.subject.rfc4514_string() and entry["stale"] is False
+    assert dt.datetime.fromisoformat(entry["next_update"]) > NOW > dt.datetime.fromisoformat(entry["this_update"])
+    later = NOW + dt.timedelta(days=8)
+    assert describe(revs, "tls.crl", now=later)[0]["stale"] is True
+
+    warned: set = set()
+    with caplog.at_level("WARNING", logger="intercloud.tls"):
+        assert warn_stale(revs, "tls.crl", warned=warned) == 0  # fresh: nothing said
+        assert warn_stale(revs, "tls.crl", now=later, warned=warned) == 1
+        assert warn_stale(revs, "tls.crl", now=later, warned=warned) == 1  # still stale, not said again
+    assert len([r for r in caplog.records if getattr(r, "event", None) == "tls.crl_stale"]) == 1
+
+    caplog.clear()
+    (tmp_path / "old.pem").write_bytes(make_crl(ca, [], next_update=NOW - dt.timedelta(hours=1)))
+    stale = load_revocations([tmp_path / "old.pem"])
+    gw = SimpleNamespace(crl_sets=lambda: [("tls.crl", revs), ("cluster.crl", stale)], _crl_warned=set())
+
+    async def rounds() -> None:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(Gateway._crl_watch(gw, every=0.001), 0.1)
+
+    with caplog.at_level("WARNING", logger="intercloud.tls"):
+        asyncio.run(rounds())
+    lines = [r for r in caplog.records if getattr(r, "event", None) == "tls.crl_stale"]
+    assert len(lines) == 1 and lines[0].key == "cluster.crl" and lines[0].crl == str(tmp_path / "old.pem")

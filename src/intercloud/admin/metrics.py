@@ -6,6 +6,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from ..revocation import describe
 from ..transport import sockopts
 
 
@@ -92,6 +93,7 @@ class _Collector:
         yield dropped
         yield CounterMetricFamily("intercloud_audit_records", "Audit log records written",
                                   value=audit.written if audit is not None else 0)
+        yield from _crl(gw)
         yield from _tcp(gw)
         b = getattr(gw, "budget", None)
         if b is not None:  # protocol §6.4
@@ -148,6 +150,29 @@ def _tcp(gw):
     yield GaugeMetricFamily("intercloud_tunnel_tcp_congestion_fallback",
                             "1 when the kernel refused tunnel.congestion and tunnels get its default instead",
                             value=1 if configured != sockopts.SYSTEM and in_use not in (None, configured) else 0)
+
+
+def _crl(gw):
+    """The CRLs in force, per config key (tls.crl, cluster.crl): alert on the earliest nextUpdate
+    coming close (``intercloud_crl_next_update_timestamp_seconds - time() < 86400``) or on a stale one."""
+    nxt = GaugeMetricFamily("intercloud_crl_next_update_timestamp_seconds",
+                            "Earliest nextUpdate among the CRLs of the key, Unix time", labels=["key"])
+    stale = GaugeMetricFamily("intercloud_crl_stale", "CRLs of the key past their nextUpdate (still used)",
+                              labels=["key"])
+    revoked = GaugeMetricFamily("intercloud_crl_revoked_certificates", "Certificates the CRLs of the key revoke",
+                                labels=["key"])
+    for key, revs in gw.crl_sets():
+        if not revs:
+            continue
+        dates = [c.next_update.timestamp() for c in revs.crls if c.next_update is not None]
+        if dates:
+            nxt.add_metric([key], min(dates))
+        entries = describe(revs, key)
+        stale.add_metric([key], sum(1 for e in entries if e["stale"]))
+        revoked.add_metric([key], sum(e["revoked"] for e in entries))
+    yield nxt
+    yield stale
+    yield revoked
 
 
 def render(gw) -> bytes:

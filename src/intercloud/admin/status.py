@@ -82,6 +82,7 @@ def status(gw, limit: int = STREAMS_LIMIT, offset: int = 0) -> dict:
         "duplicate_identities": gw.duplicate_identities(),
         "buffers": _buffers(gw),  # protocol §6.4
         "resume": gw.parking.snapshot(),  # protocol §10: parked now, resumed, failed, bytes replayed
+        "crl": gw.crl_view(),  # [tls] crl and [cluster] crl: dates, revoked count, stale (operations §10.2)
         "tasks": len(asyncio.all_tasks()),  # asyncio tasks of the process (the chaos soak checks it stays flat)
     }
 

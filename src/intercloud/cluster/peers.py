@@ -22,7 +22,7 @@ from ..protocol.announce import ws_frame_limit
 from ..transport import tls_server, ws
 from ..transport.targets import DialTarget, DialTargets, connect_in_order
 from ..protocol.frames import Reason
-from ..revocation import Revocations, load_revocations, warn_stale
+from ..revocation import Revocations, load_revocations
 from ..transport.tls import cert_names, client_context, server_context
 from ..tunnel.tunnel import Tunnel
 from .members import MemberTable
@@ -54,7 +54,7 @@ class Cluster:
         self.revocations = Revocations()  # cluster.crl: checked on peer-link handshakes both ways
         self._server = None
         self.apply_tls(self.load_tls(gw.config))
-        warn_stale(self.revocations, "cluster.crl")
+        gw.warn_stale_crls("cluster.crl", self.revocations)
 
     def load_tls(self, config) -> tuple | None:
         """(server, client) contexts for peer links. Reads files: on SIGHUP this runs in a worker
@@ -344,7 +344,7 @@ class Cluster:
 
     def after_reload(self) -> None:
         """SIGHUP: close the peer links whose member certificate cluster.crl now revokes."""
-        warn_stale(self.revocations, "cluster.crl")
+        self.gw.warn_stale_crls("cluster.crl", self.revocations)
         self.gw.close_revoked(self.links, self.revocations, "peer link")
 
     def screen_link(self, tunnel: Tunnel) -> str | None:
