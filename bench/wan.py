@@ -129,6 +129,8 @@ PROFILES = {p.name: p for p in (Profile("20ms", 10_000, 0), Profile("80ms-0.1", 
 DEFAULT_PROFILES = ("20ms", "80ms-0.1", "80ms-1")  # the issue's; 40ms-20M on request
 IPERF_RUNS = (("P1", 1, False), ("P1R", 1, True), ("P8", 8, False), ("P8R", 8, True))
 IPERF_LABEL = {"P1": "1 stream fwd", "P1R": "1 stream -R", "P8": "8 streams fwd", "P8R": "8 streams -R"}
+TCP_COUNTERS = ("TCPTimeouts", "TCPLossProbes", "TCPSackRecovery", "TCPFastRetrans", "TCPLostRetransmit",
+                "RetransSegs")
 ROLE = {"cloud": "cloud-side", "frps": "cloud-side", "onprem": "onprem-side", "frpc": "onprem-side"}
 
 # addresses of the topology (fixed in wan.sh)
@@ -174,6 +176,24 @@ class NetNS:
 
     def exec(self, argv: list[str]) -> list[str]:
         return ["ip", "netns", "exec", self.name, *argv]
+
+    def tcp_counters(self) -> dict[str, int]:
+        """How the namespace's TCP stack recovered losses (/proc/net/netstat TcpExt, /proc/net/snmp Tcp):
+        TCPTimeouts (retransmission timeouts: a hole held for an RTO, >= 200 ms), TCPLossProbes (tail
+        loss probes), TCPSackRecovery / TCPFastRetrans (holes repaired within about one RTT),
+        TCPLostRetransmit (a retransmission lost too), RetransSegs."""
+        r = subprocess.run(self.exec(["cat", "/proc/net/netstat", "/proc/net/snmp"]), capture_output=True,
+                           text=True, timeout=10)
+        out: dict[str, int] = {}
+        lines = r.stdout.splitlines()
+        for head, vals in zip(lines[::2], lines[1::2]):
+            prefix, names = head.split(":", 1)
+            _, values = vals.split(":", 1)
+            if prefix in ("TcpExt", "Tcp"):
+                for n, v in zip(names.split(), values.split()):
+                    if n in TCP_COUNTERS:
+                        out[n] = int(v)
+        return out
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -980,9 +1000,15 @@ def measure(bench: Bench, system: System, profile: Profile, cfg) -> dict:
         out["ping_idle"] = pingpong(cli, system.echo_addr, cfg.ping_seconds, cfg.ping_timeout)
         bulk_t = cfg.bulk_warmup + cfg.ping_seconds + 1
         bulk = iperf_bulk_start(bench, system.iperf_addr, bulk_t)
+        tcp0: dict = {}
         try:
             time.sleep(cfg.bulk_warmup)
+            # the relays' hosts: how their TCP stacks recovered losses while the pings ran (direct: the
+            # forwarding cloud/onprem namespaces see no TCP of theirs, the counters stay 0)
+            tcp0 = {role: bench.ns(role).tcp_counters() for role in ("cloud", "onprem")}
             out["ping_bulk"] = pingpong(cli, system.echo_addr, cfg.ping_seconds, cfg.ping_timeout)
+            out["ping_bulk"]["tcp"] = {role: {k: v - tcp0[role].get(k, 0) for k, v in bench.ns(role).tcp_counters().items()}
+                                       for role in tcp0}
         finally:
             out["ping_bulk"] = {**out.get("ping_bulk", {}), "bulk": iperf_bulk_finish(bulk, bulk_t * 6 + 30)}
         if not out["ping_bulk"]["bulk"]["ok"]:
@@ -993,7 +1019,9 @@ def measure(bench: Bench, system: System, profile: Profile, cfg) -> dict:
             log(f"  {system.name} {profile.name} {k}: p50 {p.get('p50_ms', float('nan')):.1f} / p99 "
                 f"{p.get('p99_ms', float('nan')):.1f} / max {p.get('max_ms', float('nan')):.1f} ms, "
                 f"{p['unanswered']} unanswered, {p['errors']} errors"
-                + (f"; bulk {p['bulk'].get('mbps', 0):.0f} Mbit/s" if "bulk" in p else ""))
+                + (f"; bulk {p['bulk'].get('mbps', 0):.0f} Mbit/s" if "bulk" in p else "")
+                + "".join(f"; {role} TCP " + ", ".join(f"{k} {v}" for k, v in c.items() if v)
+                          for role, c in p.get("tcp", {}).items()))
         system.check_alive()
 
         # 3. new connections
@@ -1051,6 +1079,9 @@ def flatten(run: dict) -> dict[str, float]:
         for m in ("p50_ms", "p99_ms", "max_ms", "unanswered", "errors", "answered"):
             if m in p:
                 f[f"{k}.{m}"] = p[m]
+        for role, c in p.get("tcp", {}).items():
+            for name, v in c.items():
+                f[f"{k}.tcp.{role}.{name}"] = v
         b = p.get("bulk")
         if b:
             f[f"{k}.bulk_failed"] = 0 if b.get("ok") else 1
@@ -1124,6 +1155,9 @@ def rows_for(systems: list[str], kinds: dict[str, str]) -> list[tuple[str, str, 
             rows.append((f"{label} {m[:-3]} (ms)", f"{k}.{m}", 1, "spread"))
         rows.append((f"{label}: pings unanswered", f"{k}.unanswered", 0, "count"))
     rows.append(("bulk beside the pings (Mbit/s)", "ping_bulk.bulk_mbps", 0, "spread"))
+    for role in ("cloud", "onprem"):
+        for name in ("TCPTimeouts", "TCPLossProbes", "TCPSackRecovery"):
+            rows.append((f"  while the pings ran: {role} {name}", f"ping_bulk.tcp.{role}.{name}", 0, "spread"))
     rows.append(("new connection p50 (ms)", "newconn.p50_ms", 1, "spread"))
     rows.append(("new connection p99 (ms)", "newconn.p99_ms", 1, "spread"))
     rows.append(("new connections failed", "newconn.errors", 0, "count"))
