@@ -336,7 +336,8 @@ class Tunnel(ResumeOps, Listener):
         """Size the queues in front of the wire to the connection's rate (turns.queue_limits): about
         QUEUE_TIME of sending each, within the configured max_tunnel_buffer and notsent_lowat. On a
         20 Mbit/s path the starting 256 + 128 KiB would be 150 ms in front of every interactive
-        frame; sized, about 25 ms. On loopback they grow to the configured maxima. Runs at the end of a congestion cycle, at most every _SIZE_EVERY:
+        frame; sized, about 25 ms. On loopback they grow to the configured maxima. Runs at the end
+        of a congestion cycle, at most every _SIZE_EVERY:
         an uncongested tunnel has empty queues, whatever their limits."""
         t = self.gateway.config.tunnel
         limits = queue_limits(sockopts.pacing_rate(self.sock), t.max_tunnel_buffer, t.notsent_lowat)
